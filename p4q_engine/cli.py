@@ -1,0 +1,261 @@
+"""``p4q`` command line: demo, ptq, eval, ptq-table, train-reference.
+
+Bad options and bad inputs print one line (``p4q: error: ...``) and exit with status 2 - never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from p4q_engine.errors import ConfigError, P4QError
+from p4q_engine.quant.observers import OBSERVERS
+from p4q_engine.quant.spec import BIT_CONFIGS, parse_bit_config
+from p4q_engine.clip.recipe import SCOPES
+
+DEFAULT_MODEL = "P4Q-Ref-Tiny"
+PAPER_BITS = ("8-8-8", "4-4-8", "3-3-8", "2-2-8")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"p4q: error: {message}\n")
+        sys.exit(2)
+
+
+def _bits(text: str) -> str:
+    try:
+        return parse_bit_config(text).name
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _csv(kind: Callable[[str], str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        return [kind(t) for t in text.split(",") if t]
+
+    return parse
+
+
+def _choice(options: Sequence[str], what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(options)}")
+        return text.lower()
+
+    return parse
+
+
+# ---------------------------------------------------------------- shared argument groups
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip model name (default: {DEFAULT_MODEL}, the "
+                   "embedded reference CLIP)")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k "
+                   "(downloads on an online machine)")
+    g.add_argument("--checkpoint", default=None, help="local checkpoint file (.pt/.bin/.safetensors)")
+    g.add_argument("--quick-gelu", action="store_true", default=None,
+                   help="force QuickGELU (needed for OpenAI weights in a local checkpoint)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from p4q_engine.data.datasets import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="reference", type=_choice(DATASETS, "dataset"),
+                   help=f"one of {', '.join(DATASETS)} (default: reference, the embedded synthetic task)")
+    g.add_argument("--data-root", default=None, help="dataset folder (cifar100, imagenet, imagefolder)")
+    g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data-root if missing")
+    g.add_argument("--eval-size", type=int, default=None, help="evaluate on a fixed subset of this many images")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, bits_default: Optional[str] = "4-4-8") -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=_bits, default=bits_default,
+                   help=f"W-A-Attention bits: {', '.join(BIT_CONFIGS)} or any of 2/3/4/8 per field")
+    g.add_argument("--observer", type=_choice(tuple(OBSERVERS), "observer"), default="omse",
+                   help=f"calibrator: {', '.join(OBSERVERS)}")
+    g.add_argument("--scope", type=_choice(tuple(SCOPES), "scope"), default="full",
+                   help="full: every block Linear and attention matmul; release: what the authors' code quantizes")
+    g.add_argument("--edge-bits", type=int, default=8, help="bits of patch/token embedding and projections")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--calib-batches", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------- helpers
+def _settings(args: argparse.Namespace):
+    from p4q_engine.ptq import PTQSettings, resolve_device
+
+    if args.calib_batches < 1 or args.batch_size < 1:
+        raise ConfigError("--calib-batches and --batch-size must be positive")
+    return PTQSettings(calib_batches=args.calib_batches, batch_size=args.batch_size,
+                       device=resolve_device(args.device), workers=args.workers, progress=not args.quiet,
+                       seed=args.seed)
+
+
+def _load(args: argparse.Namespace):
+    from p4q_engine.clip.loading import load_clip
+
+    return load_clip(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                     quick_gelu=args.quick_gelu)
+
+
+def _data(args: argparse.Namespace, preprocess, split: str, size: Optional[int] = None):
+    from p4q_engine.data.datasets import load_dataset
+
+    return load_dataset(args.dataset, split=split, data_root=args.data_root, transform=preprocess,
+                        download=args.download, size=size)
+
+
+def _recipe(args: argparse.Namespace, bits: str, observer: Optional[str] = None, scope: Optional[str] = None):
+    from p4q_engine.clip.recipe import QuantRecipe
+
+    return QuantRecipe(bits, scope=scope or args.scope, observer=observer or args.observer,
+                       edge_bits=args.edge_bits)
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return "p4q " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _write_json(path: Optional[str], obj: dict) -> None:
+    text = json.dumps(obj, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_ptq(args: argparse.Namespace) -> int:
+    """Quantize, calibrate, and compare zero-shot accuracy with full precision."""
+    from p4q_engine.ptq import environment, run_ptq, settings_dict
+
+    s = _settings(args)
+    loaded = _load(args)
+    calib = _data(args, loaded.preprocess, "calib")
+    test = _data(args, loaded.preprocess, "test", args.eval_size)
+    fp = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, "fp32"), calib, test, s, log=print)
+    q = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, test, s, log=print)
+    _write_json(args.out, {"command": args.command_line, "model": args.model, "pretrained": args.pretrained,
+                           "checkpoint": args.checkpoint, "dataset": args.dataset, "fp32": fp, "quantized": q,
+                           "settings": settings_dict(s), "env": environment(), "date": time.strftime("%Y-%m-%d")})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Zero-shot top-1/top-5 of a model, in full precision or (with --bits) fake-quantized."""
+    from p4q_engine.ptq import run_ptq
+
+    s = _settings(args)
+    loaded = _load(args)
+    calib = _data(args, loaded.preprocess, "calib")
+    test = _data(args, loaded.preprocess, args.split, args.eval_size)
+    row = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, test, s)
+    _write_json(args.out, {"command": args.command_line, "model": args.model, "dataset": args.dataset,
+                           "split": args.split, **row})
+    return 0
+
+
+def cmd_ptq_table(args: argparse.Namespace) -> int:
+    """The paper's Table 1 layout for PTQ: every observer x bit config x scope on one dataset."""
+    from p4q_engine.report import ptq_table
+
+    ptq_table(args, _settings(args), _load(args), _data)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded task end to end: full precision vs. PTQ at 8-8-8 and 4-4-8 (OMSE, full scope)."""
+    from p4q_engine.ptq import run_ptq
+
+    args.model, args.pretrained, args.checkpoint, args.quick_gelu = DEFAULT_MODEL, None, None, None
+    args.dataset, args.data_root, args.download = "reference", None, False
+    s = _settings(args)
+    loaded = _load(args)
+    calib = _data(args, loaded.preprocess, "calib")
+    test = _data(args, loaded.preprocess, "test", args.eval_size)
+    print(f"reference task: {len(test.classnames)} classes, {len(test.dataset)} held-out test images")
+    rows = [run_ptq(loaded.model, loaded.tokenizer, _recipe(args, b, "omse", "full"), calib, test, s, log=print)
+            for b in ("fp32", "8-8-8", "4-4-8", "2-2-8")]
+    print("\n| bits | top-1 | top-5 |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['bits']} | {r['top1']:.2f} | {r['top5']:.2f} |")
+    return 0
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    """Retrain the embedded reference CLIP from scratch (the committed checkpoint came from this command)."""
+    from p4q_engine.reference.train import train_reference
+
+    train_reference(out=args.out, seed=args.seed)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="p4q", description="P4Q low-bit CLIP: PTQ, evaluation and the embedded reference task.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="run the embedded reference task end to end (no downloads)")
+    d.add_argument("--eval-size", type=int, default=1000)
+    _add_run_args(d)
+    d.set_defaults(func=cmd_demo, edge_bits=8, scope="full", observer="omse")
+
+    q = sub.add_parser("ptq", help="post-training quantize a CLIP and evaluate zero-shot")
+    _add_model_args(q), _add_data_args(q), _add_quant_args(q), _add_run_args(q)
+    q.add_argument("--out", default=None, help="write the JSON report here")
+    q.set_defaults(func=cmd_ptq)
+
+    e = sub.add_parser("eval", help="zero-shot accuracy of a model (float, or fake-quant with --bits)")
+    _add_model_args(e), _add_data_args(e), _add_quant_args(e, bits_default="fp32"), _add_run_args(e)
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("ptq-table", help="Table 1 (PTQ rows): all observers x bit configs x scopes")
+    _add_model_args(t), _add_data_args(t), _add_run_args(t)
+    t.add_argument("--bits-list", type=_csv(_bits), default=list(PAPER_BITS))
+    t.add_argument("--observers", type=_csv(_choice(tuple(OBSERVERS), "observer")), default=list(OBSERVERS))
+    t.add_argument("--scopes", type=_csv(_choice(tuple(SCOPES), "scope")), default=list(SCOPES))
+    t.add_argument("--edge-bits", type=int, default=8)
+    t.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    t.set_defaults(func=cmd_ptq_table)
+
+    r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_train_reference)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
+    try:
+        return args.func(args)
+    except P4QError as e:
+        sys.stderr.write(f"p4q: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("p4q: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

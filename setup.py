@@ -1,0 +1,34 @@
+"""Install p4q-engine. ``kernels/`` ships as ``p4q_engine.kernels`` (no top-level ``kernels`` module)."""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["p4q_engine", "p4q_engine.*"]) + ["p4q_engine.kernels"]
+
+setup(
+    name="p4q-engine",
+    version="0.1.0",
+    description="P4Q low-bit CLIP: fake-quant PTQ reference, P4Q prompt training, packed int2/3/4/8 artifacts, "
+    "Triton integer kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"p4q_engine.kernels": "kernels"},
+    package_data={"p4q_engine": ["assets/*", "assets/model_configs/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "triton; platform_system == 'Linux'",
+        "open_clip_torch>=2.26",
+        "numpy",
+        "pybind11>=2.12",
+        "safetensors>=0.4",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+        "pytest>=8",
+        "pytest-benchmark>=4",
+        "hypothesis>=6",
+    ],
+    entry_points={"console_scripts": ["p4q=p4q_engine.cli:main"]},
+)
