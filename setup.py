@@ -1,7 +1,19 @@
 """Install p4q-engine. ``kernels/`` ships as ``p4q_engine.kernels`` (no top-level ``kernels`` module)."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["p4q_engine", "p4q_engine.*"]) + ["p4q_engine.kernels"]
+
+# The C++ bit packer: plain pybind11 over numpy buffers (no torch headers, no CUDA), so it builds in seconds.
+ext_modules = [
+    Pybind11Extension(
+        "p4q_engine._bitpack",
+        ["csrc/bitpack.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+        extra_link_args=["-pthread"],
+    )
+]
 
 setup(
     name="p4q-engine",
@@ -30,5 +42,7 @@ setup(
         "pytest-benchmark>=4",
         "hypothesis>=6",
     ],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["p4q=p4q_engine.cli:main"]},
 )

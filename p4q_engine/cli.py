@@ -195,6 +195,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n| bits | top-1 | top-5 |\n|---|---|---|")
     for r in rows:
         print(f"| {r['bits']} | {r['top1']:.2f} | {r['top5']:.2f} |")
+    _demo_export_and_classify(args, s)
+    return 0
+
+
+def _demo_export_and_classify(args: argparse.Namespace, s) -> None:
+    """Export 4-4-8 to a .p4q artifact and classify a few held-out images from PNG files with the engine."""
+    from p4q_engine.artifact.format import save
+    from p4q_engine.data.reference import ReferenceDataset
+    from p4q_engine.runtime.engine import Engine
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args.bits = "4-4-8"
+    path = out / "reference-4-4-8.p4q"
+    size = save(_export_artifact(args, s), path)
+    print(f"\nexported {path} ({size / 2**10:.1f} KiB)")
+    raw = ReferenceDataset("test", size=4, transform=lambda im: im)
+    paths = []
+    for i in range(len(raw)):
+        img, label = raw[i]
+        p = out / f"test_{i}_{raw.classnames[label].replace(' ', '_')}.png"
+        img.save(p)
+        paths.append(str(p))
+    _print_predictions(paths, Engine.load(path).classify(paths, top_k=3), False)
+
+
+def _export_artifact(args: argparse.Namespace, s) -> "object":
+    from p4q_engine.artifact.export import export_ptq
+
+    loaded = _load(args)
+    calib = _data(args, loaded.preprocess, "calib")
+    classes = _data(args, loaded.preprocess, "test")
+    meta = {"name": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
+            "dataset": args.dataset, "command": args.command_line}
+    return export_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, classes, s, meta)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Fold a calibrated PTQ model into a packed ``.p4q`` artifact."""
+    from p4q_engine.artifact.format import save
+
+    if args.bits == "fp32":
+        raise ConfigError("export needs a quantized bit config (e.g. --bits 4-4-8)")
+    art = _export_artifact(args, _settings(args))
+    size = save(art, args.out)
+    print(f"wrote {args.out} ({size / 2**20:.2f} MiB, {len(art.manifest['classes']['names'])} classes, "
+          f"{art.manifest['model']['recipe']['bits']} {art.manifest['model']['recipe']['scope']})")
+    return 0
+
+
+def _print_predictions(paths: Sequence[str], preds, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"image": p, "labels": r.labels, "probs": r.probs} for p, r in zip(paths, preds)],
+                         indent=2))
+        return
+    for p, r in zip(paths, preds):
+        print(p)
+        for label, prob in zip(r.labels, r.probs):
+            print(f"  {prob:7.2%}  {label}")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Top-k zero-shot labels of image files with an artifact."""
+    from p4q_engine.runtime.engine import Engine
+
+    engine = Engine.load(args.artifact)
+    _print_predictions(args.images, engine.classify(args.images, top_k=args.top_k), args.json)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print an artifact's layers, bits and sizes."""
+    from p4q_engine.artifact.format import load
+    from p4q_engine.artifact.inspect import summarize
+
+    print(summarize(load(args.artifact)))
     return 0
 
 
@@ -213,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the embedded reference task end to end (no downloads)")
     d.add_argument("--eval-size", type=int, default=1000)
+    d.add_argument("--out-dir", default="p4q-demo", help="where the demo artifact and images are written")
     _add_run_args(d)
-    d.set_defaults(func=cmd_demo, edge_bits=8, scope="full", observer="omse")
+    d.set_defaults(func=cmd_demo, edge_bits=8, scope="full", observer="omse", bits="4-4-8")
 
     q = sub.add_parser("ptq", help="post-training quantize a CLIP and evaluate zero-shot")
     _add_model_args(q), _add_data_args(q), _add_quant_args(q), _add_run_args(q)
@@ -235,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--edge-bits", type=int, default=8)
     t.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     t.set_defaults(func=cmd_ptq_table)
+
+    x = sub.add_parser("export", help="calibrate and fold a PTQ model into a packed .p4q artifact")
+    _add_model_args(x), _add_data_args(x), _add_quant_args(x), _add_run_args(x)
+    x.add_argument("--out", required=True, help="artifact path, e.g. model.p4q")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("classify", help="zero-shot classify image files with a .p4q artifact")
+    c.add_argument("artifact")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_classify)
+
+    i = sub.add_parser("inspect", help="print a .p4q artifact's layers, bits and sizes")
+    i.add_argument("artifact")
+    i.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")
     r.add_argument("--out", required=True)

@@ -20,3 +20,7 @@ class ModelLoadError(P4QError):
 
 class CalibrationError(P4QError, RuntimeError):
     """Quantization parameters were requested before calibration, or calibration saw non-finite values."""
+
+
+class ImageError(P4QError):
+    """An input image cannot be decoded or is unusable (empty, 1 pixel, too large); the message names it."""
