@@ -161,50 +161,68 @@ class Engine:
     """Serve zero-shot classification from a ``.p4q`` artifact: ``Engine.load(path).classify(images)``."""
 
     def __init__(self, art: Artifact, device: str = "cpu") -> None:
-        if device != "cpu":
-            raise ConfigError(f"device {device!r}: this engine runs on the CPU")
+        self.device = torch.device(device)
+        self._check_device()
         try:
-            self._build(art)
+            self._build_common(art)
+            self._build_tower(art)
         except P4QError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, ZeroDivisionError) as e:
             raise ArtifactError(f"inconsistent artifact: {e.__class__.__name__}: {e}") from None
         self.manifest = art.manifest
 
+    def _check_device(self) -> None:
+        if self.device.type != "cpu":
+            raise ConfigError(f"device {self.device}: the reference engine runs on the CPU (use Engine.load)")
+
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "Engine":
-        return cls(load(path), device)
+        """Load and verify an artifact. ``device="cuda"`` runs it with the Triton kernels (``KernelEngine``)."""
+        art = load(path)
+        if cls is Engine and str(device) != "cpu":
+            from p4q_engine.runtime.kernel_engine import KernelEngine
 
-    def _build(self, art: Artifact) -> None:
+            return KernelEngine(art, device)
+        return cls(art, device)
+
+    def _build_common(self, art: Artifact) -> None:
+        """Configuration, embeddings, LayerNorms, class features and preprocessing - shared by all engines."""
         t, man = art.tensors, art.manifest
         cfg = man["vision"]
         self.cfg = cfg
-        self.eps = cfg["ln_eps"]
-        self.patch = tuple(cfg["patch_size"])
-        self.image_size = tuple(cfg["image_size"])
-        self.conv = IntLinear(art, "visual.conv")
+        self.eps = float(cfg["ln_eps"])
+        self.heads = int(cfg["heads"])
+        self.patch = tuple(int(v) for v in cfg["patch_size"])
+        self.image_size = tuple(int(v) for v in cfg["image_size"])
         self.class_embedding = t["visual.class_embedding"]
         self.pos = t["visual.positional_embedding"]
         self.ln_pre = (t["visual.ln_pre.weight"], t["visual.ln_pre.bias"]) if cfg["ln_pre"] else None
         self.ln_post = (t["visual.ln_post.weight"], t["visual.ln_post.bias"])
-        self.blocks = [_Block(art, f"visual.blocks.{i}", cfg) for i in range(int(cfg["layers"]))]
-        self.proj = IntLinear(art, "visual.proj")
+        if int(cfg["layers"]) < 0 or any(f"visual.blocks.{i}.attn.in_proj" not in man["linears"]
+                                         for i in range(int(cfg["layers"]))):
+            raise ArtifactError("the layer table does not hold every block the vision config names")
         ad = man.get("adapter")
-        if ad is not None:
-            self.adapter_site = Site.from_manifest(man["sites"]["adapter.in"])
-            self.fc1, self.fc2 = IntLinear(art, "adapter.fc1"), IntLinear(art, "adapter.fc2")
-            self.alpha = float(ad["alpha"])
         self.adapter = ad
+        self.alpha = float(ad["alpha"]) if ad is not None else 0.0
+        self.adapter_site = Site.from_manifest(man["sites"]["adapter.in"]) if ad is not None else None
         codes, scale = unpack_weight(art, "text.features")
         self.text = codes.float() * scale[:, None]
         cls_cfg = man["classes"]
-        self.classnames = list(cls_cfg["names"])
+        self.classnames = [str(c) for c in cls_cfg["names"]]
         self.logit_scale = float(cls_cfg["logit_scale"])
         if self.text.shape[0] != len(self.classnames):
             raise ArtifactError("class feature rows do not match the class names")
-        if self.pos.shape[0] != math.prod(cfg["grid_size"]) + 1:
-            raise ArtifactError("positional embedding does not match the patch grid")
+        if tuple(self.pos.shape) != (math.prod(cfg["grid_size"]) + 1, int(cfg["width"])):
+            raise ArtifactError("positional embedding does not match the patch grid and width")
         self.transform = build_transform(man["preprocess"])
+
+    def _build_tower(self, art: Artifact) -> None:
+        self.conv = IntLinear(art, "visual.conv")
+        self.blocks = [_Block(art, f"visual.blocks.{i}", self.cfg) for i in range(int(self.cfg["layers"]))]
+        self.proj = IntLinear(art, "visual.proj")
+        if self.adapter is not None:
+            self.fc1, self.fc2 = IntLinear(art, "adapter.fc1"), IntLinear(art, "adapter.fc2")
 
     # ---------------------------------------------------------------- compute
     def _ln(self, x, wb):
@@ -217,6 +235,9 @@ class Engine:
                               f"got {list(pixels.shape)}")
         if not torch.isfinite(pixels).all():
             raise ConfigError("images contain NaN or inf values")
+        return self._forward(pixels)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()
         patches = F.unfold(x, kernel_size=self.patch, stride=self.patch).transpose(1, 2)  # [B, L, 3*p*p]
         x = self.conv(patches)
@@ -230,11 +251,13 @@ class Engine:
         else:
             x = self._pool(self._ln(x, self.ln_post))
         z = self.proj(x)
-        if self.adapter is not None:
-            zq = dequantize(quantize(z, self.adapter_site.qp), self.adapter_site.qp) if self.adapter_site else z
-            h = self.fc2(torch.relu(self.fc1(z)))
-            z = self.alpha * h + (1.0 - self.alpha) * zq
-        return z
+        return self._adapt(z) if self.adapter is not None else z
+
+    def _adapt(self, z: torch.Tensor) -> torch.Tensor:
+        """QAdapter (Eq. 11): ``alpha * fc2(relu(fc1(Q(z)))) + (1 - alpha) * Q(z)``."""
+        zq = dequantize(quantize(z, self.adapter_site.qp), self.adapter_site.qp) if self.adapter_site else z
+        h = self.fc2(torch.relu(self.fc1(z)))
+        return self.alpha * h + (1.0 - self.alpha) * zq
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 1:].mean(dim=1) if self.cfg["pool_type"] == "avg" else x[:, 0]
@@ -249,7 +272,7 @@ class Engine:
     def embed(self, images: torch.Tensor | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         """Unit-norm image embeddings; ``images`` are preprocessed pixels or paths/bytes/PIL images."""
         pixels = self._pixels(images)
-        out = [F.normalize(self.encode(chunk), dim=-1) for chunk in pixels.split(batch_size)]
+        out = [F.normalize(self.encode(chunk).float(), dim=-1).cpu() for chunk in pixels.split(batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.text.shape[1])
 
     @torch.no_grad()

@@ -1,0 +1,132 @@
+"""Fused quantized attention for short sequences (50 image tokens; 77 text tokens with the causal mask).
+
+One program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation and
+zero-point correction -> scaled logits -> fp32 softmax -> probabilities quantized to the Attention bits -> int8
+``p v`` -> output requantized to the out-projection's input site. The attention matrix lives only in registers.
+
+Inputs come from the in_proj GEMM's requantizing epilogue: shifted int8 codes ``[B, L, 3D]`` (q | k | v columns).
+For unsigned codes ``u`` with zero point ``z`` stored as ``s = u - 128``:
+``sum (u1 - z1)(u2 - z2) = sum s1 s2 + c2 sum s1 + c1 sum s2 + n c1 c2`` with ``c = 128 - z``; padded rows and
+columns are loaded as ``s = -c`` so they contribute exactly zero and the sums can run over the padded tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass
+class AttnSites:
+    """Scale and zero point of q, k, v, the probabilities and the output site (the out_proj input)."""
+
+    q: tuple[float, int]
+    k: tuple[float, int]
+    v: tuple[float, int]
+    p: tuple[float, int]
+    out: tuple[float, int]
+    p_bits: int = 8
+    out_bits: int = 8
+
+
+@triton.jit
+def _qattention_kernel(
+    qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
+    sq, cq, sk, ck, sv, cv, sp, zpp, cp, so, zo, sm_scale,
+    HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, BLOCK_L)
+    dims = tl.arange(0, BLOCK_D)
+    r_mask = rows < L
+    d_mask = dims < HD
+    base = qkv_ptr + b * stride_b + rows[:, None] * stride_l + h * HD + dims[None, :]
+    m2 = r_mask[:, None] & d_mask[None, :]
+    q = tl.load(base, mask=m2, other=-cq).to(tl.int8)
+    k = tl.load(base + D, mask=m2, other=-ck).to(tl.int8)
+    v = tl.load(base + 2 * D, mask=m2, other=-cv).to(tl.int8)
+
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    q_sum = tl.sum(q.to(tl.int32), axis=1)
+    k_sum = tl.sum(k.to(tl.int32), axis=1)
+    s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
+    logits = s.to(tl.float32) * (sq * sk) * sm_scale
+    keep = r_mask[None, :] & (rows[:, None] >= 0)
+    if CAUSAL:
+        keep = keep & (rows[None, :] <= rows[:, None])
+    logits = tl.where(keep, logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    e = tl.exp(logits - mx[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+
+    pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
+    pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
+    pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
+    ps = (pu.to(tl.int32) - 128).to(tl.int8)
+    o = tl.dot(ps, v, out_dtype=tl.int32)
+    o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
+    o += BLOCK_L * cp * cv
+    y = o.to(tl.float32) * (sp * sv)
+    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
+    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
+    optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
+    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (n - 1).bit_length())
+
+
+def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:
+    """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8)."""
+    if qkv.dtype != torch.int8 or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
+        raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
+    qkv = qkv.contiguous()
+    bsz, length, d3 = qkv.shape
+    d = d3 // 3
+    hd = d // heads
+    block_l = _pow2(length)
+    if block_l > 128:
+        raise ValueError(f"qattention is the short-sequence kernel (L <= 128), got L={length}")
+    out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
+    grid = (bsz * heads,)
+    _qattention_kernel[grid](
+        qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        sites.q[0], 128 - sites.q[1], sites.k[0], 128 - sites.k[1], sites.v[0], 128 - sites.v[1],
+        sites.p[0], float(sites.p[1]), 128 - sites.p[1], sites.out[0], float(sites.out[1]), 1.0 / math.sqrt(hd),
+        HD=hd, BLOCK_L=block_l, BLOCK_D=_pow2(hd), CAUSAL=causal,
+        P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1),
+        num_warps=4, num_stages=1,
+    )
+    return out
+
+
+def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:
+    """The CPU engine's attention on codes (exact integer matmuls in float64, fp32 softmax)."""
+    x = qkv.cpu().to(torch.float64) + 128
+    bsz, length, d3 = x.shape
+    d = d3 // 3
+    hd = d // heads
+
+    def heads_of(t: torch.Tensor, zp: int) -> torch.Tensor:
+        return (t - zp).view(bsz, length, heads, hd).transpose(1, 2)
+
+    q, k, v = heads_of(x[..., :d], sites.q[1]), heads_of(x[..., d:2 * d], sites.k[1]), heads_of(x[..., 2 * d:],
+                                                                                                 sites.v[1])
+    sq, sk, sv, sp, so = (torch.tensor(s[0], dtype=torch.float32) for s in (sites.q, sites.k, sites.v, sites.p,
+                                                                            sites.out))
+    logits = (q @ k.transpose(-2, -1)).float() * (sq * sk) * (1.0 / math.sqrt(hd))
+    if causal:
+        logits = logits.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    pu = torch.clamp(torch.floor(p / sp + 0.5) + sites.p[1], 0, (1 << sites.p_bits) - 1)
+    o = ((pu.double() - sites.p[1]) @ v).float() * (sp * sv)
+    o = o.transpose(1, 2).reshape(bsz, length, d)
+    qo = torch.clamp(torch.floor(o / so + 0.5) + sites.out[1], 0, (1 << sites.out_bits) - 1)
+    return (qo.to(torch.int32) - 128).to(torch.int8)

@@ -1,0 +1,278 @@
+"""GPU engine: executes a ``.p4q`` artifact with the Triton kernels, one CUDA graph per batch-size bucket.
+
+Per residual block (``full`` scope) the data stays in integer codes between kernels::
+
+    x (fp32 residual) -> LN+quant -> qgemm in_proj (requant to q|k|v codes) -> qattention (requant to out_proj
+    input) -> qgemm out_proj (+bias, +residual) -> LN+quant -> qgemm c_fc (+bias, GELU, requant) -> qgemm c_proj
+    (+bias, +residual)
+
+Sites the artifact leaves in float (the ``release`` scope's attention) fall back to torch ops on dequantized values.
+The same class also runs on the CPU under ``TRITON_INTERPRET=1``, which is how CI checks it against the CPU engine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from p4q_engine.artifact.format import Artifact, ArtifactError
+from p4q_engine.errors import ConfigError
+from p4q_engine.kernels.layernorm import layernorm_quant, quantize_rows
+from p4q_engine.kernels.qattention import AttnSites, qattention
+from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm
+from p4q_engine.runtime.engine import Engine, Site, unpack_weight
+
+_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+@dataclass
+class KLinear:
+    """A Linear on the device: packed weight (or float weight), bias, input site."""
+
+    w: Optional[PackedWeight]
+    w_float: Optional[torch.Tensor]  # [K, N] where the artifact stores float weights
+    bias: Optional[torch.Tensor]
+    site: Optional[Site]
+
+    @property
+    def quantized(self) -> bool:
+        return self.w is not None and self.site is not None
+
+
+def _site_tuple(site: Site) -> tuple[float, int]:
+    return float(site.qp.scale), int(site.qp.zero_point)
+
+
+class KernelEngine(Engine):
+    """:class:`Engine` whose image tower runs on the Triton kernels."""
+
+    def _check_device(self) -> None:
+        import os
+
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but no CUDA GPU is available")
+        if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ConfigError("the kernel engine on the CPU needs TRITON_INTERPRET=1 (use the CPU Engine instead)")
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.use_graphs = self.device.type == "cuda"
+
+    # ---------------------------------------------------------------- build
+    def _linear(self, art: Artifact, prefix: str) -> KLinear:
+        d = art.manifest["linears"][prefix]
+        site = Site.from_manifest(art.manifest["sites"][d["in_site"]]) if d["in_site"] else None
+        bias = art.tensors.get(f"{prefix}.bias") if d["bias"] else None
+        bias = bias.to(self.device).contiguous() if bias is not None else None
+        if d["weight_bits"] is None:
+            return KLinear(None, art.tensors[f"{prefix}.weight"].t().contiguous().to(self.device), bias, site)
+        codes, scale = unpack_weight(art, f"{prefix}.w")
+        bits = int(d["weight_bits"])
+        planes = [art.tensors[f"{prefix}.w.p{i}"].to(self.device).contiguous()
+                  for i in range(len(art.layout(f"{prefix}.w.p0")["planes"]))]
+        pw = PackedWeight(planes, scale.float().to(self.device), codes.to(torch.int32).sum(1).to(torch.int32)
+                          .to(self.device), bits, codes.shape[0], codes.shape[1])
+        return KLinear(pw, None, bias, site)
+
+    def _build_tower(self, art: Artifact) -> None:
+        dev = self.device
+        self.k_conv = self._linear(art, "visual.conv")
+        self.k_proj = self._linear(art, "visual.proj")
+        t, sites = art.tensors, art.manifest["sites"]
+        self.k_blocks = []
+        for i in range(int(self.cfg["layers"])):
+            p = f"visual.blocks.{i}"
+            blk = {
+                "ln_1": (t[f"{p}.ln_1.weight"].to(dev), t[f"{p}.ln_1.bias"].to(dev)),
+                "ln_2": (t[f"{p}.ln_2.weight"].to(dev), t[f"{p}.ln_2.bias"].to(dev)),
+                "ls_1": t[f"{p}.ls_1"].to(dev) if f"{p}.ls_1" in t else None,
+                "ls_2": t[f"{p}.ls_2"].to(dev) if f"{p}.ls_2" in t else None,
+                "in_proj": self._linear(art, f"{p}.attn.in_proj"),
+                "out_proj": self._linear(art, f"{p}.attn.out_proj"),
+                "c_fc": self._linear(art, f"{p}.mlp.c_fc"),
+                "c_proj": self._linear(art, f"{p}.mlp.c_proj"),
+                "sites": {s: Site.from_manifest(sites[f"{p}.attn.{s}"]) for s in "qkvp"},
+            }
+            self.k_blocks.append(blk)
+        if self.adapter is not None:
+            self.k_fc1, self.k_fc2 = self._linear(art, "adapter.fc1"), self._linear(art, "adapter.fc2")
+        self.class_embedding = self.class_embedding.to(dev)
+        self.pos = self.pos.to(dev)
+        self.ln_pre = tuple(v.to(dev) for v in self.ln_pre) if self.ln_pre is not None else None
+        self.ln_post = tuple(v.to(dev) for v in self.ln_post)
+        if self.cfg["act"] not in _ACT:
+            raise ArtifactError(f"the kernel engine has no {self.cfg['act']} epilogue")
+
+    # ---------------------------------------------------------------- ops
+    def _codes(self, x: torch.Tensor, site: Site, ln=None) -> torch.Tensor:
+        s, z = _site_tuple(site)
+        bits = site.qp.spec.bits
+        if ln is not None:
+            return layernorm_quant(x, ln[0], ln[1], self.eps, s, z, bits)
+        return quantize_rows(x, s, z, bits)
+
+    def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], ln[0], ln[1], self.eps)
+
+    def _apply(self, lin: KLinear, x: torch.Tensor, ln=None, act: str = "none", residual=None,
+               requant: Optional[Requant] = None) -> torch.Tensor:
+        """One Linear: fused kernels when both sides are quantized, torch otherwise."""
+        if lin.quantized:
+            codes = self._codes(x, lin.site, ln)
+            s, z = _site_tuple(lin.site)
+            return qgemm(codes.reshape(-1, codes.shape[-1]), s, z, lin.w, lin.bias, act=act, residual=residual,
+                         requant=requant)
+        xin = self._ln(x, ln) if ln is not None else x
+        xin = xin.reshape(-1, xin.shape[-1])
+        if lin.site is not None:
+            xin = self._fq(xin, lin.site)
+        w = lin.w_float if lin.w is None else self._dequant_weight(lin.w)
+        y = xin @ w
+        if lin.bias is not None:
+            y = y + lin.bias
+        if act == "gelu":
+            y = F.gelu(y)
+        elif act == "quick_gelu":
+            y = y * torch.sigmoid(1.702 * y)
+        if residual is not None:
+            y = y + residual
+        if requant is not None:
+            q = torch.floor(y / requant.scale.to(y.device) + 0.5) + requant.zero_point.to(y.device).float()
+            y = (torch.clamp(q, 0, (1 << requant.bits) - 1).to(torch.int32) - 128).to(torch.int8)
+        return y
+
+    def _dequant_weight(self, w: PackedWeight) -> torch.Tensor:
+        from p4q_engine.artifact.bitpack import unpack_reference
+
+        cache = getattr(w, "_dq", None)
+        if cache is None:
+            stored = unpack_reference([p.cpu() for p in w.planes], w.bits, w.k).to(torch.int32) - (1 << (w.bits - 1))
+            cache = (stored.float() * w.scale.cpu()[:, None]).t().contiguous().to(self.device)
+            w._dq = cache  # type: ignore[attr-defined]
+        return cache
+
+    @staticmethod
+    def _requant(*sites: Site, widths: tuple[int, ...]) -> Requant:
+        scale = torch.cat([torch.full((n,), float(s.qp.scale)) for s, n in zip(sites, widths)])
+        zp = torch.cat([torch.full((n,), int(s.qp.zero_point), dtype=torch.int32) for s, n in zip(sites, widths)])
+        return Requant(scale, zp, sites[0].qp.spec.bits)
+
+    def _attention_block(self, x: torch.Tensor, blk: dict, b: int, n: int) -> torch.Tensor:
+        d = x.shape[-1]
+        st = blk["sites"]
+        inp, outp = blk["in_proj"], blk["out_proj"]
+        fused = all(st[s] is not None for s in "qkvp") and inp.quantized and outp.quantized
+        if fused:
+            if "_rq" not in blk:  # built on the first (warm-up) call, never inside graph capture
+                rq = self._requant(st["q"], st["k"], st["v"], widths=(d, d, d))
+                blk["_rq"] = Requant(rq.scale.to(x.device), rq.zero_point.to(x.device), rq.bits)
+            rq = blk["_rq"]
+            qkv = self._apply(inp, x, ln=blk["ln_1"], requant=rq)
+            ao = qattention(qkv.view(b, n, 3 * d), self.heads, AttnSites(
+                _site_tuple(st["q"]), _site_tuple(st["k"]), _site_tuple(st["v"]), _site_tuple(st["p"]),
+                _site_tuple(outp.site), st["p"].qp.spec.bits, outp.site.qp.spec.bits))
+            s, z = _site_tuple(outp.site)
+            if blk["ls_1"] is None:
+                return qgemm(ao.view(b * n, d), s, z, outp.w, outp.bias, residual=x)
+            return x + blk["ls_1"] * qgemm(ao.view(b * n, d), s, z, outp.w, outp.bias)
+        qkv = self._apply(inp, x, ln=blk["ln_1"]).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = (qkv[:, :, i].transpose(1, 2).float() for i in range(3))
+        q, k, v = (self._fq(t, st[s]) for t, s in ((q, "q"), (k, "k"), (v, "v")))
+        probs = self._fq(torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads), dim=-1), st["p"])
+        ao = (probs @ v).transpose(1, 2).reshape(b * n, d)
+        out = self._apply(outp, ao)
+        return x + (out if blk["ls_1"] is None else blk["ls_1"] * out)
+
+    def _fq(self, t: torch.Tensor, site: Optional[Site]) -> torch.Tensor:
+        """Fake-quantize through a site (float fallback paths), with device-resident qparams."""
+        if site is None:
+            return t
+        from p4q_engine.quant.quantizer import dequantize, quantize
+
+        qp = self._device_qp(site)
+        return dequantize(quantize(t, qp), qp)
+
+    def _device_qp(self, site: Site):
+        cache = self.__dict__.setdefault("_qp_cache", {})
+        if id(site) not in cache:
+            cache[id(site)] = (site, site.qp.to(self.device))
+        return cache[id(site)][1]
+
+    def _mlp_block(self, x: torch.Tensor, blk: dict) -> torch.Tensor:
+        fc, pr = blk["c_fc"], blk["c_proj"]
+        act = _ACT[self.cfg["act"]]
+        if fc.quantized and pr.quantized:
+            s, z = _site_tuple(pr.site)
+            if "_rq_mlp" not in blk:
+                blk["_rq_mlp"] = Requant(torch.full((fc.w.n,), s, device=x.device),
+                                         torch.full((fc.w.n,), z, dtype=torch.int32, device=x.device),
+                                         pr.site.qp.spec.bits)
+            rq = blk["_rq_mlp"]
+            h = self._apply(fc, x, ln=blk["ln_2"], act=act, requant=rq)
+            if blk["ls_2"] is None:
+                return qgemm(h, s, z, pr.w, pr.bias, residual=x)
+            return x + blk["ls_2"] * qgemm(h, s, z, pr.w, pr.bias)
+        h = self._apply(fc, x, ln=blk["ln_2"], act=act)
+        out = self._apply(pr, h)
+        return x + (out if blk["ls_2"] is None else blk["ls_2"] * out)
+
+    # ---------------------------------------------------------------- forward
+    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        b = pixels.shape[0]
+        patches = F.unfold(pixels.float(), kernel_size=self.patch, stride=self.patch).transpose(1, 2).contiguous()
+        n_patch = patches.shape[1]
+        x = self._apply(self.k_conv, patches.view(b * n_patch, -1)).view(b, n_patch, -1)
+        x = torch.cat([self.class_embedding.expand(b, 1, -1), x], dim=1) + self.pos
+        if self.ln_pre is not None:
+            x = self._ln(x, self.ln_pre)
+        n, d = x.shape[1], x.shape[2]
+        x = x.reshape(b * n, d).contiguous()
+        for blk in self.k_blocks:
+            x = self._attention_block(x, blk, b, n)
+            x = self._mlp_block(x, blk)
+        x = x.view(b, n, d)
+        if self.cfg["final_ln_after_pool"]:
+            x = self._ln(self._pool(x), self.ln_post)
+        else:
+            x = self._pool(self._ln(x, self.ln_post))
+        z = self._apply(self.k_proj, x.contiguous())
+        if self.adapter is not None:
+            zq = self._fq(z, self.adapter_site)
+            h = self._apply(self.k_fc2, torch.relu(self._apply(self.k_fc1, z)))
+            z = self.alpha * h + (1.0 - self.alpha) * zq
+        return z
+
+    @staticmethod
+    def bucket(b: int) -> int:
+        """Batch sizes are padded to a power of two, one CUDA graph per bucket."""
+        return 1 << max(0, (b - 1).bit_length())
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, non_blocking=True)
+        if not self.use_graphs:
+            return self._tower(pixels)
+        b = pixels.shape[0]
+        size = self.bucket(b)
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(size)
+        graph, static_in, static_out = self._graphs[size]
+        static_in[:b].copy_(pixels)
+        if b < size:
+            static_in[b:].copy_(pixels[:1].expand(size - b, -1, -1, -1))
+        graph.replay()
+        return static_out[:b].clone()
+
+    def _capture(self, size: int):
+        static_in = torch.zeros(size, 3, *self.image_size, device=self.device)
+        static_in.normal_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: autotuning and compilation happen outside the graph
+                self._tower(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._tower(static_in)
+        return graph, static_in, static_out
