@@ -35,7 +35,7 @@ class AttnSites:
 @triton.jit
 def _qattention_kernel(
     qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
-    sq, cq, sk, ck, sv, cv, sp, zpp, cp, so, zo, sm_scale,
+    qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
     HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
 ):
@@ -56,7 +56,7 @@ def _qattention_kernel(
     q_sum = tl.sum(q.to(tl.int32), axis=1)
     k_sum = tl.sum(k.to(tl.int32), axis=1)
     s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
-    logits = s.to(tl.float32) * (sq * sk) * sm_scale
+    logits = s.to(tl.float32) * qk_scale * sm_scale
     keep = r_mask[None, :] & (rows[:, None] >= 0)
     if CAUSAL:
         keep = keep & (rows[None, :] <= rows[:, None])
@@ -72,18 +72,26 @@ def _qattention_kernel(
     o = tl.dot(ps, v, out_dtype=tl.int32)
     o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
     o += BLOCK_L * cp * cv
-    y = o.to(tl.float32) * (sp * sv)
+    y = o.to(tl.float32) * pv_scale
     qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
     qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
     tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
 
 
+def _f32_product(a: float, b: float) -> float:
+    """``a * b`` rounded as fp32 operands and an fp32 product (what the reference computes). Passed to the kernel
+    precomputed: the Triton interpreter keeps float scalar arguments as Python floats, so ``a * b`` inside the kernel
+    would be a float64 product there (an ulp off fp32, enough to flip a code on a rounding tie)."""
+    return float(torch.tensor(a, dtype=torch.float32) * torch.tensor(b, dtype=torch.float32))
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (n - 1).bit_length())
 
 
-def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:
+def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False,
+               num_warps: int = 4) -> torch.Tensor:
     """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8)."""
     if qkv.dtype != torch.int8 or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
         raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
@@ -98,11 +106,12 @@ def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = F
     grid = (bsz * heads,)
     _qattention_kernel[grid](
         qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        sites.q[0], 128 - sites.q[1], sites.k[0], 128 - sites.k[1], sites.v[0], 128 - sites.v[1],
-        sites.p[0], float(sites.p[1]), 128 - sites.p[1], sites.out[0], float(sites.out[1]), 1.0 / math.sqrt(hd),
+        _f32_product(sites.q[0], sites.k[0]), 128 - sites.q[1], 128 - sites.k[1], 128 - sites.v[1],
+        sites.p[0], float(sites.p[1]), 128 - sites.p[1], _f32_product(sites.p[0], sites.v[0]), sites.out[0],
+        float(sites.out[1]), 1.0 / math.sqrt(hd),
         HD=hd, BLOCK_L=block_l, BLOCK_D=_pow2(hd), CAUSAL=causal,
         P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1),
-        num_warps=4, num_stages=1,
+        num_warps=num_warps, num_stages=1,
     )
     return out
 

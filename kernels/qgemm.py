@@ -43,6 +43,14 @@ class PackedWeight:
     bits: int
     n: int
     k: int
+    direct: Optional[torch.Tensor] = None  # int8 codes [N, K] for 8-bit weights: no unpacking in the main loop
+
+    def __post_init__(self) -> None:
+        if self.bits == 8 and self.direct is None:
+            from p4q_engine.artifact.bitpack import unpack_reference
+
+            stored = unpack_reference([p.cpu() for p in self.planes], 8, self.k)
+            self.direct = (stored.to(torch.int16) - 128).to(torch.int8).to(self.planes[0].device).contiguous()
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> "PackedWeight":
@@ -73,7 +81,7 @@ def _qgemm_kernel(
     a_ptr, wp0, wp1, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
     M, N, K, KW0, KW1, stride_am, stride_rm, stride_om,
     a_scale, a_corr,
-    W0: tl.constexpr, W1: tl.constexpr, OFFSET: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, OFFSET: tl.constexpr, DIRECT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -97,11 +105,15 @@ def _qgemm_kernel(
         k_mask = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0)
-        u = _unpack_tile(wp0, offs_n, n_mask, k0 // PER0, KW0, W0, BLOCK_K, BLOCK_N)
-        if W1 > 0:
-            PER1: tl.constexpr = 32 // W1
-            u = u | (_unpack_tile(wp1, offs_n, n_mask, k0 // PER1, KW1, W1, BLOCK_K, BLOCK_N) << W0)
-        b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
+        if DIRECT8:  # 8-bit weights as plain int8 [N, K]: a straight tile load the compiler can pipeline
+            b = tl.load(wp0 + offs_n[None, :] * K + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
+                        other=0)
+        else:
+            u = _unpack_tile(wp0, offs_n, n_mask, k0 // PER0, KW0, W0, BLOCK_K, BLOCK_N)
+            if W1 > 0:
+                PER1: tl.constexpr = 32 // W1
+                u = u | (_unpack_tile(wp1, offs_n, n_mask, k0 // PER1, KW1, W1, BLOCK_K, BLOCK_N) << W0)
+            b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
         acc += tl.dot(a, b, out_dtype=tl.int32)
 
     colsum = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0)
@@ -176,15 +188,16 @@ def qgemm(
     wp1 = w.planes[1] if w1 else w.planes[0]
     dummy = w.scale
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    direct = w.direct is not None
     _qgemm_kernel[grid](
-        a, w.planes[0], wp1, w.colsum, w.scale,
+        a, w.direct if direct else w.planes[0], wp1, w.colsum, w.scale,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
         requant.scale if requant is not None else dummy, requant.zero_point if requant is not None else w.colsum,
         out,
         m, n, k, w.planes[0].shape[1], wp1.shape[1], a.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         float(a_scale), int(128 - a_zp),
-        W0=w0, W1=w1, OFFSET=1 << (w.bits - 1),
+        W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[act], OUT_MODE=mode,
         OUT_QMAX=float((1 << requant.bits) - 1) if requant is not None else 255.0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

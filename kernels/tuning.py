@@ -42,6 +42,11 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(16, 64, 256, 8, 4, 3),
     TileConfig(16, 128, 128, 8, 4, 4),
     TileConfig(32, 128, 256, 8, 4, 3),
+    TileConfig(128, 256, 128, 8, 8, 4),
+    TileConfig(256, 128, 128, 8, 8, 4),
+    TileConfig(16, 32, 256, 8, 2, 3),
+    TileConfig(16, 64, 128, 8, 2, 4),
+    TileConfig(32, 32, 128, 8, 2, 4),
 )
 
 _lock = threading.Lock()
@@ -73,7 +78,7 @@ def _load_file() -> None:
     try:
         data = json.loads(cache_path().read_text())
         _memory.update({k: TileConfig(**v) for k, v in data.items()})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable, not JSON, not {key: config}
         pass
 
 

@@ -166,9 +166,10 @@ class Engine:
         try:
             self._build_common(art)
             self._build_tower(art)
-        except P4QError:
+        except ArtifactError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, ZeroDivisionError) as e:
+        except (P4QError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError,
+                ZeroDivisionError) as e:  # P4QError: e.g. ConfigError("unsupported bit width 5") from a layout
             raise ArtifactError(f"inconsistent artifact: {e.__class__.__name__}: {e}") from None
         self.manifest = art.manifest
 

@@ -72,7 +72,8 @@ class KernelEngine(Engine):
         planes = [art.tensors[f"{prefix}.w.p{i}"].to(self.device).contiguous()
                   for i in range(len(art.layout(f"{prefix}.w.p0")["planes"]))]
         pw = PackedWeight(planes, scale.float().to(self.device), codes.to(torch.int32).sum(1).to(torch.int32)
-                          .to(self.device), bits, codes.shape[0], codes.shape[1])
+                          .to(self.device), bits, codes.shape[0], codes.shape[1],
+                          direct=codes.to(self.device).contiguous() if bits == 8 else None)
         return KLinear(pw, None, bias, site)
 
     def _build_tower(self, art: Artifact) -> None:
