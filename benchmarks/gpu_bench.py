@@ -366,6 +366,7 @@ def part_compile(args) -> dict:
             row = {"batch": b, "error": f"{e.__class__.__name__}: {str(e).splitlines()[0]}"}
         rows.append(row)
         log("compile", row)
+        Path(args.out, "compile_partial.json").write_text(json.dumps({"torch.compile bf16 max-autotune": rows}))
         del m, fn
         torch.cuda.empty_cache()
     return {"torch.compile bf16 max-autotune": rows}

@@ -98,6 +98,18 @@ class IntLinear:
         return y if self.bias is None else y + self.bias
 
 
+def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """Non-overlapping patches ``[B, L, C*ph*pw]`` in ``(c, kh, kw)`` order - the patch-embedding GEMM's input.
+
+    Equal to ``F.unfold(x, patch, stride=patch).transpose(1, 2)`` but one reshape and one copy (on an H100,
+    ``F.unfold``'s im2col took 80% of the whole engine at batch 1024).
+    """
+    b, c, h, w = x.shape
+    ph, pw = patch
+    x = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
 def _act(name: str):
     acts = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
             "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
@@ -240,7 +252,7 @@ class Engine:
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()
-        patches = F.unfold(x, kernel_size=self.patch, stride=self.patch).transpose(1, 2)  # [B, L, 3*p*p]
+        patches = patchify(x, self.patch)  # [B, L, 3*p*p]
         x = self.conv(patches)
         x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.pos
         if self.ln_pre is not None:

@@ -23,7 +23,7 @@ from p4q_engine.errors import ConfigError
 from p4q_engine.kernels.layernorm import layernorm_quant, quantize_rows
 from p4q_engine.kernels.qattention import AttnSites, qattention
 from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm
-from p4q_engine.runtime.engine import Engine, Site, unpack_weight
+from p4q_engine.runtime.engine import Engine, Site, patchify, unpack_weight
 
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
 
@@ -221,7 +221,7 @@ class KernelEngine(Engine):
     # ---------------------------------------------------------------- forward
     def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
         b = pixels.shape[0]
-        patches = F.unfold(pixels.float(), kernel_size=self.patch, stride=self.patch).transpose(1, 2).contiguous()
+        patches = patchify(pixels.float(), self.patch).contiguous()
         n_patch = patches.shape[1]
         x = self._apply(self.k_conv, patches.view(b * n_patch, -1)).view(b, n_patch, -1)
         x = torch.cat([self.class_embedding.expand(b, 1, -1), x], dim=1) + self.pos

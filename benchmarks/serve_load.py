@@ -1,0 +1,306 @@
+"""Bounded load test of ``p4q serve``: throughput and latency at 1, 8 and 64 concurrent clients, every answer checked.
+
+    python benchmarks/serve_load.py                          # tiny random artifact, own server on a free port
+    python benchmarks/serve_load.py --artifact /tmp/ref.p4q  # e.g. from `p4q export --bits 4-4-8 --out /tmp/ref.p4q`
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --artifact model.p4q   # a server already running
+
+Loopback only (``--url`` must name 127.0.0.0/8, localhost or ::1). Each concurrency level sends a fixed number of
+requests (``--requests``) from that many concurrent clients and stops issuing new ones after ``--time-limit``
+seconds. Every 200 answer's top-1 label (and its probability, to 1e-4) is compared with what a local
+:class:`Engine` gives the same image; non-200 answers and transport errors count as lost, mismatches as wrong, and
+the script exits 1 if any was lost or wrong. Results go to ``<out>.json`` and ``<out>.md`` (default
+``benchmarks/results/serve_load_cpu``).
+
+The clients run on the same machine as the server and take CPU from it; on a 2-core machine the numbers are a
+lower bound of what the server alone would do.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import ipaddress
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from p4q_engine.runtime.engine import Engine  # noqa: E402
+
+TINY_NAME = "P4Q-Serve-Bench-Tiny"
+TINY_CFG = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2}}
+
+
+def build_tiny_artifact(path: Path) -> str:
+    """A random tiny open_clip ViT, 4-4-8 PTQ, folded (the same recipe as the serve tests' fixture)."""
+    import open_clip
+
+    from p4q_engine.artifact.fold import fold
+    from p4q_engine.artifact.format import save
+    from p4q_engine.clip.calibrate import calibrate
+    from p4q_engine.clip.qmodel import quantize_clip
+    from p4q_engine.clip.recipe import QuantRecipe
+
+    torch.manual_seed(0)
+    (path.parent / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(path.parent)
+    m = open_clip.create_model(TINY_NAME).eval()
+    q = quantize_clip(m, QuantRecipe("4-4-8"))
+    tok = torch.randint(1, 98, (10, 16))
+    tok[:, 8], tok[:, 9:] = 99, 0
+    calibrate(q, [torch.randn(16, 3, 32, 32)], tok, progress=False)
+    with torch.no_grad():
+        tf = torch.nn.functional.normalize(q.encode_text(tok), dim=-1)
+    save(fold(q, tf, [f"class {i}" for i in range(10)], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}),
+         path)
+    return ("random tiny open_clip ViT (32 px, 2 layers, width 64, 10 classes), 4-4-8 PTQ with QuantRecipe "
+            "defaults, folded .p4q (the serve tests' fixture)")
+
+
+def make_images(n: int, source: str) -> tuple[list[bytes], str]:
+    """PNG bytes of ``n`` images: the embedded reference task's test images, or random noise of mixed sizes."""
+    from PIL import Image
+
+    out = []
+    if source == "reference":
+        from p4q_engine.data.reference import ReferenceDataset
+
+        ds = ReferenceDataset("test", size=n, transform=lambda im: im)
+        for i in range(n):
+            buf = io.BytesIO()
+            ds[i][0].save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out, f"{n} reference-task test images (PNG)"
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        w, h = 32 + 8 * (i % 5), 32 + 8 * ((i // 5) % 5)
+        arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out, f"{n} random-noise RGB images, 32..64 px per side (PNG)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    sys.exit(f"serve_load: refusing non-loopback target {host!r}")
+
+
+def start_server(artifact: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str, list[str]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "p4q_engine.cli", "serve", artifact, "--host", "127.0.0.1", "--port", str(port),
+           "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--max-queue", str(args.max_queue), "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            sys.exit(f"serve_load: server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url, cmd
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("serve_load: server not ready after 120 s")
+
+
+def metric_sum(text: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def run_level(url: str, images: list[bytes], expected: list[tuple[str, float]], concurrency: int, requests: int,
+                    per_request: int, time_limit: float) -> dict:
+    """``requests`` POSTs (``per_request`` images each) from ``concurrency`` clients; every answer verified."""
+    latencies: list[float] = []
+    counts = {"ok": 0, "lost": 0, "wrong": 0, "issued": 0}
+    errors: dict[str, int] = {}
+    next_i = 0
+    deadline = time.monotonic() + time_limit
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal next_i
+        while next_i < requests and time.monotonic() < deadline:
+            i = next_i
+            next_i += 1
+            counts["issued"] += 1
+            idx = [(i * per_request + j) % len(images) for j in range(per_request)]
+            files = [("images", (f"{k}.png", images[k], "image/png")) for k in idx]
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/v1/classify", files=files, data={"top_k": "1"})
+            except httpx.HTTPError as e:
+                counts["lost"] += 1
+                errors[e.__class__.__name__] = errors.get(e.__class__.__name__, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                counts["lost"] += 1
+                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                continue
+            results = r.json().get("results", [])
+            if len(results) != len(idx):
+                counts["wrong"] += 1
+                continue
+            if all(res["labels"][0] == expected[k][0] and abs(res["probs"][0] - expected[k][1]) <= 1e-4
+                   for res, k in zip(results, idx)):
+                counts["ok"] += 1
+            else:
+                counts["wrong"] += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        before = (await c.get("/metrics")).text
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        after = (await c.get("/metrics")).text
+    batches = metric_sum(after, "p4q_serve_batch_size_count") - metric_sum(before, "p4q_serve_batch_size_count")
+    batched = metric_sum(after, "p4q_serve_batch_size_sum") - metric_sum(before, "p4q_serve_batch_size_sum")
+    lat = sorted(latencies)
+
+    def pct(p: float) -> Optional[float]:
+        return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+
+    return {"concurrency": concurrency, "requests_planned": requests, "requests_issued": counts["issued"],
+            "images_per_request": per_request, "ok": counts["ok"], "lost": counts["lost"], "wrong": counts["wrong"],
+            "errors": errors, "wall_s": round(wall, 3), "req_per_s": round(counts["ok"] / wall, 1),
+            "images_per_s": round(counts["ok"] * per_request / wall, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "mean_batch": round(batched / batches, 2) if batches else None,
+            "hit_time_limit": counts["issued"] < requests}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", default=None, help=".p4q artifact (default: build the tiny random one)")
+    p.add_argument("--url", default=None, help="load an already running server (loopback only)")
+    p.add_argument("--levels", default="1,8,64", help="concurrent clients per level")
+    p.add_argument("--requests", type=int, default=300, help="requests per level")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds per level before it stops issuing")
+    p.add_argument("--image-source", choices=("reference", "random"), default="reference")
+    p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="the server's --threads (torch intra-op threads)")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/serve_load_cpu"), help="output path stem")
+    args = p.parse_args(argv)
+    command = "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.artifact:
+        artifact, description = args.artifact, f"{args.artifact} (given)"
+    else:
+        artifact = str(Path(tmp.name) / "tiny.p4q")
+        description = build_tiny_artifact(Path(artifact))
+    engine = Engine.load(artifact, "cpu")
+    try:
+        images, image_desc = make_images(args.num_images, args.image_source)
+    except Exception as e:  # noqa: BLE001 - the reference task is optional; fall back to noise
+        print(f"reference images unavailable ({e}); using random images", file=sys.stderr)
+        images, image_desc = make_images(args.num_images, "random")
+    preds = engine.classify(images, top_k=1)
+    expected = [(pred.labels[0], pred.probs[0]) for pred in preds]
+
+    proc, cmd = None, None
+    if args.url:
+        check_loopback(args.url)
+        url = args.url.rstrip("/")
+    else:
+        proc, url, cmd = start_server(artifact, args)
+    levels = []
+    try:
+        asyncio.run(run_level(url, images, expected, 4, 16, args.images_per_request, 10))  # warm-up
+        for conc in (int(c) for c in args.levels.split(",")):
+            row = asyncio.run(run_level(url, images, expected, conc, args.requests, args.images_per_request,
+                                        args.time_limit))
+            levels.append(row)
+            print(f"c={conc:3d}: {row['req_per_s']:8.1f} req/s {row['images_per_s']:8.1f} img/s  "
+                  f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  mean batch {row['mean_batch']}  "
+                  f"ok {row['ok']} lost {row['lost']} wrong {row['wrong']}", flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        tmp.cleanup()
+
+    report = {
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "artifact": description,
+        "classes": len(engine.classnames), "images": image_desc,
+        "expected_label_spread": len({label for label, _ in expected}),
+        "server": {"url": url if args.url else "own subprocess on 127.0.0.1", "command": cmd,
+                   "device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                   "max_queue": args.max_queue, "threads": args.threads or "torch default"},
+        "note": "clients share the machine's CPU with the server",
+        "levels": levels,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# p4q serve load test ({args.device})", "",
+          f"- command: `{command}`", f"- date: {report['date']}",
+          f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
+          f"{torch.__version__} ({report['torch_threads']} threads)",
+          f"- artifact: {description}; {len(engine.classnames)} classes",
+          f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
+          f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
+          f"torch threads {args.threads or 'default'}; "
+          f"{args.images_per_request} image(s) per request, multipart; clients on the same machine",
+          "", "| clients | requests ok | lost | wrong | req/s | images/s | p50 ms | p99 ms | mean batch |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in levels:
+        md.append(f"| {r['concurrency']} | {r['ok']}/{r['requests_planned']} | {r['lost']} | {r['wrong']} | "
+                  f"{r['req_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    bad = sum(r["lost"] + r["wrong"] for r in levels)
+    if bad:
+        print(f"serve_load: {bad} lost or wrong responses", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
