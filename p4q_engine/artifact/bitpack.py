@@ -53,6 +53,13 @@ def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.contiguous()
 
 
+def _check_planes(planes: list[torch.Tensor], bits: int, widths: tuple[int, ...]) -> None:
+    if len(planes) != len(widths):
+        raise ConfigError(f"{bits}-bit codes need {len(widths)} planes, got {len(planes)}")
+    if any(p.dim() != 2 for p in planes):
+        raise ConfigError(f"packed planes must be 2-D [rows, words], got shapes {[tuple(p.shape) for p in planes]}")
+
+
 def pack_reference(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """Torch definition of the packed layout: one int32 ``[rows, words]`` tensor per plane."""
     codes = _check_codes(codes, bits)
@@ -73,8 +80,7 @@ def pack_reference(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 def unpack_reference(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Torch inverse of :func:`pack_reference`: uint8 codes ``[rows, k]``."""
     widths = planes_for(bits)
-    if len(planes) != len(widths):
-        raise ConfigError(f"{bits}-bit codes need {len(widths)} planes, got {len(planes)}")
+    _check_planes(planes, bits, widths)
     rows = planes[0].shape[0]
     codes = torch.zeros(rows, k, dtype=torch.int64)
     shift = 0
@@ -108,8 +114,7 @@ def unpack(planes: list[torch.Tensor], bits: int, k: int, threads: int = 0) -> t
     widths = planes_for(bits)
     if _bitpack is None:
         return unpack_reference(planes, bits, k)
-    if len(planes) != len(widths):
-        raise ConfigError(f"{bits}-bit codes need {len(widths)} planes, got {len(planes)}")
+    _check_planes(planes, bits, widths)
     try:
         out = _bitpack.unpack_planes([p.cpu().contiguous().numpy() for p in planes], list(widths), k, threads)
     except ValueError as e:

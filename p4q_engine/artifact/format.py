@@ -53,7 +53,7 @@ def sha256(t: torch.Tensor) -> str:
 
 def _raw(t: torch.Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # reshape: 0-d tensors too
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> int:
@@ -96,9 +96,12 @@ def _parse_header(buf: bytes) -> tuple[dict, int]:
     (n,) = struct.unpack("<Q", buf[:8])
     if n > _MAX_HEADER or 8 + n > len(buf):
         raise ArtifactError(f"file is truncated or corrupt: header claims {n} bytes, file has {len(buf) - 8}")
+    raw = buf[8 : 8 + n]
+    if not raw.startswith(b"{") or not raw.rstrip(b" ").endswith(b"}"):
+        raise ArtifactError("corrupt header: not a JSON object padded with spaces")
     try:
-        header = json.loads(buf[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, int digit limit
         raise ArtifactError(f"corrupt header: {e.__class__.__name__}") from None
     if not isinstance(header, dict):
         raise ArtifactError("corrupt header: not a JSON object")
@@ -114,7 +117,7 @@ def _parse_manifest(header: dict) -> dict:
         raise ArtifactError("manifest sha256 mismatch (the header is corrupt)")
     try:
         man = json.loads(text)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise ArtifactError("corrupt manifest: not valid JSON") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
         raise ArtifactError("not a .p4q artifact: manifest format field missing")
@@ -129,12 +132,12 @@ def _parse_manifest(header: dict) -> dict:
 def _read_tensor(name: str, entry: Any, desc: Any, data: memoryview) -> torch.Tensor:
     if not isinstance(entry, dict) or not isinstance(desc, dict):
         raise ArtifactError(f"tensor {name!r}: malformed header entry")
-    dtype = _DTYPES.get(entry.get("dtype"))
+    dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     shape, offs = entry.get("shape"), entry.get("data_offsets")
     if dtype is None:
         raise ArtifactError(f"tensor {name!r}: unsupported dtype {entry.get('dtype')!r}")
-    if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
+    if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)  # type(): no bools
+            or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
         raise ArtifactError(f"tensor {name!r}: malformed shape or offsets")
     if desc.get("shape") != shape or desc.get("dtype") != entry.get("dtype"):
         raise ArtifactError(f"tensor {name!r}: manifest says {desc.get('dtype')}{desc.get('shape')}, "
@@ -170,4 +173,11 @@ def load(path: str | os.PathLike) -> Artifact:
     if extra:
         raise ArtifactError(f"tensor {extra[0]!r} is not described by the manifest")
     tensors = {n: _read_tensor(n, header[n], man["tensors"][n], data) for n in names}
+    end = 0  # safetensors: the data buffer is covered by the tensors exactly, no gaps, overlaps or trailing bytes
+    for lo, hi in sorted(tuple(header[n]["data_offsets"]) for n in names):
+        if lo != end:
+            raise ArtifactError(f"tensor data has a gap or overlap at byte {lo} (the offsets are corrupt)")
+        end = hi
+    if end != len(data):
+        raise ArtifactError(f"file has {len(data) - end} unexpected trailing bytes after the tensor data")
     return Artifact(man, tensors)

@@ -169,7 +169,12 @@ class OMSEObserver(Observer):
 
     def _update(self, rows, lo, hi) -> None:
         cap = rows.shape[1] if self.spec.per_channel else self.samples_per_batch
-        self._samples.append(torch.cat([_subsample(rows, cap, self._gen), lo[:, None], hi[:, None]], dim=1))
+        sample = _subsample(rows, cap, self._gen)
+        # Re-append the exact extremes only when subsampling may have dropped them: duplicating them in complete
+        # data would double their clipping error and bias the search towards too wide a range.
+        if sample.shape[1] < rows.shape[1]:
+            sample = torch.cat([sample, lo[:, None], hi[:, None]], dim=1)
+        self._samples.append(sample)
 
     def _sq_error(self, data: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Per-row ``||x - Q(x)||^2`` for clipping ranges ``[a * min, a * max]`` (``a`` per row)."""

@@ -1,0 +1,344 @@
+"""Packed low-bit GEMM (``p4q_engine.kernels.qgemm``) against its torch definition ``qgemm_reference``.
+
+Every case draws fresh random inputs from a generator seeded by the case's parameters, and runs the kernel with its
+output allocation *poisoned* (``torch.empty`` inside the qgemm module returns a sentinel-filled, padded,
+non-contiguous view), so an element the kernel forgets to write, or a write outside the output, fails the test.
+
+Tolerances (stated once, used below):
+
+* raw int32 accumulator: bit-exact, interpreter and GPU alike (integer arithmetic);
+* float epilogue (bias, GELU, QuickGELU, residual): ``rtol=1e-5, atol=1e-4`` (fp32 transcendental ulps);
+* requantized codes: bit-exact under the interpreter; on a GPU, at most 1 code apart on at most 0.1% of the
+  elements (at least one element), since ``erf``/``exp`` may differ by an ulp and move a value across a rounding
+  boundary.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from p4q_engine.kernels import qgemm as qgemm_mod
+from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm, qgemm_reference
+
+HAS_CUDA = torch.cuda.is_available()
+#: QuickGELU's sigmoid overflows exp() for very negative inputs in the numpy interpreter (correctly giving 0).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+BITS = (2, 3, 4, 8)
+#: (M, N, K): M not a multiple of the 32-row tile (1, 37, 50, 17, 5), N not a multiple of 32 (48, 72, 40, 33),
+#: K a partial tile / partial word (100, 72, 160, 24, 8 < one 2-bit word), all with M*N*K <= ~200k.
+SHAPES = ((1, 72, 100), (37, 48, 100), (50, 48, 72), (17, 40, 160), (5, 33, 24), (3, 16, 8))
+FLOAT_TOL = dict(rtol=1e-5, atol=1e-4)
+GPU_CODE_FRACTION = 1e-3
+RAW_SENTINELS = (-123456789, 987654321)
+
+
+def gen(*key) -> torch.Generator:
+    """A generator seeded by the test's parameters: fresh, reproducible inputs per case."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_weight(bits: int, n: int, k: int, g: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         PackedWeight]:
+    """Signed codes over the whole stored range ``[-2^(b-1), 2^(b-1))``, first row at the minimum and second at the
+    maximum (worst-case accumulator magnitude), per-channel scales, and their packed form."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int16)
+    codes[0] = lo
+    if n > 1:
+        codes[1] = hi
+    codes = codes.to(torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.02 + 0.001) / (1 << (bits - 1))
+    return codes, scale, PackedWeight.from_codes(codes.to(device), scale.to(device), bits)
+
+
+def make_acts(m: int, k: int, g: torch.Generator, device: str, a_bits: int = 8) -> torch.Tensor:
+    """Shifted int8 codes of unsigned ``a_bits``-bit activations spanning the full range; row 0 all zeros and the
+    last row all ``2^a_bits - 1`` (the extremes)."""
+    qmax = (1 << a_bits) - 1
+    u = torch.randint(0, qmax + 1, (m, k), generator=g, dtype=torch.int32)
+    u[0] = 0
+    if m > 1:
+        u[-1] = qmax
+    return (u - 128).to(torch.int8).to(device)
+
+
+def run_poisoned(poison, sentinels, **kwargs) -> list[torch.Tensor]:
+    """Run ``qgemm`` once per sentinel with a poisoned, padded output; check nothing was written outside it."""
+    outs = []
+    for s in sentinels:
+        with poison(qgemm_mod, s, pad=3) as alloc:
+            out = qgemm(**kwargs)
+        alloc.assert_padding_untouched()
+        outs.append(out.cpu())
+    return outs
+
+
+def assert_codes_match(out: torch.Tensor, ref: torch.Tensor, exact: bool) -> None:
+    diff = (out.to(torch.int32) - ref.to(torch.int32)).abs()
+    if exact:
+        assert int(diff.max()) == 0, f"{int((diff > 0).sum())} of {diff.numel()} codes differ (max {int(diff.max())})"
+    else:
+        assert int(diff.max()) <= 1
+        assert int((diff > 0).sum()) <= max(1, int(GPU_CODE_FRACTION * diff.numel()))
+
+
+# ---------------------------------------------------------------------------------------------- raw accumulator
+#: Activation sites: (bits, zero point). 8-bit with zero points at both extremes and the middle; a 4-bit site.
+A_SITES = ((8, 0), (8, 128), (8, 255), (8, 37), (4, 0), (4, 15))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_raw_accumulator_bit_exact(poison, device, bits, shape):
+    """The int32 accumulator equals the exact integer ``sum (a_u - zp) * code`` for every activation site. The
+    sentinel is beyond any reachable accumulator (|acc| <= 160 * 255 * 128 here), so one run detects every
+    unwritten element."""
+    m, n, k = shape
+    for a_bits, a_zp in A_SITES:
+        g = gen("raw", bits, shape, a_bits, a_zp)
+        codes, scale, w = make_weight(bits, n, k, g, device)
+        a = make_acts(m, k, g, device, a_bits)
+        ref = qgemm_reference(a, 0.01, a_zp, codes, scale, raw=True)
+        (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=a_zp, w=w, raw=True)
+        assert out.dtype == torch.int32 and out.shape == (m, n)
+        assert torch.equal(out, ref), f"a_bits={a_bits} a_zp={a_zp}: {(out != ref).sum()} elements differ"
+
+
+def test_packed_weight_layout_matches_artifact_packer():
+    """``PackedWeight.from_codes`` packs exactly what the artifact stores (the C++ packer / torch reference)."""
+    from p4q_engine.artifact.bitpack import pack, unpack_reference
+
+    g = gen("layout")
+    for bits in BITS:
+        codes, scale, w = make_weight(bits, 9, 100, g, "cpu")
+        stored = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        assert all(torch.equal(p, q) for p, q in zip(w.planes, pack(stored, bits)))
+        assert torch.equal(unpack_reference(w.planes, bits, 100), stored)
+        assert torch.equal(w.colsum, codes.to(torch.int32).sum(1))
+        assert (w.direct is not None) == (bits == 8)
+        if bits == 8:
+            assert torch.equal(w.direct, codes)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_8bit_packed_planes_path(poison, device, shape):
+    """8-bit weights normally take the direct int8 path (``PackedWeight.direct``); the packed-plane path for 8 bits
+    (``direct=None``) must give the same accumulator."""
+    m, n, k = shape
+    g = gen("8-packed", shape)
+    codes, scale, w = make_weight(8, n, k, g, device)
+    assert w.direct is not None and torch.equal(w.direct.cpu(), codes)
+    w.direct = None
+    a = make_acts(m, k, g, device)
+    ref = qgemm_reference(a, 0.01, 201, codes, scale, raw=True)
+    (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=201, w=w, raw=True)
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------- float epilogue
+EPILOGUES = [
+    dict(),
+    dict(bias=True),
+    dict(bias=True, act="gelu"),
+    dict(bias=True, act="quick_gelu"),
+    dict(residual=True),
+    dict(bias=True, act="gelu", residual=True),
+    dict(act="quick_gelu", residual=True),
+]
+
+
+def _epilogue_args(ep: dict, m: int, n: int, g: torch.Generator, device: str) -> dict:
+    args = {"act": ep.get("act", "none")}
+    args["bias"] = (torch.randn(n, generator=g) * 0.5).to(device) if ep.get("bias") else None
+    args["residual"] = (torch.randn(m, n, generator=g) * 2).to(device) if ep.get("residual") else None
+    return args
+
+
+def _a_scale_for(a, a_zp, codes, scale) -> float:
+    """An activation scale that puts typical outputs around 1.5 (where GELU and QuickGELU are far from linear)."""
+    acc = qgemm_reference(a, 1.0, a_zp, codes, scale, raw=True).float() * scale
+    return float(1.5 / acc.abs().mean().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("case", range(len(EPILOGUES)),
+                         ids=[("-".join(f"{k}={v}" for k, v in e.items()) or "plain") for e in EPILOGUES])
+def test_float_epilogue(poison, device, bits, case):
+    """Each (bits, epilogue) runs on one of the odd shapes, cycling, so every bit width sees every shape."""
+    ep = EPILOGUES[case]
+    m, n, k = SHAPES[(case + bits) % 4]
+    g = gen("float", bits, case)
+    codes, scale, w = make_weight(bits, n, k, g, device)
+    a_zp = (0, 128, 255, 61)[case % 4]
+    a = make_acts(m, k, g, device)
+    a_scale = _a_scale_for(a, a_zp, codes, scale)
+    args = _epilogue_args(ep, m, n, g, device)
+    ref = qgemm_reference(a, a_scale, a_zp, codes, scale, **args)
+    (out,) = run_poisoned(poison, (float("nan"),), a=a, a_scale=a_scale, a_zp=a_zp, w=w, **args)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    torch.testing.assert_close(out, ref, **FLOAT_TOL)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_half_output(poison, device, out_dtype):
+    m, n, k = 37, 48, 100
+    g = gen("half", str(out_dtype))
+    codes, scale, w = make_weight(4, n, k, g, device)
+    a = make_acts(m, k, g, device)
+    bias = torch.randn(n, generator=g).to(device)
+    ref = qgemm_reference(a, 0.02, 99, codes, scale, bias=bias, act="gelu").to(out_dtype)
+    (out,) = run_poisoned(poison, (float("nan"),), a=a, a_scale=0.02, a_zp=99, w=w, bias=bias, act="gelu",
+                          out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- requantization
+def _requant_for(ref_float: torch.Tensor, g: torch.Generator, bits: int, device: str) -> Requant:
+    """Per-column output sites chosen so the codes use the whole grid and clamp at both ends on some columns."""
+    n = ref_float.shape[1]
+    qmax = (1 << bits) - 1
+    spread = ref_float.abs().amax(dim=0).clamp_min(1e-3)
+    scale = spread * 1.5 / qmax * (0.3 + torch.rand(n, generator=g))  # some columns saturate, some do not
+    zp = torch.randint(0, qmax + 1, (n,), generator=g, dtype=torch.int32)
+    zp[0], zp[-1] = 0, qmax  # extreme zero points
+    return Requant(scale.float().to(device), zp.to(device), bits)
+
+
+REQUANT_EPILOGUES = [dict(bias=True), dict(bias=True, act="gelu"), dict(bias=True, act="quick_gelu"),
+                     dict(residual=True)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("out_bits", [8, 4])
+@pytest.mark.parametrize("case", range(len(REQUANT_EPILOGUES)),
+                         ids=["-".join(f"{k}={v}" for k, v in e.items()) for e in REQUANT_EPILOGUES])
+def test_requant_codes(poison, device, bits, out_bits, case):
+    """Requantization to per-column output sites (extreme zero points 0 and 2^b - 1 on the first and last column),
+    8-bit and 4-bit. A 4-bit site's codes are ``[0, 15]``, so its sentinel (77 -> u = 205) can never be a result;
+    8-bit results can be any code, so they run with two different sentinels."""
+    ep = REQUANT_EPILOGUES[case]
+    m, n, k = SHAPES[(case + bits + out_bits) % 4]
+    g = gen("requant", bits, out_bits, case)
+    codes, scale, w = make_weight(bits, n, k, g, device)
+    a_zp = (0, 128, 255)[(case + bits) % 3]
+    a = make_acts(m, k, g, device)
+    a_scale = _a_scale_for(a, a_zp, codes, scale)
+    args = _epilogue_args(ep, m, n, g, device)
+    rq = _requant_for(qgemm_reference(a, a_scale, a_zp, codes, scale, **args), g, out_bits, device)
+    ref = qgemm_reference(a, a_scale, a_zp, codes, scale, requant=rq, **args)
+    u = ref.to(torch.int32) + 128
+    if m > 1:  # the grid is used end to end
+        assert int(u.min()) == 0 and int(u.max()) == (1 << out_bits) - 1
+    sentinels = (77, -5) if out_bits == 8 else (77,)
+    for out in run_poisoned(poison, sentinels, a=a, a_scale=a_scale, a_zp=a_zp, w=w, requant=rq, **args):
+        assert out.dtype == torch.int8 and out.shape == (m, n)
+        uo = out.to(torch.int32) + 128
+        assert int(uo.min()) >= 0 and int(uo.max()) <= (1 << out_bits) - 1
+        assert_codes_match(out, ref, exact=not HAS_CUDA)
+
+
+def test_requant_rounds_half_up(poison, device):
+    """Values exactly on a half step round up (``floor(y / s + 0.5)``), negative ones too. With an activation scale
+    of 1, weight scales of 0.5 and an output scale of 1 every product is exact and ``y = acc / 2`` lands on half
+    steps whenever ``acc`` is odd, so the kernel and the reference must agree on each tie."""
+    m, n, k = 4, 16, 32
+    codes = torch.zeros(n, k, dtype=torch.int8)
+    codes[:, 0] = torch.arange(-8, 8, dtype=torch.int8)  # acc = (a_u - zp) * code: one term
+    scale = torch.full((n,), 0.5)
+    w = PackedWeight.from_codes(codes.to(device), scale.to(device), 8)
+    u = torch.full((m, k), 128, dtype=torch.int32)
+    u[:, 0] = torch.tensor([129, 127, 131, 125])  # a_u - zp = +1, -1, +3, -3 with zp = 128
+    a = (u - 128).to(torch.int8).to(device)
+    rq = Requant(torch.ones(n, device=device), torch.full((n,), 128, dtype=torch.int32, device=device), 8)
+    y = qgemm_reference(a, 1.0, 128, codes, scale)
+    assert ((y - y.floor()) == 0.5).sum() > 10
+    ref = qgemm_reference(a, 1.0, 128, codes, scale, requant=rq)
+    assert torch.equal(ref.to(torch.int32), torch.floor(y + 0.5).to(torch.int32))  # the reference itself
+    for out in run_poisoned(poison, (3, -7), a=a, a_scale=1.0, a_zp=128, w=w, requant=rq):
+        assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise(device):
+    g = gen("errors")
+    _, _, w = make_weight(4, 16, 40, g, device)
+    a = make_acts(3, 40, g, device)
+    with pytest.raises(ValueError):
+        qgemm(a.to(torch.uint8), 0.1, 0, w)
+    with pytest.raises(ValueError):
+        qgemm(a.to(torch.int32), 0.1, 0, w)
+    with pytest.raises(ValueError):
+        qgemm(a.float(), 0.1, 0, w)
+    with pytest.raises(ValueError):
+        qgemm(make_acts(3, 41, g, device), 0.1, 0, w)  # wrong K
+    with pytest.raises(ValueError):
+        qgemm(a[:, :32].contiguous(), 0.1, 0, w)  # wrong K (shorter)
+    with pytest.raises(ValueError):
+        qgemm(a.view(1, 3, 40), 0.1, 0, w)  # not 2-D
+    with pytest.raises(ValueError):
+        qgemm(a, 0.1, 0, w, residual=torch.zeros(3, 15, device=device))  # residual shape
+
+
+# ---------------------------------------------------------------------------------------------- GPU, full shapes
+VIT_B32 = [(51200, 2304, 768), (51200, 768, 768), (51200, 3072, 768), (51200, 768, 3072),
+           (50, 2304, 768), (50, 768, 768), (50, 3072, 768), (50, 768, 3072)]
+
+
+def gpu_raw_reference(a: torch.Tensor, a_zp: int, codes: torch.Tensor) -> torch.Tensor:
+    """The exact accumulator on the GPU: float64 products and sums of integers (|acc| < 2^31 << 2^53 for these
+    shapes, so every partial sum is exact)."""
+    return ((a.to(torch.float64) + (128 - a_zp)) @ codes.to(torch.float64).t()).to(torch.int64)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", VIT_B32, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_full_shape_raw_exact(bits, shape):
+    m, n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("gpu", bits, shape)).encode()))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (n, k), generator=g, device="cuda", dtype=torch.int16).to(torch.int8)
+    codes[0] = lo
+    codes[1] = hi
+    scale = torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-3
+    w = PackedWeight.from_codes(codes, scale, bits)
+    a = torch.randint(-128, 128, (m, k), generator=g, device="cuda", dtype=torch.int16).to(torch.int8)
+    a[0] = -128
+    a[-1] = 127
+    for a_zp in (0, 255):
+        out = qgemm(a, 0.01, a_zp, w, raw=True)
+        torch.cuda.synchronize()
+        assert torch.equal(out.to(torch.int64), gpu_raw_reference(a, a_zp, codes))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [50, 51200])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_full_shape_epilogues(bits, m):
+    """in_proj-like (requant to per-column q|k|v sites) and c_fc-like (GELU + requant) and c_proj-like (bias +
+    residual, float) GEMMs at ViT-B/32 shapes against the CPU reference on a row sample."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr(("gpu-ep", bits, m)).encode()))
+    rows = torch.randperm(m, generator=g)[:256].sort().values
+    for n, k, act, res, out_bits in ((2304, 768, "none", False, 8), (3072, 768, "gelu", False, 4),
+                                     (768, 3072, "none", True, None)):
+        codes, scale, w = make_weight(bits, n, k, g, "cuda")
+        a = make_acts(m, k, g, "cuda")
+        bias = (torch.randn(n, generator=g) * 0.5).cuda()
+        residual = torch.randn(m, n, generator=g).cuda() if res else None
+        kw = dict(bias=bias, act=act, residual=residual)
+        if out_bits is None:
+            out = qgemm(a, 0.02, 3, w, **kw)
+            ref = qgemm_reference(a[rows], 0.02, 3, codes, scale, bias=bias, act=act, residual=residual[rows])
+            torch.testing.assert_close(out[rows].cpu(), ref, **FLOAT_TOL)
+        else:
+            sub = dict(bias=bias, act=act)
+            rq = _requant_for(qgemm_reference(a[rows], 0.02, 3, codes, scale, **sub), g, out_bits, "cuda")
+            out = qgemm(a, 0.02, 3, w, requant=rq, **kw)
+            ref = qgemm_reference(a[rows], 0.02, 3, codes, scale, requant=rq, **sub)
+            assert_codes_match(out[rows].cpu(), ref, exact=False)

@@ -1,0 +1,133 @@
+"""Tile-configuration selection and its on-disk cache (``p4q_engine.kernels.tuning``).
+
+No GPU is needed: the GPU branch of ``pick_config`` is driven with a ``cuda`` device object, a fake device name
+and a fake ``triton.testing.do_bench`` that returns a chosen time per configuration. Module state (the in-memory
+table and its "file loaded" flag) is replaced per test so nothing leaks into the kernel tests.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import triton.testing
+
+from p4q_engine.kernels import tuning
+from p4q_engine.kernels.tuning import GPU_CANDIDATES, INTERPRET_CONFIG, TileConfig, pick_config
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty tuning table backed by a file in ``tmp_path``."""
+    path = tmp_path / "sub" / "tuning.json"
+    monkeypatch.setenv("P4Q_TUNE_CACHE", str(path))
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "_loaded", False)
+    return path
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, fresh_cache):
+    """Take the GPU branch: interpreter off, a device named 'Fake GPU'."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    return torch.device("cuda")
+
+
+def test_interpreter_and_cpu_use_the_interpret_config(monkeypatch, fresh_cache):
+    calls = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for dev in (torch.device("cpu"), torch.device("cuda")):
+        assert pick_config("qgemm", 50, 768, 768, 4, dev, bench=calls.append) == INTERPRET_CONFIG
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU device never tunes either
+    assert pick_config("qgemm", 50, 768, 768, 4, torch.device("cpu"), bench=calls.append) == INTERPRET_CONFIG
+    assert calls == [] and not fresh_cache.exists()
+
+
+def test_interpret_config_fits_the_kernels():
+    """BLOCK_K covers whole words of every plane (32 // width divides it, down to the 1-bit plane of 3-bit codes)."""
+    for cfg in (INTERPRET_CONFIG, *GPU_CANDIDATES):
+        assert cfg.block_k % 32 == 0
+        assert all(b & (b - 1) == 0 for b in (cfg.block_m, cfg.block_n, cfg.block_k))
+
+
+def test_key_buckets_m_by_powers_of_two(fake_gpu):
+    assert [tuning._m_bucket(m) for m in (1, 16, 17, 50, 64, 65, 51200)] == [16, 16, 32, 64, 64, 128, 65536]
+    key = tuning._key("qgemm", 50, 2304, 768, 3, fake_gpu)
+    assert key == "Fake GPU|qgemm|m64|n2304|k768|b3"
+    assert tuning._key("qgemm", 33, 2304, 768, 3, fake_gpu) == key  # same bucket, same entry
+    assert tuning._key("qgemm", 50, 2304, 768, 3, torch.device("cpu")).startswith("cpu|")
+
+
+def test_cache_file_roundtrip(fresh_cache, monkeypatch):
+    a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256)
+    tuning._memory.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
+    tuning._save_file()  # creates the parent directory
+    data = json.loads(fresh_cache.read_text())
+    assert data["Fake GPU|qgemm|m64|n768|k768|b4"] == {"block_m": 128, "block_n": 64, "block_k": 128, "group_m": 8,
+                                                       "num_warps": 4, "num_stages": 4}
+    assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
+
+    monkeypatch.setattr(tuning, "_memory", {})  # a new process
+    monkeypatch.setattr(tuning, "_loaded", False)
+    tuning._load_file()
+    assert tuning._memory == {"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b}
+    tuning._memory.clear()
+    tuning._load_file()  # loads once per process
+    assert tuning._memory == {}
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"k": {"block_m": 1}}', "[1, 2]"])
+def test_unreadable_cache_file_is_ignored(fresh_cache, content):
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(content)
+    tuning._load_file()
+    assert tuning._memory == {}
+
+
+def test_unwritable_cache_path_is_ignored(fresh_cache, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("P4Q_TUNE_CACHE", str(blocker / "tuning.json"))  # parent is a file: mkdir fails
+    tuning._memory["k"] = INTERPRET_CONFIG
+    tuning._save_file()  # no exception: only costs re-tuning later
+
+
+def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
+    """The fastest fitting candidate wins; failing candidates are skipped; the winner is cached in memory and on
+    disk, and a new process reads it back without benchmarking."""
+    times = {c: 10.0 + i for i, c in enumerate(GPU_CANDIDATES)}
+    fastest_fitting = TileConfig(32, 64, 128, 8, 4, 4)
+    too_tall = TileConfig(128, 128, 128, 8, 8, 3)
+    broken = TileConfig(64, 64, 128, 8, 4, 4)
+    times[fastest_fitting] = 2.0
+    times[too_tall] = 1.0  # faster, but BLOCK_M = 128 > the M = 50 bucket (64): never benchmarked
+    benched: list[TileConfig] = []
+
+    def bench(cfg: TileConfig) -> None:
+        benched.append(cfg)
+
+    def do_bench(fn, warmup=None, rep=None, return_mode=None):
+        fn()
+        if benched[-1] == broken:
+            raise RuntimeError("out of shared memory")
+        return times[benched[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    cfg = pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench)
+    assert cfg == fastest_fitting
+    assert too_tall not in benched and broken in benched
+    assert all(c.block_m <= 64 for c in benched)
+    n = len(benched)
+    assert pick_config("qgemm", 60, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n  # same bucket
+    assert json.loads(fresh_cache.read_text()) == {"Fake GPU|qgemm|m64|n768|k768|b4": {
+        "block_m": 32, "block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}}
+
+    monkeypatch.setattr(tuning, "_memory", {})  # a new process: the file answers, no benchmark
+    monkeypatch.setattr(tuning, "_loaded", False)
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n
+
+
+def test_gpu_branch_without_bench_returns_first_candidate(fake_gpu, fresh_cache):
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu) == GPU_CANDIDATES[0]
+    assert tuning._memory == {}  # an untuned guess is not cached

@@ -1,0 +1,292 @@
+"""The CPU integer engine against the fake-quant reference, its classify/embed API, image inputs and its errors.
+
+Parity tolerance: the engine and the fake-quant model compute the same integer codes up to float32 rounding of the
+dequantization (the engine accumulates in exact integers and scales once; the reference multiplies dequantized
+floats). A value that lands within rounding distance of a quantization boundary therefore gets a code one step
+apart now and then (measured: 0 to ~0.2 % of the codes of the last block's MLP input differ, always by exactly 1),
+and that perturbation propagates. On the tiny model with logit_scale = 1/0.07 ~ 14.29 this gives a max |logit diff|
+of up to ~0.11 over 64 random images (mean ~0.002). The tests require top-1 agreement on all 64 images,
+max |diff| <= LOGIT_ATOL = 0.15 (about 1 % of the logit scale) and mean |diff| <= 0.01.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from p4q_engine.artifact.format import Artifact
+from p4q_engine.errors import ConfigError, ImageError
+from p4q_engine.quant.modules import QuantLinear
+from p4q_engine.quant.quantizer import QParams, quantize
+from p4q_engine.quant.spec import act_spec, weight_spec
+from p4q_engine.runtime.engine import Engine, IntLinear, unpack_weight
+
+
+def _shared_fixtures():
+    """tests/artifact/conftest.py (the module pytest already imported, if any, so session caches are shared)."""
+    path = (Path(__file__).resolve().parents[1] / "artifact" / "conftest.py")
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and Path(f).resolve() == path:
+            return mod
+    spec = importlib.util.spec_from_file_location("_p4q_tests_artifact_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_fx = _shared_fixtures()
+# fixtures used here (pytest finds fixtures by name in the test module's namespace)
+single_torch_thread = _fx.single_torch_thread
+tiny_model_name, tiny_model, tiny_preprocess_cfg = _fx.tiny_model_name, _fx.tiny_model, _fx.tiny_preprocess_cfg
+class_tokens, calib_images, quant_clip, folded = _fx.class_tokens, _fx.calib_images, _fx.quant_clip, _fx.folded
+make_images, CLASSNAMES = _fx.make_images, _fx.CLASSNAMES
+
+LOGIT_ATOL = 0.15
+LOGIT_MEAN_ATOL = 0.01
+
+
+@pytest.fixture(scope="module")
+def bundle(folded):
+    return folded("4-4-8", "full")
+
+
+@pytest.fixture(scope="module")
+def engine(bundle) -> Engine:
+    return Engine.load(bundle.path)
+
+
+# ------------------------------------------------------------------ parity with the fake-quant reference
+@pytest.mark.parametrize("scope", ["full", "release"])
+@pytest.mark.parametrize("bits", ["fp32", "8-8-8", "4-4-8", "3-3-8", "2-2-8"])
+def test_parity_with_fake_quant(folded, bits, scope):
+    b = folded(bits, scope)
+    eng = Engine.load(b.path)
+    assert eng.classnames == CLASSNAMES
+    x = make_images(64, seed=1000)  # fresh: not the calibration images
+    ref = b.reference_logits(x, eng.text, eng.logit_scale)
+    out = eng.logits(x)
+    assert out.shape == (64, len(CLASSNAMES)) and torch.isfinite(out).all()
+    diff = (out - ref).abs()
+    agree = out.argmax(1) == ref.argmax(1)
+    top2 = ref.topk(2, dim=1).values
+    assert bool(agree.all()), (f"{bits}/{scope}: top-1 disagrees on {int((~agree).sum())}/64 images; "
+                               f"reference margins there: {(top2[:, 0] - top2[:, 1])[~agree].tolist()}")
+    assert float(diff.max()) <= LOGIT_ATOL, f"{bits}/{scope}: max |logit diff| {float(diff.max()):.4f}"
+    assert float(diff.mean()) <= LOGIT_MEAN_ATOL, f"{bits}/{scope}: mean |logit diff| {float(diff.mean()):.5f}"
+
+
+def test_parity_without_adapter(folded):
+    b = folded("4-4-8", "full", adapter=False)
+    eng = Engine.load(b.path)
+    assert eng.adapter is None
+    x = make_images(64, seed=1001)
+    ref = b.reference_logits(x, eng.text, eng.logit_scale)
+    out = eng.logits(x)
+    assert bool((out.argmax(1) == ref.argmax(1)).all())
+    assert float((out - ref).abs().max()) <= LOGIT_ATOL
+
+
+def test_text_features_match_fake_quant_text_tower(bundle, engine):
+    """The stored 8-bit class features are the quantized text tower's normalized outputs, per-row quantized."""
+    assert engine.text.shape == bundle.text_features.shape
+    # per-row symmetric 8-bit: error <= half a step = max|row| / 127 / 2
+    step = bundle.text_features.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((engine.text - bundle.text_features).abs() <= step / 2 + 1e-7).all())
+    assert engine.logit_scale == pytest.approx(float(bundle.qmodel.logit_scale.exp()))
+
+
+# ------------------------------------------------------------------ embed / classify
+def test_embed_rows_unit_norm(engine):
+    x = make_images(10, seed=5)
+    emb = engine.embed(x)
+    assert emb.shape == (10, engine.text.shape[1])
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(10), atol=1e-5)
+    assert engine.embed(x[:0]).shape == (0, engine.text.shape[1])
+
+
+def test_classify_top_k(engine):
+    x = make_images(6, seed=6)
+    logits = engine.logits(x)
+    preds = engine.classify(x, top_k=3)
+    assert len(preds) == 6
+    for p, row in zip(preds, logits):
+        assert len(p.labels) == len(p.probs) == len(p.indices) == 3
+        assert p.probs == sorted(p.probs, reverse=True)
+        assert all(0.0 <= v <= 1.0 for v in p.probs) and sum(p.probs) <= 1.0 + 1e-6
+        assert all(lab in CLASSNAMES for lab in p.labels)
+        assert [CLASSNAMES[i] for i in p.indices] == p.labels
+        assert p.indices[0] == int(row.argmax())
+        assert p.probs == pytest.approx(row.softmax(-1).sort(descending=True).values[:3].tolist(), abs=1e-6)
+    full = engine.classify(x, top_k=100)  # clipped to the number of classes
+    assert all(len(p.labels) == len(CLASSNAMES) and sum(p.probs) == pytest.approx(1.0, abs=1e-5) for p in full)
+    assert all(len(p.labels) == 1 for p in engine.classify(x, top_k=0))
+
+
+def test_classify_label_subset(engine):
+    x = make_images(5, seed=7)
+    subset = ["class 7", "class 2", "class 4"]
+    logits = engine.logits(x)
+    preds = engine.classify(x, top_k=5, labels=subset)
+    for p, row in zip(preds, logits):
+        assert len(p.labels) == 3 and set(p.labels) == set(subset)
+        assert sum(p.probs) == pytest.approx(1.0, abs=1e-5) and p.probs == sorted(p.probs, reverse=True)
+        assert [CLASSNAMES[i] for i in p.indices] == p.labels  # indices are global class ids
+        sub = torch.tensor([CLASSNAMES.index(s) for s in subset])
+        assert p.indices[0] == int(sub[row[sub].argmax()])
+    one = engine.classify(x, labels=["class 9"])
+    assert all(p.labels == ["class 9"] and p.probs == pytest.approx([1.0]) for p in one)
+
+
+def test_classify_unknown_or_empty_labels(engine):
+    x = make_images(2, seed=8)
+    with pytest.raises(ConfigError, match="unknown labels"):
+        engine.classify(x, labels=["class 1", "giraffe"])
+    with pytest.raises(ConfigError, match="empty"):
+        engine.classify(x, labels=[])
+
+
+# ------------------------------------------------------------------ images from files
+def _write_png(path: Path, w: int, h: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def png_paths(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("images")
+    return [_write_png(d / f"img{i}.png", w, h, i) for i, (w, h) in enumerate([(32, 32), (48, 40), (40, 64), (2, 2)])]
+
+
+def test_classify_paths_equals_preprocessed_tensor(engine, png_paths, tiny_preprocess_cfg):
+    cfg = tiny_preprocess_cfg
+    transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                          resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in png_paths])
+    assert torch.equal(engine.preprocess(png_paths), pixels)
+    assert torch.equal(engine.logits(png_paths), engine.logits(pixels))
+    by_path = engine.classify([str(p) for p in png_paths], top_k=4)
+    by_tensor = engine.classify(pixels, top_k=4)
+    assert [p.labels for p in by_path] == [p.labels for p in by_tensor]
+    assert [p.probs for p in by_path] == [p.probs for p in by_tensor]
+    # bytes and PIL images are the same inputs too
+    by_bytes = engine.classify([p.read_bytes() for p in png_paths], top_k=4)
+    by_pil = engine.classify([Image.open(p) for p in png_paths], top_k=4)
+    assert [p.probs for p in by_bytes] == [p.probs for p in by_pil] == [p.probs for p in by_tensor]
+    emb = engine.embed(png_paths)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(png_paths)), atol=1e-5)
+
+
+def test_undecodable_file_names_the_path(engine, png_paths, tmp_path):
+    bad = tmp_path / "not_really.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    with pytest.raises(ImageError) as info:
+        engine.classify([png_paths[0], bad])
+    assert str(bad) in str(info.value) and "decode" in str(info.value)
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    with pytest.raises(ImageError, match="notes.jpg"):
+        engine.embed([text])
+
+
+def test_missing_file_names_the_path(engine, tmp_path):
+    with pytest.raises(ImageError, match="ghost.png"):
+        engine.classify([tmp_path / "ghost.png"])
+
+
+def test_one_pixel_image_rejected(engine, tmp_path):
+    tiny = _write_png(tmp_path / "dot.png", 1, 1, 0)
+    with pytest.raises(ImageError, match=r"dot\.png.*1x1"):
+        engine.classify([tiny])
+    with pytest.raises(ImageError, match="1x1"):
+        engine.classify([Image.new("RGB", (1, 1))])
+    with pytest.raises(ImageError):
+        engine.classify([_write_png(tmp_path / "line.png", 64, 1, 0)])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 32, 32), (2, 1, 32, 32), (2, 3, 32, 33), (1, 2, 3, 32, 32)])
+def test_wrong_tensor_shape(engine, shape):
+    with pytest.raises(ConfigError, match="expected images of shape"):
+        engine.classify(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_pixels(engine, bad):
+    x = make_images(3, seed=9)
+    x[1, 2, 5, 7] = bad
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        engine.logits(x)
+
+
+def test_device_must_be_cpu_for_the_reference_engine(bundle):
+    from p4q_engine.artifact.format import load
+
+    with pytest.raises(ConfigError):
+        Engine(load(bundle.path), device="meta")
+
+
+# ------------------------------------------------------------------ exact integer accumulation
+def _int64_accumulator(lin: IntLinear, x: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """sum_k (xq - zp) * w in int64 - the definition the engine's float64 accumulation must equal exactly."""
+    qp = lin.site.qp
+    xq = quantize(x, qp).to(torch.int64) - int(qp.zero_point)
+    return xq @ w_codes.to(torch.int64).T
+
+
+def _check_int_linear(lin: IntLinear, x: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    acc_int = _int64_accumulator(lin, x, w_codes)
+    acc_eng = lin.site.codes(x) @ lin.w_codes  # the engine's accumulation expression
+    assert acc_eng.dtype == torch.float64
+    assert torch.equal(acc_eng, acc_eng.round()), "accumulator is not integral"
+    assert torch.equal(acc_eng.to(torch.int64), acc_int)
+    expected = acc_int.to(torch.float32) * (lin.site.scale * lin.w_scale)
+    if lin.bias is not None:
+        expected = expected + lin.bias
+    assert torch.equal(lin(x), expected)  # dequantized once, after the exact sum
+    return acc_int
+
+
+@pytest.mark.parametrize("prefix", ["visual.blocks.0.mlp.c_fc", "visual.blocks.1.mlp.c_proj",
+                                    "visual.blocks.0.attn.in_proj", "visual.proj", "adapter.fc2"])
+def test_int_linear_accumulation_is_exact_on_the_artifact(bundle, engine, prefix):
+    art = bundle.artifact
+    lin = IntLinear(art, prefix)
+    assert lin.site is not None and lin.w_codes is not None
+    codes, scale = unpack_weight(art, f"{prefix}.w")
+    assert torch.equal(lin.w_scale, scale)
+    x = torch.randn(3, 7, lin.in_features, generator=torch.Generator().manual_seed(11)) * 2
+    _check_int_linear(lin, x, codes)
+
+
+def test_int_linear_accumulation_exact_beyond_float32_range():
+    """8-bit codes, K=3072, extreme inputs: |acc| ~ 1e8 > 2^24, where float32 accumulation would round."""
+    from p4q_engine.artifact.fold import _Folder
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 16, 3072
+    w = torch.randn(n, k, generator=g).sign() * (0.5 + torch.rand(n, k, generator=g) * 0.01)  # near +-max codes
+    ql = QuantLinear(w, torch.randn(n, generator=g), weight_spec(8), act_spec(8), "minmax")
+    ql.input_quant.set_qparams(QParams(torch.tensor(0.01), torch.tensor(3, dtype=torch.int32), act_spec(8)))
+    f = _Folder()
+    f.linear("lin", ql)
+    man = {"linears": f.linears, "sites": f.sites, "tensors": {k_: {"layout": v} for k_, v in f.layouts.items()}}
+    lin = IntLinear(Artifact(man, f.tensors), "lin")
+    codes, _ = ql.weight_codes()
+    unpacked = lin.w_codes.T.to(torch.int8)
+    assert torch.equal(unpacked, codes)  # pack -> unpack is lossless
+    # inputs clipped to code 255 / 0 following the signs of weight row 0: that row's accumulator is ~5e7
+    x = torch.where(w[0] > 0, 5.0, -5.0).repeat(4, 1)
+    x = torch.cat([x, torch.randn(2, k, generator=g) * 3])
+    acc = _check_int_linear(lin, x, unpacked)
+    assert int(acc.abs().max()) > 2**24
+    # and the engine agrees with the fake-quant layer up to float rounding
+    assert torch.allclose(lin(x), ql(x), rtol=1e-4, atol=1e-3 * float(ql(x).abs().max()))

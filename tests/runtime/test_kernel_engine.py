@@ -1,0 +1,132 @@
+"""``KernelEngine`` (the Triton image tower) against the CPU ``Engine`` on the same artifact.
+
+Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``
+before any kernel module is imported). The integer paths are exact and the float epilogues follow the CPU engine's
+operation order, so the logits agree to float rounding: max abs difference <= 1e-4 and identical top-1.
+
+The interpreter is slow, so only two artifacts are checked: ``4-4-8``/``full`` (every block fused: LN+quant, the
+requantizing in_proj, qattention, GELU+requant c_fc, residual epilogues) and ``8-8-8``/``release`` (attention left in
+float: the torch fallback between kernels).
+"""
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from p4q_engine.artifact.fold import fold
+from p4q_engine.artifact.format import load, save
+from p4q_engine.clip.calibrate import calibrate
+from p4q_engine.clip.qmodel import quantize_clip
+from p4q_engine.clip.recipe import QuantRecipe
+from p4q_engine.errors import ConfigError
+from p4q_engine.runtime import kernel_engine
+from p4q_engine.runtime.engine import Engine
+from p4q_engine.runtime.kernel_engine import KernelEngine
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+MODEL_NAME = "P4Q-Test-Kernel-Tiny"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
+PREPROCESS = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+CLASSES = [f"class {i}" for i in range(10)]
+CONFIGS = (("4-4-8", "full"), ("8-8-8", "release"))
+#: The engines execute whatever qparams calibration froze; minmax calibrates in milliseconds (OMSE's search takes
+#: tens of seconds even on this tiny model) and exercises the same code paths.
+OBSERVER = "minmax"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kernel_model_cfg")
+    (d / f"{MODEL_NAME}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(d)
+    torch.manual_seed(0)
+    return open_clip.create_model(MODEL_NAME).eval()
+
+
+def _tokens() -> torch.Tensor:
+    """Random ids 1..97, EOT (99, the largest id) at index 8, zeros after."""
+    tok = torch.zeros(len(CLASSES), 16, dtype=torch.long)
+    tok[:, :8] = torch.randint(1, 98, (len(CLASSES), 8), generator=torch.Generator().manual_seed(1))
+    tok[:, 8] = 99
+    return tok
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model, tmp_path_factory) -> dict[tuple[str, str], object]:
+    root = tmp_path_factory.mktemp("kernel_artifacts")
+    tok = _tokens()
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    paths = {}
+    for bits, scope in CONFIGS:
+        q = quantize_clip(tiny_model, QuantRecipe(bits, scope=scope, observer=OBSERVER))
+        calibrate(q, [calib], tok, progress=False)
+        with torch.no_grad():
+            tf = F.normalize(q.encode_text(tok), dim=-1)
+        path = root / f"tiny_{bits}_{scope}.p4q"
+        save(fold(q, tf, CLASSES, PREPROCESS), path)
+        paths[(bits, scope)] = path
+    return paths
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the kernel launches the engine makes (wrapping the names kernel_engine imported)."""
+    counts = {"qgemm": 0, "qattention": 0, "layernorm_quant": 0, "quantize_rows": 0}
+    for name in counts:
+        fn = getattr(kernel_engine, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            counts[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_engine, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("bits,scope", CONFIGS, ids=[f"{b}-{s}" for b, s in CONFIGS])
+def test_kernel_engine_matches_cpu_engine(artifacts, kernel_calls, bits, scope):
+    path = artifacts[(bits, scope)]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = Engine(load(path)).logits(images)
+    engine = KernelEngine(load(path), DEVICE)
+    got = engine.logits(images)
+    assert got.shape == expected.shape == (4, len(CLASSES))
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+    assert float(expected.std()) > 1e-3  # the logits are not degenerate (the comparison means something)
+
+    layers = TINY_CFG["vision_cfg"]["layers"]
+    if scope == "full":  # every block fully fused: in_proj, out_proj, c_fc, c_proj GEMMs + qattention + 2 LN+quant
+        assert kernel_calls["qattention"] == layers
+        assert kernel_calls["layernorm_quant"] == 2 * layers
+        assert kernel_calls["qgemm"] >= 4 * layers + 1  # + the patch embedding (and the 8-bit projection)
+    else:  # release: attention in float (torch fallback), the quantized Linears still on the GEMM kernel
+        assert kernel_calls["qattention"] == 0
+        assert kernel_calls["layernorm_quant"] == 2 * layers
+        assert kernel_calls["qgemm"] >= 4 * layers + 1
+    assert kernel_calls["quantize_rows"] >= 1  # the patches entering the patch-embedding GEMM
+
+
+def test_kernel_engine_on_cpu_needs_the_interpreter(artifacts, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        KernelEngine(load(artifacts[("8-8-8", "release")]), "cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without a CUDA GPU")
+def test_engine_load_cuda_without_gpu_raises(artifacts):
+    with pytest.raises(ConfigError, match="CUDA"):
+        Engine.load(artifacts[("8-8-8", "release")], device="cuda")
+
+
+def test_engine_load_cpu_is_the_reference_engine(artifacts):
+    assert type(Engine.load(artifacts[("8-8-8", "release")])) is Engine
