@@ -41,6 +41,12 @@ setup(
         "pytest>=8",
         "pytest-benchmark>=4",
         "hypothesis>=6",
+        # p4q serve: ASGI app + server, multipart bodies, metrics; httpx for its tests and benchmarks/serve_load.py
+        "starlette>=0.40",
+        "uvicorn>=0.30",
+        "python-multipart>=0.0.18",
+        "prometheus-client>=0.20",
+        "httpx>=0.27",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

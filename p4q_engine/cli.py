@@ -1,4 +1,4 @@
-"""``p4q`` command line: demo, ptq, eval, ptq-table, train-reference.
+"""``p4q`` command line: demo, ptq, eval, ptq-table, export, classify, inspect, serve, train-reference.
 
 Bad options and bad inputs print one line (``p4q: error: ...``) and exit with status 2 - never a traceback.
 """
@@ -274,6 +274,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an artifact over HTTP with dynamic batching (see p4q_engine/serve and the README's "Serving")."""
+    from p4q_engine.serve.config import ServeConfig
+    from p4q_engine.serve.server import serve
+
+    if not Path(args.artifact).is_file():
+        raise ConfigError(f"artifact {args.artifact} does not exist")
+    config = ServeConfig(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
+                         max_body_bytes=args.max_body_bytes, threads=args.threads, log_level=args.log_level,
+                         access_log=args.access_log,
+                         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}))
+    return serve(args.artifact, config)
+
+
 def cmd_train_reference(args: argparse.Namespace) -> int:
     """Retrain the embedded reference CLIP from scratch (the committed checkpoint came from this command)."""
     from p4q_engine.reference.train import train_reference
@@ -328,6 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a .p4q artifact's layers, bits and sizes")
     i.add_argument("artifact")
     i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("serve", help="serve a .p4q artifact over HTTP (classify/embed with dynamic batching)")
+    v.add_argument("artifact")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    v.add_argument("--max-batch", type=int, default=64, help="most images per engine call")
+    v.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="longest a batch waits for more images after its first one (only while other requests "
+                   "are still being read or decoded)")
+    v.add_argument("--max-queue", type=int, default=256,
+                   help="most images waiting for the engine; beyond it requests get 503 + Retry-After")
+    v.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline (504 past it)")
+    v.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="request body cap (413 over it)")
+    v.add_argument("--max-pixels", type=int, default=None,
+                   help="decoded pixels per image cap (decompression bombs; default: the engine's 50M)")
+    v.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the engine (default: torch's, one per core)")
+    v.add_argument("--log-level", default="info", type=_choice(("critical", "error", "warning", "info", "debug"),
+                                                                 "log level"))
+    v.add_argument("--access-log", action="store_true", help="log every request")
+    v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")
     r.add_argument("--out", required=True)

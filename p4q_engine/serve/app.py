@@ -1,0 +1,264 @@
+"""HTTP routes of ``p4q serve`` (a Starlette ASGI app, run by uvicorn in :mod:`p4q_engine.serve.server`).
+
+=====================  ===============================================================================
+``POST /v1/classify``  multipart image files or JSON ``{"images": [base64...], "top_k": 5, "labels": [...]}``
+                       -> ``{"results": [{"labels": [...], "probs": [...], "indices": [...]}, ...]}``
+``POST /v1/embed``     same bodies -> ``{"embeddings": [[...], ...]}`` (unit norm)
+``GET /v1/labels``     -> ``{"labels": [...]}``, the artifact's classes in index order
+``GET /healthz``       liveness: 200 while the process serves HTTP
+``GET /readyz``        readiness: 200 only while the model is loaded, the batch worker runs and the server is not
+                       shutting down; else 503
+``GET /metrics``       Prometheus text format (:mod:`p4q_engine.serve.metrics`)
+=====================  ===============================================================================
+
+Results are in request order. Every error is ``{"error": {"kind", "message"[, "index"]}}``
+(:mod:`p4q_engine.serve.errors`). The handler of a request reads its body (capped), parses and validates it,
+decodes and preprocesses its images in a worker thread of the thread pool, and only then queues the pixels for the
+batch worker (:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from p4q_engine.serve.batcher import Batcher, FaultHooks
+from p4q_engine.serve.config import ServeConfig
+from p4q_engine.serve.errors import ServeError
+from p4q_engine.serve.inputs import ParsedRequest, check_labels, parse_form, parse_json, prepare_images, rank
+from p4q_engine.serve.metrics import Metrics
+
+log = logging.getLogger("p4q.serve")
+
+ENDPOINTS = ("/v1/classify", "/v1/embed", "/v1/labels", "/healthz", "/readyz", "/metrics")
+#: Bytes of an over-limit body still read (and dropped) so the client can read the 413 instead of a reset.
+DRAIN_LIMIT = 8 * 2**20
+
+
+@dataclass
+class ServeState:
+    engine: Any
+    config: ServeConfig
+    batcher: Batcher
+    metrics: Metrics
+    #: Set when SIGTERM/SIGINT arrived: /readyz answers 503 while in-flight requests finish.
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+
+def error_response(state: ServeState, err: ServeError) -> JSONResponse:
+    state.metrics.errors.labels(err.kind).inc()
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+# ---------------------------------------------------------------- body reading
+async def read_body(request: Request, cap: int) -> bytes:
+    """The request body, or ``payload_too_large`` if it is (or says it is) over ``cap`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_n = int(declared)
+        except ValueError:
+            raise ServeError("bad_request", "invalid Content-Length header") from None
+        if declared_n > cap + DRAIN_LIMIT:  # answer at once; uvicorn closes the connection
+            raise ServeError("payload_too_large", f"body of {declared_n} bytes exceeds the {cap}-byte limit "
+                             "(--max-body-bytes)")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= cap:
+                chunks.append(chunk)
+            elif size > cap + DRAIN_LIMIT:
+                break
+    except ClientDisconnect:
+        raise ServeError("bad_request", "client disconnected while sending the body") from None
+    if size > cap:
+        raise ServeError("payload_too_large", f"body exceeds the {cap}-byte limit (--max-body-bytes)")
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, body: bytes, classify: bool, config: ServeConfig) -> ParsedRequest:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        async def replay() -> AsyncIterator[bytes]:
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, replay(), max_files=config.max_queue + 1,
+                                         max_fields=1000, max_part_size=config.max_body_bytes).parse()
+        except MultiPartException as e:
+            kind = "too_many_images" if "Too many files" in e.message else "bad_request"
+            raise ServeError(kind, f"malformed multipart body: {e.message}") from None
+        try:
+            items = []
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    items.append((key, (value.filename, await value.read())))
+                else:
+                    items.append((key, value))
+        finally:
+            await form.close()
+        return parse_form(items, classify)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return await run_in_threadpool(parse_json, body, classify)
+    raise ServeError("unsupported_media_type", f"content type {ctype or 'none'!r}: send multipart/form-data image "
+                     "files or application/json with base64 images")
+
+
+# ---------------------------------------------------------------- inference routes
+async def _infer(request: Request, classify: bool) -> Response:
+    state: ServeState = request.app.state.serve
+    cfg, engine = state.config, state.engine
+    deadline = time.monotonic() + cfg.timeout_s
+    try:
+        with state.batcher.preparing():  # a batch that starts meanwhile waits (<= --max-wait-ms) for these images
+            try:
+                body = await asyncio.wait_for(read_body(request, cfg.max_body_bytes), cfg.timeout_s)
+            except asyncio.TimeoutError:
+                raise ServeError("timeout", f"body not received within {cfg.timeout_s:g} s (--timeout-s)") from None
+            parsed = await parse_body(request, body, classify, cfg)
+            del body
+            subset = check_labels(parsed.labels, engine.classnames) if classify else None
+            if len(parsed.images) > cfg.max_queue:
+                raise ServeError("too_many_images", f"{len(parsed.images)} images in one request; this server "
+                                 f"queues at most {cfg.max_queue} (--max-queue)")
+            pixels = await run_in_threadpool(prepare_images, engine, parsed, cfg.max_pixels)
+            job = state.batcher.submit(pixels)
+        state.metrics.images.labels(request.url.path).inc(job.n)
+        try:
+            result = await asyncio.wait_for(job.future, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise ServeError("timeout", f"no result within {cfg.timeout_s:g} s (--timeout-s)") from None
+        if classify:
+            payload = {"results": rank(result.logits, engine.classnames, parsed.top_k, subset)}
+        else:
+            payload = {"embeddings": result.embeddings.tolist()}
+        return JSONResponse(payload)
+    except ServeError as e:
+        return error_response(state, e)
+    except Exception as e:  # a bug, not the client's fault: answer 500 for this request only
+        log.exception("request to %s failed", request.url.path)
+        return error_response(state, ServeError("internal", f"internal error ({e.__class__.__name__})"))
+
+
+async def classify(request: Request) -> Response:
+    return await _infer(request, classify=True)
+
+
+async def embed(request: Request) -> Response:
+    return await _infer(request, classify=False)
+
+
+# ---------------------------------------------------------------- other routes
+async def labels(request: Request) -> Response:
+    return JSONResponse({"labels": list(request.app.state.serve.engine.classnames)})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: ServeState = request.app.state.serve
+    if state.draining:
+        return error_response(state, ServeError("not_ready", "shutting down"))
+    if state.engine is None or not state.batcher.alive:
+        return error_response(state, ServeError("not_ready", "the batch worker is not running"))
+    return JSONResponse({"status": "ready", "device": str(state.engine.device),
+                         "classes": len(state.engine.classnames), "max_batch": state.config.max_batch})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServeState = request.app.state.serve
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own HTTP errors (unknown path, wrong method) in the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
+    err = ServeError(kind, str(exc.detail), headers=dict(exc.headers or {}))
+    resp = error_response(request.app.state.serve, err)
+    resp.status_code = exc.status_code
+    return resp
+
+
+# ---------------------------------------------------------------- metrics middleware
+class MetricsMiddleware:
+    """Counts every HTTP answer by endpoint and status and observes its latency (pure ASGI, no body buffering)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- factory
+def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optional[FaultHooks] = None) -> Starlette:
+    """The ASGI app; its lifespan starts the batch worker and, at shutdown, drains and joins it."""
+    config = config or ServeConfig()
+    m = Metrics()
+    batcher = Batcher(engine, config.max_batch, config.max_wait_s, config.max_queue, m,
+                      hooks if hooks is not None else FaultHooks.from_env())
+    state = ServeState(engine, config, batcher, m)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        batcher.start()
+        log.info("batch worker started (max batch %d, max wait %g ms, queue %d images)", config.max_batch,
+                 config.max_wait_ms, config.max_queue)
+        try:
+            yield
+        finally:
+            state.draining = True
+            await run_in_threadpool(batcher.stop, 30.0)
+            log.info("batch worker stopped after %d batches", batcher.batches)
+
+    routes = [
+        Route("/v1/classify", classify, methods=["POST"]),
+        Route("/v1/embed", embed, methods=["POST"]),
+        Route("/v1/labels", labels, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
+                    middleware=[Middleware(MetricsMiddleware, metrics=m)])
+    app.state.serve = state
+    return app

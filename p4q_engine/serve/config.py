@@ -1,0 +1,54 @@
+"""Settings of one ``p4q serve`` process, validated once (bad values are a :class:`ConfigError`: exit 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from p4q_engine.errors import ConfigError
+from p4q_engine.runtime.images import MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and batching knobs; the CLI flag of each field is ``--`` + its name with dashes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    #: Most images per engine call.
+    max_batch: int = 64
+    #: Longest the worker waits for more images after the first one of a batch (only while other requests are
+    #: still being read or decoded; a lone request runs at once).
+    max_wait_ms: float = 5.0
+    #: Most images waiting for the worker (all requests together); a request that does not fit gets 503.
+    max_queue: int = 256
+    #: Per-request deadline (queueing + decoding + engine) -> 504.
+    timeout_s: float = 30.0
+    #: Request body cap -> 413 (checked against Content-Length first, then while reading).
+    max_body_bytes: int = 32 * 2**20
+    #: Decoded pixel cap per image (decompression bombs) -> 400.
+    max_pixels: int = MAX_PIXELS
+    #: torch intra-op threads of the engine; None leaves torch's default (one per core). On a machine shared
+    #: with other CPU-heavy processes, fewer threads avoid OpenMP oversubscription stalls.
+    threads: Optional[int] = None
+    log_level: str = "info"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "--port must be in 0..65535"),
+            (self.max_batch >= 1, "--max-batch must be >= 1"),
+            (self.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),
+            (self.max_queue >= 1, "--max-queue must be >= 1"),
+            (self.timeout_s > 0, "--timeout-s must be > 0"),
+            (self.max_body_bytes >= 1, "--max-body-bytes must be >= 1"),
+            (self.max_pixels >= 4, "--max-pixels must be >= 4 (images need at least 2x2 pixels)"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0

@@ -1,0 +1,180 @@
+"""Request bodies -> validated options and preprocessed pixels, all in the request's own handler.
+
+Everything that can fail on user input happens here, before anything reaches the batch worker: parsing the JSON
+or multipart body, base64, ``top_k``/``labels`` checks, decoding (with the server's pixel cap), the aspect-ratio
+guard and the artifact's preprocessing. A bad image therefore fails only its own request (400, with its index),
+never a batch.
+
+Two body forms (same fields, same answers):
+
+* ``multipart/form-data``: every file part is an image, in order; optional fields ``top_k`` and ``labels``
+  (repeat the field for several labels).
+* ``application/json``: ``{"images": [base64, ...], "top_k": 5, "labels": [...]}``; an image may also be a
+  ``data:image/...;base64,`` URL.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from p4q_engine.errors import ImageError
+from p4q_engine.runtime.images import decode_image
+from p4q_engine.serve.errors import ServeError
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass
+class ParsedRequest:
+    """Raw image bytes (request order) and the classification options of one request."""
+
+    images: list[bytes]
+    top_k: int = DEFAULT_TOP_K
+    labels: Optional[list[str]] = None
+    names: list[str] = field(default_factory=list)  # per image, for messages: file name or "images[i]"
+
+
+# ---------------------------------------------------------------- options
+def parse_top_k(value: Any) -> int:
+    """An integer >= 1 (JSON number or form text). Values above the class count are clamped later, like
+    :meth:`Engine.classify`."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ServeError("bad_top_k", f"top_k must be an integer >= 1, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ServeError("bad_top_k", f"top_k must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_labels(labels: Any, classnames: Sequence[str]) -> Optional[list[int]]:
+    """Class indices of a label subset (request order), or None for all classes."""
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(l, str) for l in labels):
+        raise ServeError("bad_request", "labels must be a list of strings")
+    if not labels:
+        raise ServeError("unknown_label", "labels is empty; leave it out to rank every class")
+    lookup = {name: i for i, name in enumerate(classnames)}
+    unknown = [l for l in labels if l not in lookup]
+    if unknown:
+        raise ServeError("unknown_label", f"unknown labels: {', '.join(repr(u) for u in unknown[:5])}"
+                         + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "") + "; see GET /v1/labels")
+    if len(set(labels)) != len(labels):
+        raise ServeError("unknown_label", "labels repeats a class")
+    return [lookup[l] for l in labels]
+
+
+# ---------------------------------------------------------------- bodies
+def _b64(text: Any, i: int) -> bytes:
+    if not isinstance(text, str):
+        raise ServeError("bad_base64", f"images[{i}] must be a base64 string", index=i)
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ServeError("bad_base64", f"images[{i}]: only base64 data URLs are accepted", index=i)
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ServeError("bad_base64", f"images[{i}] is not valid base64", index=i) from None
+
+
+def parse_json(body: bytes, classify: bool) -> ParsedRequest:
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ServeError("bad_json", f"body is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise ServeError("bad_json", "body must be a JSON object with an \"images\" list")
+    imgs = obj.get("images")
+    if not isinstance(imgs, list) or not imgs:
+        raise ServeError("bad_request", "\"images\" must be a non-empty list of base64 strings")
+    req = ParsedRequest([_b64(s, i) for i, s in enumerate(imgs)], names=[f"images[{i}]" for i in range(len(imgs))])
+    if classify:
+        if obj.get("top_k") is not None:
+            req.top_k = parse_top_k(obj["top_k"])
+        req.labels = obj.get("labels")
+    return req
+
+
+def parse_form(items: Sequence[tuple[str, Any]], classify: bool) -> ParsedRequest:
+    """Multipart parts in body order: ``(field, text)`` for plain fields, ``(field, (filename, bytes))`` for
+    file parts (app.py reads each upload into bytes)."""
+    images, names, top_k, labels = [], [], None, []
+    for key, value in items:
+        if isinstance(value, tuple):
+            names.append(value[0] or key)
+            images.append(value[1])
+        elif key == "top_k":
+            top_k = value
+        elif key == "labels":
+            labels.append(value)
+        elif key == "images":
+            raise ServeError("bad_request", f"form field 'images' #{len(images)} is not a file part (use -F "
+                             "images=@file)", index=len(images))
+    if not images:
+        raise ServeError("bad_request", "no image file parts in the form")
+    req = ParsedRequest(images, names=names)
+    if classify:
+        if top_k is not None:
+            req.top_k = parse_top_k(top_k)
+        req.labels = labels or None
+    return req
+
+
+# ---------------------------------------------------------------- images
+def _resized_pixels(width: int, height: int, preprocess: dict[str, Any]) -> float:
+    """Pixels the artifact's resize step would allocate (only 'shortest' mode grows with the aspect ratio)."""
+    if preprocess.get("resize_mode", "shortest") != "shortest":
+        return 0.0
+    size = preprocess["size"]
+    target = max(size) if isinstance(size, (list, tuple)) else int(size)
+    short, long = min(width, height), max(width, height)
+    return float(target) * math.ceil(long * target / short)
+
+
+def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int) -> torch.Tensor:
+    """Decode and preprocess every image of a request -> ``[n, 3, H, W]``; the first bad one raises
+    ``bad_image`` with its index."""
+    preprocess = engine.manifest.get("preprocess", {})
+    out = []
+    for i, data in enumerate(req.images):
+        name = req.names[i] if i < len(req.names) else f"images[{i}]"
+        if not data:
+            raise ServeError("bad_image", f"{name}: empty image", index=i)
+        try:
+            img = decode_image(data, name=name, max_pixels=max_pixels)
+            if _resized_pixels(img.width, img.height, preprocess) > max_pixels:
+                raise ImageError(f"{name}: {img.width}x{img.height} has too extreme an aspect ratio (resizing it "
+                                 f"would exceed the {max_pixels}-pixel limit)")
+            pixels = engine.preprocess([img])
+        except ImageError as e:
+            raise ServeError("bad_image", str(e), index=i) from None
+        except Exception as e:  # any other failure on user data (odd modes, truncated frames) is still that image's
+            raise ServeError("bad_image", f"{name}: cannot preprocess image ({e.__class__.__name__})",
+                             index=i) from None
+        if not torch.isfinite(pixels).all():
+            raise ServeError("bad_image", f"{name}: preprocessing produced non-finite values", index=i)
+        out.append(pixels)
+    return torch.cat(out)
+
+
+def rank(logits: torch.Tensor, classnames: Sequence[str], top_k: int,
+         subset: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
+    """Top-k labels/probabilities of logits rows ``[n, C]`` - the same computation as :meth:`Engine.classify`
+    after its ``logits`` call (softmax over the subset, k clamped to the class count)."""
+    idx = list(range(len(classnames))) if subset is None else list(subset)
+    if subset is not None:
+        logits = logits[:, idx]
+    probs = logits.softmax(dim=-1)
+    k = max(1, min(top_k, probs.shape[1]))
+    top = probs.topk(k, dim=-1)
+    return [{"labels": [classnames[idx[i]] for i in ii.tolist()], "probs": pp.tolist(),
+             "indices": [idx[i] for i in ii.tolist()]} for pp, ii in zip(top.values, top.indices)]
