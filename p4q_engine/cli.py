@@ -1,4 +1,4 @@
-"""``p4q`` command line: demo, ptq, eval, ptq-table, export, classify, inspect, serve, train-reference.
+"""``p4q`` command line: demo, ptq, eval, ptq-table, train, export, classify, inspect, serve, train-reference.
 
 Bad options and bad inputs print one line (``p4q: error: ...``) and exit with status 2 - never a traceback.
 """
@@ -96,6 +96,37 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from p4q_engine.p4q.losses import LOSS_MODES
+    from p4q_engine.p4q.prompt import CLASS_POSITIONS
+
+    g = p.add_argument_group("training (defaults: the paper's Sec. 4.1)")
+    g.add_argument("--out", required=True, help="output directory (checkpoint, resumable state, metrics.json)")
+    g.add_argument("--method", default="p4q", type=_choice(("p4q", "coop", "lp", "qlp"), "method"),
+                   help="p4q; coop (FP + learnable prompt); lp (linear probe, FP); qlp (linear probe, quantized)")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--train-batch-size", type=int, default=128)
+    g.add_argument("--train-size", type=int, default=None, help="use a fixed subset of this many training images")
+    g.add_argument("--no-prompt", action="store_true", help="ablation: no learnable prompt (template text)")
+    g.add_argument("--no-adapter", action="store_true", help="ablation: no QAdapter")
+    g.add_argument("--loss", default="both", type=_choice(LOSS_MODES, "loss"), help="ce, kd or both")
+    g.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the distillation loss")
+    g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    g.add_argument("--n-ctx", type=int, default=16, help="prompt length M (0 = no prompt)")
+    g.add_argument("--ctx-init", default=None, help='initialise the context from a phrase, e.g. "a photo of a"')
+    g.add_argument("--class-position", default="end", type=_choice(CLASS_POSITIONS, "class token position"))
+    g.add_argument("--class-specific", action="store_true", help="one context per class")
+    g.add_argument("--alpha", type=float, default=0.2, help="QAdapter adapt ratio")
+    g.add_argument("--reduction", type=int, default=4, help="QAdapter bottleneck ratio r (d -> d/r -> d)")
+    g.add_argument("--adapter-bits", default="8", type=_choice(("8", "model"), "adapter bits"),
+                   help="QAdapter weights/activations at 8 bits (the paper) or at the model's W/A bits")
+    g.add_argument("--adapter-ptq", action="store_true",
+                   help="train the QAdapter in float and quantize it afterwards (default: quantization-aware)")
+    g.add_argument("--prompt-lr", type=float, default=2e-3, help="SGD learning rate of the prompt")
+    g.add_argument("--adapter-lr", type=float, default=1e-3, help="AdamW learning rate of the QAdapter")
+    g.add_argument("--no-cache", action="store_true", help="recompute the frozen image features")
+
+
 # ---------------------------------------------------------------- helpers
 def _settings(args: argparse.Namespace):
     from p4q_engine.ptq import PTQSettings, resolve_device
@@ -161,13 +192,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Zero-shot top-1/top-5 of a model, in full precision or (with --bits) fake-quantized."""
     from p4q_engine.ptq import run_ptq
 
+    if args.p4q:
+        return _eval_trained(args)
     s = _settings(args)
     loaded = _load(args)
     calib = _data(args, loaded.preprocess, "calib")
-    test = _data(args, loaded.preprocess, args.split, args.eval_size)
+    test = _data(args, loaded.preprocess, args.split or "test", args.eval_size)
     row = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, test, s)
     _write_json(args.out, {"command": args.command_line, "model": args.model, "dataset": args.dataset,
-                           "split": args.split, **row})
+                           "split": args.split or "test", **row})
     return 0
 
 
@@ -236,9 +269,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Fold a calibrated PTQ model into a packed ``.p4q`` artifact."""
     from p4q_engine.artifact.format import save
 
-    if args.bits == "fp32":
+    if args.p4q:
+        from p4q_engine.p4q.pipeline import export_trained
+
+        art = export_trained(args.p4q, meta={"command": args.command_line})
+    elif args.bits == "fp32":
         raise ConfigError("export needs a quantized bit config (e.g. --bits 4-4-8)")
-    art = _export_artifact(args, _settings(args))
+    else:
+        art = _export_artifact(args, _settings(args))
     size = save(art, args.out)
     print(f"wrote {args.out} ({size / 2**20:.2f} MiB, {len(art.manifest['classes']['names'])} classes, "
           f"{art.manifest['model']['recipe']['bits']} {art.manifest['model']['recipe']['scope']})")
@@ -289,6 +327,89 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.artifact, config)
 
 
+def _p4q_config(args: argparse.Namespace):
+    from p4q_engine.p4q.trainer import P4QConfig
+
+    if args.n_ctx < 0:
+        raise ConfigError(f"--n-ctx must be >= 0, got {args.n_ctx}")
+    return P4QConfig(prompt=not args.no_prompt and args.n_ctx > 0, n_ctx=max(args.n_ctx, 1), ctx_init=args.ctx_init,
+                     class_position=args.class_position, class_specific=args.class_specific,
+                     adapter=not args.no_adapter, alpha=args.alpha, reduction=args.reduction,
+                     adapter_bits=args.adapter_bits, adapter_qat=not args.adapter_ptq, loss=args.loss, lam=args.lam,
+                     temperature=args.temperature, epochs=args.epochs, batch_size=args.train_batch_size,
+                     prompt_lr=args.prompt_lr, adapter_lr=args.adapter_lr, seed=args.seed)
+
+
+def _source(args: argparse.Namespace):
+    from p4q_engine.p4q.pipeline import Source
+
+    return Source(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                  quick_gelu=args.quick_gelu, dataset=args.dataset, data_root=args.data_root,
+                  train_size=args.train_size, eval_size=args.eval_size)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train P4Q (or a baseline: CoOp, linear probe, quantized linear probe) and save it to ``--out``."""
+    from dataclasses import asdict
+
+    from p4q_engine.clip.recipe import QuantRecipe
+    from p4q_engine.p4q import baselines
+    from p4q_engine.p4q.pipeline import prepare
+    from p4q_engine.p4q.trainer import save_trained, train
+
+    s = _settings(args)
+    src = _source(args)
+    if args.method == "coop":  # CoOp: full-precision model, learnable prompt, L_c only
+        args.bits, args.no_adapter, args.loss = "fp32", True, "ce"
+    if args.method == "p4q" and args.bits == "fp32":
+        raise ConfigError("P4Q trains a quantized model: pass --bits (e.g. 4-4-8), or use --method coop")
+    cfg = _p4q_config(args)
+    cfg.validate()
+    prepared = prepare(src, _recipe(args, args.bits), s, use_cache=not args.no_cache)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    zs = {"fp32": baselines.zero_shot(prepared.data, False), "ptq": baselines.zero_shot(prepared.data, True)}
+    if args.method in ("lp", "qlp"):
+        res = baselines.linear_probe(prepared.data, quantized=args.method == "qlp")
+        _write_json(str(out / "metrics.json"), {"command": args.command_line, "method": args.method,
+                                                "bits": args.bits, "source": asdict(src), "test": res,
+                                                "zero_shot": zs})
+        return 0
+    result = train(prepared.student, prepared.loaded.tokenizer, prepared.data, cfg, out_dir=out,
+                   progress=not args.quiet, log=None if args.quiet else print)
+    result.metrics.update({"zero_shot": zs, "method": args.method, "command": args.command_line})
+    save_trained(result, prepared.student, prepared.data, out, asdict(src))
+    t = result.metrics["test"]
+    print(f"{args.method} {args.bits} {args.scope}: test top-1 {t['top1']:.2f} top-5 {t['top5']:.2f} "
+          f"(zero-shot FP {zs['fp32']['top1']:.2f}, PTQ {zs['ptq']['top1']:.2f}); saved {out}")
+    return 0
+
+
+def _eval_trained(args: argparse.Namespace) -> int:
+    """``p4q eval --p4q DIR``: accuracy of a trained P4Q model on its dataset's evaluation split (recomputed)."""
+    from p4q_engine.data.datasets import adaptation_splits, load_dataset
+    from p4q_engine.eval.zeroshot import evaluate
+    from p4q_engine.p4q.pipeline import load_trained, trained_class_features
+    from p4q_engine.ptq import loader
+
+    s = _settings(args)
+    t = load_trained(args.p4q)
+    split = args.split or adaptation_splits(t.source.dataset)[1]
+    data = load_dataset(t.source.dataset, split=split, data_root=args.data_root or t.source.data_root,
+                        transform=t.loaded.preprocess, size=args.eval_size or t.source.eval_size)
+    classifier = trained_class_features(t)
+
+    def encode(images):
+        z = t.qmodel.encode_image(images)
+        return t.adapter(z) if t.adapter is not None else z
+
+    with __import__("torch").no_grad():
+        res = evaluate(encode, classifier, loader(data.dataset, s), progress=not args.quiet)
+    _write_json(args.out, {"command": args.command_line, "p4q": args.p4q, "dataset": t.source.dataset,
+                           "split": split, "bits": t.qmodel.recipe.bits.name, "scope": t.qmodel.recipe.scope, **res})
+    return 0
+
+
 def cmd_train_reference(args: argparse.Namespace) -> int:
     """Retrain the embedded reference CLIP from scratch (the committed checkpoint came from this command)."""
     from p4q_engine.reference.train import train_reference
@@ -315,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="zero-shot accuracy of a model (float, or fake-quant with --bits)")
     _add_model_args(e), _add_data_args(e), _add_quant_args(e, bits_default="fp32"), _add_run_args(e)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default=None, help="dataset split (default: test; with --p4q: the dataset's "
+                   "adaptation test split)")
+    e.add_argument("--p4q", default=None, metavar="DIR", help="evaluate a `p4q train` output (its model, bits "
+                   "and dataset come from the checkpoint)")
     e.add_argument("--out", default=None)
     e.set_defaults(func=cmd_eval)
 
@@ -328,9 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     t.set_defaults(func=cmd_ptq_table)
 
+    tr = sub.add_parser("train", help="train P4Q (prompt + QAdapter + distillation) or a baseline")
+    _add_model_args(tr), _add_data_args(tr), _add_quant_args(tr), _add_run_args(tr)
+    _add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
+
     x = sub.add_parser("export", help="calibrate and fold a PTQ model into a packed .p4q artifact")
     _add_model_args(x), _add_data_args(x), _add_quant_args(x), _add_run_args(x)
     x.add_argument("--out", required=True, help="artifact path, e.g. model.p4q")
+    x.add_argument("--p4q", default=None, metavar="DIR", help="export a `p4q train` output (prompt and QAdapter "
+                   "folded in) instead of a plain PTQ model")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("classify", help="zero-shot classify image files with a .p4q artifact")

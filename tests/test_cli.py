@@ -92,3 +92,52 @@ def test_ptq_export_inspect_classify_on_reference(tmp_path, capsys):
     bad.write_bytes(b"not an image")
     code, out, err = _run(["classify", str(art), str(bad)], capsys)
     assert code == 2 and str(bad) in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- p4q train / eval --p4q / export --p4q
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--out", "x", "--loss", "mse"], "loss"),
+        (["train", "--out", "x", "--method", "magic"], "method"),
+        (["train", "--out", "x", "--adapter-bits", "3"], "adapter bits"),
+        (["train", "--out", "x", "--bits", "fp32"], "quantized"),
+        (["train", "--out", "x", "--no-prompt", "--no-adapter"], "nothing to train"),
+        (["train", "--out", "x", "--n-ctx", "-1"], "n-ctx"),
+        (["eval", "--p4q", "/nonexistent/dir"], "checkpoint"),
+        (["export", "--p4q", "/nonexistent/dir", "--out", "x.p4q"], "checkpoint"),
+    ],
+)
+def test_train_bad_options_exit_2(argv, needle, capsys, tmp_path):
+    argv = [str(tmp_path / a) if a == "x" else a for a in argv]
+    code, out, err = _run(argv, capsys)
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+@needs_ref
+def test_train_eval_export_classify_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("P4Q_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    common = ["--train-size", "100", "--eval-size", "50", "--calib-batches", "1", "--batch-size", "32",
+              "--device", "cpu", "--quiet"]
+    code, stdout, err = _run(["train", "--bits", "4-4-8", "--epochs", "1", "--n-ctx", "4", "--out", str(out)]
+                             + common, capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained_top1 = metrics["metrics"]["test"]["top1"]
+    code, stdout, err = _run(["eval", "--p4q", str(out), "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    ev = json.loads(stdout)
+    assert ev["split"] == "adapt_test" and ev["n"] == 50 and ev["top1"] == pytest.approx(trained_top1)
+    art = tmp_path / "m.p4q"
+    code, stdout, err = _run(["export", "--p4q", str(out), "--out", str(art)], capsys)
+    assert code == 0 and art.is_file(), err
+    code, stdout, err = _run(["inspect", str(art)], capsys)
+    assert code == 0 and "adapter.fc1" in stdout
+    code, stdout, err = _run(["train", "--method", "qlp", "--bits", "4-4-8", "--out", str(tmp_path / "qlp")]
+                             + common, capsys)
+    assert code == 0, err
+    qlp = json.loads((tmp_path / "qlp" / "metrics.json").read_text())
+    assert qlp["method"] == "qlp" and 0 < qlp["test"]["top1"] <= 100

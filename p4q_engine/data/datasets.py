@@ -50,6 +50,7 @@ class ZeroShotData:
 class _Entry(NamedTuple):
     loader: Callable[..., ZeroShotData]
     splits: tuple[str, ...]
+    adapt: tuple[str, str] = ("train", "test")  # (train, eval) splits for P4Q / CoOp / linear-probe training
 
 
 # ---------------------------------------------------------------- helpers
@@ -195,13 +196,24 @@ def _load_reference(split: str, data_root: Optional[str], transform, download: b
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "reference": _Entry(_load_reference, ("train", "calib", "test", "test_seen")),
+    "reference": _Entry(_load_reference, ("train", "calib", "test", "test_seen", "adapt", "adapt_test"),
+                        ("adapt", "adapt_test")),
     "cifar100": _Entry(_load_cifar100, ("train", "calib", "test")),
     "imagenet": _Entry(_load_imagenet, ("train", "calib", "test")),
     "imagefolder": _Entry(_load_imagefolder, ("train", "calib", "test")),
 }
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 SPLITS: dict[str, tuple[str, ...]] = {k: v.splits for k, v in _REGISTRY.items()}
+
+
+def adaptation_splits(name: str) -> tuple[str, str]:
+    """``(train, eval)`` splits used to *train* on a dataset (P4Q, CoOp, linear probes): the labelled training
+    images and the test images of the same classes. The reference task uses ``adapt``/``adapt_test`` (all 100
+    classes); its ``train``/``test`` splits are for contrastive pre-training and held-out zero-shot."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return entry.adapt
 
 
 def load_dataset(name: str, split: str = "test", data_root: Optional[str] = None, transform=None,

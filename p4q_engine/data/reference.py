@@ -84,10 +84,15 @@ HELD_OUT_CLASSES: tuple[int, ...] = tuple(sorted(
 ))
 SEEN_CLASSES: tuple[int, ...] = tuple(i for i in range(len(REFERENCE_CLASSNAMES)) if i not in set(HELD_OUT_CLASSES))
 
-SPLITS: tuple[str, ...] = ("train", "calib", "test", "test_seen")
-DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 60000, "calib": 1024, "test": 2000, "test_seen": 2000}
+ALL_CLASSES: tuple[int, ...] = tuple(range(len(REFERENCE_CLASSNAMES)))
+# ``adapt`` / ``adapt_test``: the P4Q (downstream adaptation) task - labelled images of all 100 classes, as
+# ImageNet's train/val are for the paper. They are new splits (own seeds), so adding them changed no other image.
+SPLITS: tuple[str, ...] = ("train", "calib", "test", "test_seen", "adapt", "adapt_test")
+DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 60000, "calib": 1024, "test": 2000, "test_seen": 2000,
+                                       "adapt": 2000, "adapt_test": 2000}
 _SPLIT_CLASSES: dict[str, tuple[int, ...]] = {
     "train": SEEN_CLASSES, "calib": SEEN_CLASSES, "test": HELD_OUT_CLASSES, "test_seen": SEEN_CLASSES,
+    "adapt": ALL_CLASSES, "adapt_test": ALL_CLASSES,
 }
 
 # open_clip's default (OpenAI) normalisation, so open_clip.create_model_and_transforms("P4Q-Ref-Tiny") gives

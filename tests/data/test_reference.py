@@ -106,3 +106,17 @@ def test_cache_roundtrip(tmp_path, monkeypatch):
     b = ref.cached_split("calib", 8)
     c = render_tensor_batch("calib", 0, 8)
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and a[2] == b[2] == c[2]
+
+
+def test_adapt_splits_cover_all_classes_and_leave_other_splits_unchanged():
+    from p4q_engine.data.datasets import adaptation_splits
+
+    assert adaptation_splits("reference") == ("adapt", "adapt_test")
+    assert adaptation_splits("cifar100") == ("train", "test")
+    for split in ("adapt", "adapt_test"):
+        labels = {ref.split_label(split, i) for i in range(300)}
+        assert labels == set(range(100))
+    # new splits have their own seeds: same index, different image than any existing split
+    a = ref.render_array(0, "adapt")[0]
+    assert not np.array_equal(a, ref.render_array(0, "adapt_test")[0])
+    assert not np.array_equal(a, ref.render_array(0, "train")[0])
