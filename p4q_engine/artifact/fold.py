@@ -160,9 +160,12 @@ def fold(
         codes, qp = quantize_rows(F.normalize(class_features.float().cpu(), dim=-1), text_bits)
         f.packed("text.features", codes, qp.spec, qp.scale)
     recipe = qmodel.recipe
+    recipe_cfg = {"bits": recipe.bits.name, "scope": recipe.scope, "observer": recipe.observer,
+                  "edge_bits": recipe.edge_bits}
+    if recipe.observer_kwargs:  # only when set, so artifacts calibrated with the defaults stay byte-identical
+        recipe_cfg["observer_kwargs"] = dict(recipe.observer_kwargs)
     manifest = {
-        "model": {**(meta or {}), "recipe": {"bits": recipe.bits.name, "scope": recipe.scope,
-                                             "observer": recipe.observer, "edge_bits": recipe.edge_bits}},
+        "model": {**(meta or {}), "recipe": recipe_cfg},
         "vision": _vision_config(qmodel),
         "preprocess": preprocess,
         "classes": {"names": list(classnames), "logit_scale": float(qmodel.logit_scale.exp()),

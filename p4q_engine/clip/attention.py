@@ -29,20 +29,22 @@ class QuantMultiheadAttention(nn.Module):
         a_spec: Optional[QuantSpec],
         attn_spec: Optional[QuantSpec],
         observer: str = "omse",
+        observer_kwargs: Optional[dict] = None,
     ) -> None:
         super().__init__()
+        kw = dict(observer_kwargs or {})
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
             raise ConfigError("only plain self-attention nn.MultiheadAttention modules can be quantized")
         self.embed_dim = mha.embed_dim
         self.num_heads = mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads
         self.batch_first = mha.batch_first
-        self.in_proj = QuantLinear(mha.in_proj_weight, mha.in_proj_bias, w_spec, a_spec, observer)
-        self.out_proj = QuantLinear.from_linear(mha.out_proj, w_spec, a_spec, observer)
-        self.q_quant = ActQuantizer(attn_spec, observer)
-        self.k_quant = ActQuantizer(attn_spec, observer)
-        self.v_quant = ActQuantizer(attn_spec, observer)
-        self.p_quant = ActQuantizer(attn_spec, observer)
+        self.in_proj = QuantLinear(mha.in_proj_weight, mha.in_proj_bias, w_spec, a_spec, observer, kw)
+        self.out_proj = QuantLinear.from_linear(mha.out_proj, w_spec, a_spec, observer, kw)
+        self.q_quant = ActQuantizer(attn_spec, observer, **kw)
+        self.k_quant = ActQuantizer(attn_spec, observer, **kw)
+        self.v_quant = ActQuantizer(attn_spec, observer, **kw)
+        self.p_quant = ActQuantizer(attn_spec, observer, **kw)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape

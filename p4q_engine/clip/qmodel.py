@@ -34,10 +34,11 @@ def _quantize_block(blk: nn.Module, recipe: QuantRecipe, plan: ScopePlan) -> Non
     """Swap a residual block's attention and MLP Linear layers for quantized ones, in place."""
     if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
         raise ConfigError(f"unsupported transformer block {type(blk).__name__}: only standard CLIP blocks")
-    w, a, obs = recipe.w(plan.block_linear.w), recipe.a(plan.block_linear.a), recipe.observer
-    blk.attn = QuantMultiheadAttention(blk.attn, w, a, recipe.attn(plan.attn), obs)
-    blk.mlp.c_fc = QuantLinear.from_linear(blk.mlp.c_fc, w, a, obs)
-    blk.mlp.c_proj = QuantLinear.from_linear(blk.mlp.c_proj, w, a, obs)
+    w, a = recipe.w(plan.block_linear.w), recipe.a(plan.block_linear.a)
+    obs, kw = recipe.observer, recipe.observer_kwargs
+    blk.attn = QuantMultiheadAttention(blk.attn, w, a, recipe.attn(plan.attn), obs, kw)
+    blk.mlp.c_fc = QuantLinear.from_linear(blk.mlp.c_fc, w, a, obs, kw)
+    blk.mlp.c_proj = QuantLinear.from_linear(blk.mlp.c_proj, w, a, obs, kw)
 
 
 def _projection(proj: object, recipe: QuantRecipe, plan: ScopePlan) -> nn.Module:
@@ -46,8 +47,8 @@ def _projection(proj: object, recipe: QuantRecipe, plan: ScopePlan) -> nn.Module
     if proj is None:
         return nn.Identity()
     if isinstance(proj, nn.Linear):
-        return QuantLinear.from_linear(proj, w, a, recipe.observer)
-    return QuantLinear(proj.detach().t(), None, w, a, recipe.observer)
+        return QuantLinear.from_linear(proj, w, a, recipe.observer, recipe.observer_kwargs)
+    return QuantLinear(proj.detach().t(), None, w, a, recipe.observer, recipe.observer_kwargs)
 
 
 class QuantCLIP(nn.Module):
@@ -71,7 +72,8 @@ class QuantCLIP(nn.Module):
     # ---------------------------------------------------------------- construction
     def _build_image_tower(self, visual: VisionTransformer, recipe: QuantRecipe, plan: ScopePlan) -> None:
         pe = plan.patch_embed
-        visual.conv1 = QuantConv2d(visual.conv1, recipe.w(pe.w), recipe.a(pe.a), recipe.observer)
+        visual.conv1 = QuantConv2d(visual.conv1, recipe.w(pe.w), recipe.a(pe.a), recipe.observer,
+                                   recipe.observer_kwargs)
         for blk in visual.transformer.resblocks:
             _quantize_block(blk, recipe, plan)
         self.image_proj = _projection(visual.proj, recipe, plan)
@@ -83,7 +85,7 @@ class QuantCLIP(nn.Module):
             raise ConfigError("text towers with an appended CLS embedding (CoCa) are not supported")
         self.token_embedding = QuantEmbedding(text.token_embedding, recipe.w(plan.token_embed), recipe.observer)
         self.positional_embedding = nn.Parameter(text.positional_embedding.detach().clone())
-        self.text_input_quant = ActQuantizer(recipe.a(plan.text_input), recipe.observer)
+        self.text_input_quant = ActQuantizer(recipe.a(plan.text_input), recipe.observer, **recipe.observer_kwargs)
         self.transformer = text.transformer
         for blk in self.transformer.resblocks:
             _quantize_block(blk, recipe, plan)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from p4q_engine.errors import ConfigError
-from p4q_engine.quant.observers import OBSERVERS
+from p4q_engine.quant.observers import OBSERVERS, make_observer
 from p4q_engine.quant.spec import BitConfig, QuantSpec, act_spec, check_bits, parse_bit_config, weight_spec
 
 
@@ -68,14 +68,20 @@ SCOPES: dict[str, Callable[[BitConfig, int], ScopePlan]] = {"full": _full, "rele
 
 @dataclass(frozen=True)
 class QuantRecipe:
-    """How to quantize a CLIP model: ``QuantRecipe("4-4-8", scope="full", observer="omse")``."""
+    """How to quantize a CLIP model: ``QuantRecipe("4-4-8", scope="full", observer="omse")``.
+
+    ``observer_kwargs`` are passed to the observer of every *activation* quantization site (e.g.
+    ``QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0})``); weights are calibrated
+    with the same observer at its defaults. The recipe keeps its own copy of the dict, and the dict takes no part in
+    ``hash()`` (dicts are unhashable), only in ``==``.
+    """
 
     bits: BitConfig | str = "8-8-8"
     scope: str = "full"
     observer: str = "omse"
     edge_bits: int = 8
     per_channel_act: bool = False
-    observer_kwargs: dict = field(default_factory=dict)
+    observer_kwargs: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", parse_bit_config(self.bits))
@@ -85,6 +91,12 @@ class QuantRecipe:
             raise ConfigError(f"unknown observer {self.observer!r}; choose from {', '.join(OBSERVERS)}")
         object.__setattr__(self, "observer", self.observer.lower())
         check_bits(self.edge_bits)
+        kwargs = dict(self.observer_kwargs or {})
+        try:  # fail here, not at the first calibration batch, on a keyword the observer does not take
+            make_observer(self.observer, act_spec(8), **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"bad observer_kwargs for the {self.observer} observer: {e}") from None
+        object.__setattr__(self, "observer_kwargs", kwargs)
 
     @property
     def name(self) -> str:

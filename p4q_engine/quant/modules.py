@@ -33,7 +33,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.observer_name = observer
-        self.observer_kwargs = observer_kwargs
+        self.observer_kwargs = dict(observer_kwargs)
         self.observer: Optional[Observer] = make_observer(observer, spec, **observer_kwargs) if spec else None
         self.mode = QuantMode.OFF
         self.register_buffer("scale", torch.empty(0))
@@ -150,17 +150,20 @@ class QuantLinear(nn.Module, _QuantWeightMixin):
         w_spec: Optional[QuantSpec],
         a_spec: Optional[QuantSpec],
         observer: str = "omse",
+        observer_kwargs: Optional[dict] = None,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self._init_weight_quant(w_spec, observer)
-        self.input_quant = ActQuantizer(a_spec, observer)
+        self.input_quant = ActQuantizer(a_spec, observer, **(observer_kwargs or {}))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, w_spec, a_spec, observer: str = "omse") -> "QuantLinear":
-        return cls(linear.weight, linear.bias, w_spec, a_spec, observer)
+    def from_linear(
+        cls, linear: nn.Linear, w_spec, a_spec, observer: str = "omse", observer_kwargs: Optional[dict] = None
+    ) -> "QuantLinear":
+        return cls(linear.weight, linear.bias, w_spec, a_spec, observer, observer_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
@@ -174,14 +177,16 @@ class QuantLinear(nn.Module, _QuantWeightMixin):
 class QuantConv2d(nn.Module, _QuantWeightMixin):
     """The patch embedding: a strided ``Conv2d`` with per-output-channel weights and a quantized input image."""
 
-    def __init__(self, conv: nn.Conv2d, w_spec, a_spec, observer: str = "omse") -> None:
+    def __init__(
+        self, conv: nn.Conv2d, w_spec, a_spec, observer: str = "omse", observer_kwargs: Optional[dict] = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self._init_weight_quant(w_spec, observer)
-        self.input_quant = ActQuantizer(a_spec, observer)
+        self.input_quant = ActQuantizer(a_spec, observer, **(observer_kwargs or {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)

@@ -328,3 +328,50 @@ def test_model_without_visual_raises():
 def test_bad_recipe_raises(kwargs):
     with pytest.raises(ConfigError):
         QuantRecipe(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- observer_kwargs
+def test_observer_kwargs_reach_every_activation_quantizer(tiny_model):
+    recipe = QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0})
+    q = QuantCLIP(tiny_model, recipe)
+    sites = list(q.act_quantizers())
+    assert len(sites) > 10
+    for name, aq in sites:
+        assert aq.observer_kwargs == {"percentile": 99.0}, name
+        assert aq.observer.percentile == 99.0, name
+    calibrate(q, [_images(100, 4), _images(101, 4)], _tokens(200, 8), progress=False)
+    default = _calibrated(tiny_model, "4-4-8", observer="percentile")  # percentile 99.99
+    scales = dict(default.act_quantizers())
+    changed = [name for name, aq in q.act_quantizers() if not torch.equal(aq.scale, scales[name].scale)]
+    # Clipping at the 99th instead of the 99.99th percentile narrows the range of (nearly) every site; the input
+    # image (patch embedding), the text input and the final projections are among them.
+    assert len(changed) >= 0.9 * len(sites)
+    for name in ("visual.conv1.input_quant", "text_input_quant", "image_proj.input_quant", "text_proj.input_quant"):
+        assert name in changed
+        assert float(dict(q.act_quantizers())[name].scale) < float(scales[name].scale)
+    # The artifact's manifest records the keywords the activation ranges were calibrated with.
+    from p4q_engine.artifact.fold import fold
+
+    with torch.no_grad():
+        feats = q.encode_text(_tokens(300, 3))
+    art = fold(q, feats, ["a", "b", "c"], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert art.manifest["model"]["recipe"]["observer_kwargs"] == {"percentile": 99.0}
+    assert "observer_kwargs" not in fold(default, feats, ["a", "b", "c"], {"size": [32, 32], "mean": [0.5] * 3,
+                                                                           "std": [0.5] * 3}).manifest["model"]["recipe"]
+
+
+def test_observer_kwargs_recipe_is_hashable_and_owns_its_dict():
+    kw = {"percentile": 99.0}
+    r = QuantRecipe("4-4-8", observer="percentile", observer_kwargs=kw)
+    kw["percentile"] = 60.0  # the caller's dict is not the recipe's
+    assert r.observer_kwargs == {"percentile": 99.0}
+    r2 = QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0})
+    assert r == r2 and hash(r) == hash(r2) and len({r, r2}) == 1
+    assert r != QuantRecipe("4-4-8", observer="percentile")
+    assert hash(QuantRecipe()) == hash(QuantRecipe())
+
+
+@pytest.mark.parametrize("kwargs", [{"percentile": 10.0}, {"no_such_option": 1}])
+def test_bad_observer_kwargs_raise_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        QuantRecipe("4-4-8", observer="percentile", observer_kwargs=kwargs)
