@@ -111,14 +111,21 @@ class _QuantWeightMixin:
     def _init_weight_quant(self, w_spec: Optional[QuantSpec], observer: str) -> None:
         self.w_spec = w_spec
         self.w_observer = observer
-        self._wq_cache: Optional[tuple[tuple[int, bool], QParams, torch.Tensor]] = None
+        self._wq_cache: Optional[tuple[tuple, QParams, torch.Tensor]] = None
+
+    def _weight_cache_key(self) -> tuple:
+        """Identifies the weight's current contents: its in-place version counter alone is not enough, because
+        ``.to(device)``, ``.half()`` or ``load_state_dict`` (on a module whose parameter was replaced) give a
+        tensor with new storage whose counter may equal the old one."""
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape), w.requires_grad)
 
     def weight_qparams(self) -> QParams:
         """Per-channel qparams of the current weight, recomputed only when the weight changed."""
         if self.w_spec is None:
             raise CalibrationError("this layer's weight is not quantized")
         trainable = self.weight.requires_grad
-        key = (self.weight._version, trainable)
+        key = self._weight_cache_key()
         if self._wq_cache is None or self._wq_cache[0] != key:
             obs = make_observer("minmax" if trainable else self.w_observer, self.w_spec)
             obs.observe(self.weight)

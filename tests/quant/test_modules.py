@@ -202,6 +202,50 @@ def test_frozen_weight_quantized_once_and_cached():
     assert w2 is not w1 and torch.allclose(w2, 2 * w1, rtol=1e-5, atol=1e-7)
 
 
+def test_weight_cache_invalidated_by_dtype_change():
+    """``.half()`` swaps in new storage whose version counter can equal the old one: the cache must not survive."""
+    q = QuantLinear.from_linear(_linear(11), weight_spec(4), None, "minmax")
+    w32 = q.quantized_weight()
+    assert w32.dtype == torch.float32
+    q.half()
+    assert q.weight._version == 0  # the counter alone cannot tell the weights apart
+    w16 = q.quantized_weight()
+    assert w16.dtype == torch.float16 and q.weight_qparams().scale.device == q.weight.device
+    fresh = QuantLinear(q.weight.detach(), None, weight_spec(4), None, "minmax")
+    assert torch.equal(w16, fresh.quantized_weight())
+    # Same weight, fp16-rounded: a value on a rounding boundary may move by one quantization step, never more.
+    step = q.weight_qparams().scale.float().reshape(-1, 1)
+    assert ((w16.float() - w32).abs() <= 1.01 * step + 1e-4).all()
+    q.float()
+    assert q.quantized_weight().dtype == torch.float32
+
+
+def test_weight_cache_invalidated_by_load_state_dict_assign():
+    """``load_state_dict(..., assign=True)`` replaces the parameter tensor (new storage, fresh version counter)."""
+    q = QuantLinear.from_linear(_linear(12), weight_spec(4), None, "minmax")
+    stale = q.quantized_weight().clone()
+    other = QuantLinear.from_linear(_linear(13), weight_spec(4), None, "minmax")
+    sd = {k: v.clone() for k, v in other.state_dict().items()}
+    assert sd["weight"]._version == q.weight._version
+    q.load_state_dict(sd, assign=True)
+    got = q.quantized_weight()
+    assert not torch.equal(got, stale)
+    assert torch.equal(got, other.quantized_weight())
+    codes, qp = q.weight_codes()
+    assert torch.equal(qp.scale, other.weight_qparams().scale)
+
+
+def test_weight_cache_key_includes_storage_device_dtype():
+    q = QuantLinear.from_linear(_linear(14), weight_spec(4), None, "minmax")
+    q.quantized_weight()
+    key = q._wq_cache[0]
+    w = q.weight
+    assert w._version in key and w.data_ptr() in key and w.device in key and w.dtype in key
+    with torch.no_grad():
+        q.weight.data = q.weight.data.clone()  # same values, new storage
+    assert q._weight_cache_key() != key
+
+
 def test_weight_qparams_unquantized_raises():
     q = QuantLinear.from_linear(_linear(4), None, act_spec(8))
     assert q.quantized_weight() is q.weight
