@@ -7,6 +7,7 @@ naming it. The layout is documented in ``docs/format.md``.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -57,8 +58,12 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> int:
-    """Write ``artifact`` atomically (temp file + rename); returns the file size in bytes."""
-    man = dict(artifact.manifest)
+    """Write ``artifact`` atomically (temp file + rename); returns the file size in bytes.
+
+    The caller's manifest is left untouched: the format fields and each tensor's dtype, shape and sha256 go into a
+    deep copy (so saving the same in-memory artifact twice, or after changing a tensor, never sees stale entries).
+    """
+    man = copy.deepcopy(artifact.manifest)
     man.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
     entries: dict[str, Any] = {}
     offset = 0

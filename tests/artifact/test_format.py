@@ -107,6 +107,28 @@ def test_save_is_deterministic_and_reload_resave_is_identical(saved, tmp_path):
     assert (tmp_path / "resaved.p4q").read_bytes() == blob
 
 
+def test_save_does_not_mutate_the_callers_manifest(tmp_path):
+    art = mixed_artifact()
+    before = json.loads(json.dumps(art.manifest))
+    packed_desc = art.manifest["tensors"]["packed.p0"]
+    save(art, tmp_path / "m.p4q")
+    assert art.manifest == before  # no format fields, no dtype/shape/sha256, no entries for the plain tensors
+    assert "format" not in art.manifest and set(art.manifest["tensors"]) == {"packed.p0"}
+    assert art.manifest["tensors"]["packed.p0"] is packed_desc and "sha256" not in packed_desc
+    # The file still carries everything.
+    back = load(tmp_path / "m.p4q")
+    assert set(back.manifest["tensors"]) == set(art.tensors) and back.manifest["format"] == FORMAT_NAME
+
+
+def test_save_twice_after_dropping_a_tensor(tmp_path):
+    """A first save must not leave entries behind that make a later save of the same artifact inconsistent."""
+    art = mixed_artifact()
+    save(art, tmp_path / "a.p4q")
+    del art.tensors["f32"]
+    save(art, tmp_path / "b.p4q")
+    assert "f32" not in load(tmp_path / "b.p4q").tensors
+
+
 def test_file_is_plain_safetensors(saved):
     path, _, art = saved
     plain = load_file(str(path))
