@@ -160,6 +160,127 @@ class _Block:
         return x + (m if self.ls_2 is None else m * self.ls_2)
 
 
+_VISION_KEYS = ("image_size", "patch_size", "grid_size", "width", "layers", "heads", "pool_type",
+                "final_ln_after_pool", "ln_pre", "act", "ln_eps")
+_POOL_TYPES = ("tok", "avg")
+
+
+def _cfg_int(cfg: dict[str, Any], key: str, lo: int = 1) -> int:
+    v = cfg[key]
+    if type(v) is not int or v < lo:  # type(): a bool is not a count
+        raise ArtifactError(f"vision config: {key} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _cfg_pair(cfg: dict[str, Any], key: str) -> tuple[int, int]:
+    v = cfg[key]
+    if not isinstance(v, list) or len(v) != 2 or not all(type(e) is int and e >= 1 for e in v):
+        raise ArtifactError(f"vision config: {key} must be two positive integers, got {v!r}")
+    return v[0], v[1]
+
+
+def _block_indices(names) -> set[int]:
+    """Indices ``i`` of every ``visual.blocks.<i>.*`` name (a non-numeric index counts as -1: never expected)."""
+    out = set()
+    for n in names:
+        if n.startswith("visual.blocks."):
+            i = n.split(".")[2]
+            out.add(int(i) if i.isdecimal() else -1)
+    return out
+
+
+def validate_vision_config(art: Artifact) -> dict[str, Any]:
+    """Check the manifest's ``vision`` config against itself and against the tensors and layer table present.
+
+    Every engine calls this before building anything, so an artifact whose config cannot describe its own weights
+    (``heads`` not dividing ``width``, a ``layers`` count that disagrees with the blocks stored, a patch grid that
+    does not tile the image, ...) is refused at load with an :class:`ArtifactError` naming the problem instead of
+    failing - or silently running a different network - at the first request. Returns the config.
+    """
+    man, t = art.manifest, art.tensors
+    cfg = man.get("vision")
+    if not isinstance(cfg, dict):
+        raise ArtifactError("manifest has no vision config")
+    missing = [k for k in _VISION_KEYS if k not in cfg]
+    if missing:
+        raise ArtifactError(f"vision config is missing {', '.join(missing)}")
+    linears = man.get("linears")
+    if not isinstance(linears, dict):
+        raise ArtifactError("manifest has no layer table")
+    width, layers, heads = _cfg_int(cfg, "width"), _cfg_int(cfg, "layers"), _cfg_int(cfg, "heads")
+    if width % heads:
+        raise ArtifactError(f"vision config: heads ({heads}) does not divide width ({width})")
+    image, patch, grid = _cfg_pair(cfg, "image_size"), _cfg_pair(cfg, "patch_size"), _cfg_pair(cfg, "grid_size")
+    if any(i % p for i, p in zip(image, patch)):
+        raise ArtifactError(f"vision config: patch_size {list(patch)} does not tile image_size {list(image)}")
+    if tuple(i // p for i, p in zip(image, patch)) != grid:
+        raise ArtifactError(f"vision config: grid_size {list(grid)} is not image_size {list(image)} / patch_size "
+                            f"{list(patch)}")
+    if cfg["pool_type"] not in _POOL_TYPES:
+        raise ArtifactError(f"vision config: unsupported pool_type {cfg['pool_type']!r} "
+                            f"(the engine pools {' or '.join(_POOL_TYPES)})")
+    _act(cfg["act"])
+    eps = cfg["ln_eps"]
+    if type(eps) not in (int, float) or not 0.0 < eps < 1.0:
+        raise ArtifactError(f"vision config: ln_eps must be a small positive number, got {eps!r}")
+    for key in ("final_ln_after_pool", "ln_pre"):
+        if not isinstance(cfg[key], bool):
+            raise ArtifactError(f"vision config: {key} must be true or false, got {cfg[key]!r}")
+
+    # The blocks stored, in the tensors and in the layer table, are exactly blocks 0 .. layers-1.
+    for what, names in (("tensors", t), ("layer table", linears)):
+        found = _block_indices(names)
+        if found != set(range(layers)):
+            have = sorted(found)
+            raise ArtifactError(f"vision config says {layers} layers but the {what} hold blocks "
+                                f"{have if len(have) <= 8 else have[:4] + ['...'] + have[-2:]}")
+
+    def lin(prefix: str, fin: int, fout: Optional[int]) -> dict[str, Any]:
+        d = linears.get(prefix)
+        if not isinstance(d, dict):
+            raise ArtifactError(f"layer table has no {prefix}")
+        got = (d.get("in_features"), d.get("out_features"))
+        if got[0] != fin or (fout is not None and got[1] != fout):
+            want = f"({fin} -> {fout if fout is not None else 'any'})"
+            raise ArtifactError(f"{prefix} is {got[0]} -> {got[1]} features, the vision config (width {width}) "
+                                f"implies {want}")
+        return d
+
+    lin("visual.conv", 3 * patch[0] * patch[1], width)
+    mlp = cfg.get("mlp_width", linears.get("visual.blocks.0.mlp.c_fc", {}).get("out_features"))
+    if type(mlp) is not int or mlp < 1:
+        raise ArtifactError(f"vision config: mlp_width must be a positive integer, got {mlp!r}")
+    for i in range(layers):
+        p = f"visual.blocks.{i}"
+        lin(f"{p}.attn.in_proj", width, 3 * width)
+        lin(f"{p}.attn.out_proj", width, width)
+        lin(f"{p}.mlp.c_fc", width, mlp)
+        lin(f"{p}.mlp.c_proj", mlp, width)
+        for j in (1, 2):
+            ls = t.get(f"{p}.ls_{j}")
+            if cfg.get("layer_scale") is False and ls is not None:
+                raise ArtifactError(f"{p}.ls_{j} is stored but the vision config has no layer scale")
+            if cfg.get("layer_scale") is True and ls is None:
+                raise ArtifactError(f"vision config has layer scale but {p}.ls_{j} is missing")
+            if ls is not None and tuple(ls.shape) != (width,):
+                raise ArtifactError(f"{p}.ls_{j} has shape {list(ls.shape)}, expected [{width}]")
+    out_dim = lin("visual.proj", width, cfg.get("output_dim"))["out_features"]
+    norms = ["visual.ln_post", *(["visual.ln_pre"] if cfg["ln_pre"] else []),
+             *(f"visual.blocks.{i}.ln_{j}" for i in range(layers) for j in (1, 2))]
+    for name in ["visual.class_embedding", *(f"{n}.{wb}" for n in norms for wb in ("weight", "bias"))]:
+        if name not in t:
+            raise ArtifactError(f"missing tensor {name}")
+        if tuple(t[name].shape) != (width,):
+            raise ArtifactError(f"{name} has shape {list(t[name].shape)}, expected [width] = [{width}]")
+    if man.get("adapter") is not None:
+        lin("adapter.fc1", out_dim, None)
+        lin("adapter.fc2", linears["adapter.fc1"].get("out_features"), out_dim)
+    dim = (man.get("classes") or {}).get("dim") if isinstance(man.get("classes"), dict) else None
+    if dim is not None and dim != out_dim:
+        raise ArtifactError(f"class features have dimension {dim}, the image tower outputs {out_dim}")
+    return cfg
+
+
 @dataclass
 class Prediction:
     """Top-k classes of one image."""
@@ -202,8 +323,9 @@ class Engine:
     def _build_common(self, art: Artifact) -> None:
         """Configuration, embeddings, LayerNorms, class features and preprocessing - shared by all engines."""
         t, man = art.tensors, art.manifest
-        cfg = man["vision"]
+        cfg = validate_vision_config(art)
         self.cfg = cfg
+        self.proj_dim = int(man["linears"]["visual.proj"]["out_features"])
         self.eps = float(cfg["ln_eps"])
         self.heads = int(cfg["heads"])
         self.patch = tuple(int(v) for v in cfg["patch_size"])
@@ -212,9 +334,6 @@ class Engine:
         self.pos = t["visual.positional_embedding"]
         self.ln_pre = (t["visual.ln_pre.weight"], t["visual.ln_pre.bias"]) if cfg["ln_pre"] else None
         self.ln_post = (t["visual.ln_post.weight"], t["visual.ln_post.bias"])
-        if int(cfg["layers"]) < 0 or any(f"visual.blocks.{i}.attn.in_proj" not in man["linears"]
-                                         for i in range(int(cfg["layers"]))):
-            raise ArtifactError("the layer table does not hold every block the vision config names")
         ad = man.get("adapter")
         self.adapter = ad
         self.alpha = float(ad["alpha"]) if ad is not None else 0.0
@@ -226,6 +345,9 @@ class Engine:
         self.logit_scale = float(cls_cfg["logit_scale"])
         if self.text.shape[0] != len(self.classnames):
             raise ArtifactError("class feature rows do not match the class names")
+        if self.text.shape[1] != self.proj_dim:
+            raise ArtifactError(f"class features have dimension {self.text.shape[1]}, the image tower outputs "
+                                f"{self.proj_dim}")
         if tuple(self.pos.shape) != (math.prod(cfg["grid_size"]) + 1, int(cfg["width"])):
             raise ArtifactError("positional embedding does not match the patch grid and width")
         self.transform = build_transform(man["preprocess"])

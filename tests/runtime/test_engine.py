@@ -290,3 +290,53 @@ def test_int_linear_accumulation_exact_beyond_float32_range():
     assert int(acc.abs().max()) > 2**24
     # and the engine agrees with the fake-quant layer up to float rounding
     assert torch.allclose(lin(x), ql(x), rtol=1e-4, atol=1e-3 * float(ql(x).abs().max()))
+
+
+# ------------------------------------------------------------------ vision config validation
+def _with_vision(bundle, **changes) -> Artifact:
+    import copy
+
+    from p4q_engine.artifact.format import load
+
+    art = load(bundle.path)
+    man = copy.deepcopy(art.manifest)
+    man["vision"].update(changes)
+    return Artifact(man, dict(art.tensors))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"heads": 3}, r"heads \(3\) does not divide width \(64\)"),
+    ({"heads": 0}, r"heads must be an integer >= 1"),
+    ({"heads": True}, r"heads must be an integer"),
+    ({"layers": 1}, r"says 1 layers but the tensors hold blocks \[0, 1\]"),
+    ({"layers": 3}, r"says 3 layers but the tensors hold blocks \[0, 1\]"),
+    ({"width": 32, "heads": 2}, r"visual.conv is 192 -> 64 features, the vision config \(width 32\)"),
+    ({"patch_size": [7, 7]}, r"patch_size \[7, 7\] does not tile image_size \[32, 32\]"),
+    ({"grid_size": [3, 3]}, r"grid_size \[3, 3\] is not image_size"),
+    ({"pool_type": "none"}, r"unsupported pool_type 'none'"),
+    ({"mlp_width": 128}, r"visual.blocks.0.mlp.c_fc is 64 -> 256 features"),
+    ({"ln_eps": -1.0}, r"ln_eps must be a small positive number"),
+])
+def test_inconsistent_vision_config_is_refused_with_a_named_problem(bundle, changes, message):
+    from p4q_engine.artifact.format import ArtifactError
+
+    with pytest.raises(ArtifactError, match=message):
+        Engine(_with_vision(bundle, **changes))
+
+
+def test_vision_config_validation_survives_save_and_load(bundle, tmp_path):
+    from p4q_engine.artifact.format import ArtifactError, load, save
+
+    save(_with_vision(bundle, heads=5), tmp_path / "bad.p4q")
+    load(tmp_path / "bad.p4q")  # checksums are fine; the engine refuses it
+    with pytest.raises(ArtifactError, match="heads"):
+        Engine.load(tmp_path / "bad.p4q")
+
+
+def test_extra_block_in_the_tensors_is_refused(bundle):
+    from p4q_engine.artifact.format import ArtifactError
+
+    art = _with_vision(bundle)
+    art.tensors["visual.blocks.7.ln_1.weight"] = torch.ones(64)
+    with pytest.raises(ArtifactError, match=r"says 2 layers but the tensors hold blocks \[0, 1, 7\]"):
+        Engine(art)

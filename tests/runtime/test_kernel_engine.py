@@ -130,3 +130,14 @@ def test_engine_load_cuda_without_gpu_raises(artifacts):
 
 def test_engine_load_cpu_is_the_reference_engine(artifacts):
     assert type(Engine.load(artifacts[("8-8-8", "release")])) is Engine
+
+
+@pytest.mark.parametrize("changes,message", [({"heads": 3}, "does not divide width"), ({"layers": 1}, "layers")])
+def test_kernel_engine_shares_the_vision_config_validation(artifacts, changes, message):
+    from p4q_engine.artifact.format import Artifact, ArtifactError
+
+    art = load(artifacts[("4-4-8", "full")])
+    man = json.loads(json.dumps(art.manifest))
+    man["vision"].update(changes)
+    with pytest.raises(ArtifactError, match=message):
+        KernelEngine(Artifact(man, dict(art.tensors)), DEVICE)
