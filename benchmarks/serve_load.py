@@ -74,6 +74,23 @@ def build_tiny_artifact(path: Path) -> str:
             "observer), folded .p4q - the serve tests' fixture")
 
 
+def describe_artifact(path: str, engine: Engine) -> dict:
+    """What was served: the file (path, size, sha256) and what its manifest says it holds."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    man = engine.manifest
+    model, v = man.get("model") or {}, man.get("vision") or {}
+    recipe = model.get("recipe") or {}
+    return {
+        "path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "model": model.get("name"), "source": model.get("source"), "dataset": model.get("dataset"),
+        "export_command": model.get("command"), "recipe": recipe,
+        "vision": {k: v.get(k) for k in ("image_size", "patch_size", "width", "layers", "heads")},
+        "classes": len(engine.classnames), "adapter": man.get("adapter") is not None,
+    }
+
+
 def make_images(n: int, source: str) -> tuple[list[bytes], str]:
     """PNG bytes of ``n`` images: the embedded reference task's test images, or random noise of mixed sizes."""
     from PIL import Image
@@ -283,11 +300,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     if args.artifact:
-        artifact, description = args.artifact, f"{args.artifact} (given)"
+        artifact = args.artifact
     else:
         artifact = str(Path(tmp.name) / "tiny.p4q")
-        description = build_tiny_artifact(Path(artifact))
+        built = build_tiny_artifact(Path(artifact))
     engine = Engine.load(artifact, "cpu")
+    info = describe_artifact(artifact, engine)
+    if args.artifact:
+        r = info["recipe"]
+        description = (f"`{artifact}` ({info['bytes'] / 2**20:.2f} MiB, sha256 {info['sha256'][:16]}...): "
+                       f"{info['model'] or 'unnamed model'} ({info['source'] or 'unknown source'}"
+                       f"{', ' + info['dataset'] + ' calibration' if info['dataset'] else ''}), "
+                       f"{r.get('bits')} {r.get('scope')} scope, {r.get('observer')} observer, "
+                       f"ViT {'x'.join(map(str, info['vision']['image_size']))} px, patch "
+                       f"{'x'.join(map(str, info['vision']['patch_size']))}, "
+                       f"{info['vision']['layers']} layers, width {info['vision']['width']}, "
+                       f"{info['vision']['heads']} heads" + ("; with QAdapter" if info["adapter"] else "")
+                       + (f"; exported by `{info['export_command']}`" if info["export_command"] else ""))
+    else:
+        description = built
     try:
         images, image_desc = make_images(args.num_images, args.image_source)
     except Exception as e:  # noqa: BLE001 - the reference task is optional; fall back to noise
@@ -325,7 +356,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "artifact": description,
+        "artifact": description, "artifact_info": info,
+        "expected_from": f"Engine.classify(top_k=1) on the CPU, loaded from the same artifact file the server "
+                         f"serves (sha256 {info['sha256']})",
         "classes": len(engine.classnames), "images": image_desc,
         "expected_label_spread": len({label for label, _ in expected}),
         "server": {"url": url if args.url else "own subprocess on 127.0.0.1", "command": cmd,
@@ -348,8 +381,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"torch threads {args.threads or 'default'}; "
           f"{args.images_per_request} image(s) per request, multipart; clients on the same machine (raw asyncio "
           "HTTP/1.1 keep-alive connections: httpx's pool costs ~10 ms of CPU per request at 64 connections)",
-          "- lost = non-200 or no answer; wrong = top-1 label or its probability (1e-4) differs from a local "
-          "Engine.classify of the same image",
+          "- lost = non-200 or no answer; wrong = top-1 label or its probability (1e-4) differs from the "
+          "expected answer, which is `Engine.classify(top_k=1)` of the same image by a local CPU Engine loaded from "
+          f"the same artifact file the server serves (sha256 {info['sha256'][:16]}...), computed before the load "
+          "starts",
           "", "| clients | requests ok | lost | wrong | req/s | images/s | p50 ms | p99 ms | mean batch |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in levels:
