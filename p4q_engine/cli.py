@@ -376,7 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 "zero_shot": zs})
         return 0
     result = train(prepared.student, prepared.loaded.tokenizer, prepared.data, cfg, out_dir=out,
-                   progress=not args.quiet, log=None if args.quiet else print)
+                   progress=not args.quiet, log=None if args.quiet else print, device=s.device)
     result.metrics.update({"zero_shot": zs, "method": args.method, "command": args.command_line})
     save_trained(result, prepared.student, prepared.data, out, asdict(src))
     t = result.metrics["test"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -92,7 +92,7 @@ def make_adapter(qmodel: QuantCLIP, data: AdaptationData, cfg: P4QConfig, quanti
     else:
         w, a = (8, 8) if cfg.adapter_bits == "8" else (bits.w_bits, bits.a_bits)
     adapter = QAdapter(data.train.student.shape[1], cfg.reduction, cfg.alpha, w, a, observer="minmax",
-                       seed=cfg.seed)
+                       seed=cfg.seed).to(data.train.student.device)
     calibrate_adapter(adapter, data.train.student)
     return adapter
 
@@ -115,7 +115,7 @@ def _cosine(step: int, total: int) -> float:
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))  # CPU: portable
 
 
 def class_features(qmodel: QuantCLIP, prompt: Optional[PromptLearner], data: AdaptationData) -> torch.Tensor:
@@ -188,20 +188,27 @@ def train(
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
     stop_after_epoch: Optional[int] = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train the prompt and/or adapter of ``cfg`` on ``data``; resumes from ``out_dir`` when it holds a state.
 
     ``stop_after_epoch`` ends the run early after that epoch (its state saved) - it is how tests interrupt a run.
+    ``device`` (``cpu`` or ``cuda``) holds the model, the cached features and the trained parameters; results
+    come back on the CPU.
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    qmodel.eval()
+    qmodel.cpu().eval()  # build and calibrate on the CPU, then move everything to ``device``
     prompt = PromptLearner(qmodel, tokenizer, data.classnames, cfg.n_ctx, cfg.ctx_init, cfg.class_position,
                            cfg.class_specific, seed=cfg.seed) if cfg.prompt else None
     adapter = make_adapter(qmodel, data, cfg, quantized=cfg.adapter_qat) if cfg.adapter else None
+    qmodel.to(device)
+    data = _data_to(data, device)
+    prompt = prompt.to(device) if prompt is not None else None
+    adapter = adapter.to(device) if adapter is not None else None
     optims, lrs = [], []
     if prompt is not None:
         optims.append(torch.optim.SGD([prompt.ctx], lr=cfg.prompt_lr, momentum=cfg.prompt_momentum,
@@ -222,7 +229,7 @@ def train(
     for epoch in bar:
         order = _epoch_order(n, cfg.seed, epoch)
         sums: dict[str, float] = {}
-        for i, idx in enumerate(order.split(cfg.batch_size)):
+        for i, idx in enumerate(order.to(device).split(cfg.batch_size)):
             step = epoch * steps_per_epoch + i
             for o, lr in zip(optims, lrs):
                 for g in o.param_groups:
@@ -253,8 +260,19 @@ def train(
         text = class_features(qmodel, prompt, data).detach()
     metrics = {"test": evaluate_features(qmodel, prompt, adapter, data.test, data),
                "train": evaluate_features(qmodel, prompt, adapter, data.train, data),
-               "train_seconds": round(time.perf_counter() - t0, 2), "epochs_run": len(history)}
-    return TrainResult(cfg, prompt, adapter, text, metrics, history)
+               "train_seconds": round(time.perf_counter() - t0, 2), "epochs_run": len(history),
+               "device": str(device)}
+    qmodel.cpu()
+    return TrainResult(cfg, None if prompt is None else prompt.cpu(), None if adapter is None else adapter.cpu(),
+                       text.cpu(), metrics, history)
+
+
+def _data_to(data: AdaptationData, device: str) -> AdaptationData:
+    def fs(f: FeatureSet) -> FeatureSet:
+        return FeatureSet(f.student.to(device), f.teacher.to(device), f.labels.to(device))
+
+    return replace(data, train=fs(data.train), test=fs(data.test), teacher_text=data.teacher_text.to(device),
+                   student_text=data.student_text.to(device))
 
 
 def _quantize_float_adapter(qmodel, data, cfg, float_adapter: QAdapter) -> QAdapter:

@@ -102,3 +102,22 @@ def test_adapter_only_uses_template_text(prepared):
               progress=False)
     assert r.prompt is None and torch.equal(r.text_features, data.student_text)
     assert r.metrics["test"] == evaluate_features(prepared.student, None, r.adapter, data.test, data)
+
+
+def test_adapter_ptq_ablation_quantizes_after_float_training(prepared):
+    data = _subset(prepared.data, 32)
+    r = train(prepared.student, prepared.loaded.tokenizer, data, P4QConfig(prompt=False, epochs=1,
+                                                                          adapter_qat=False), progress=False)
+    assert r.adapter.fc1.w_spec is not None and r.adapter.fc1.w_spec.bits == 8
+    assert r.adapter.in_quant.calibrated and r.adapter.fc2.input_quant.calibrated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu_closely(prepared):
+    data = _subset(prepared.data, 64)
+    cfg = P4QConfig(n_ctx=4, epochs=2, batch_size=32)
+    cpu = train(prepared.student, prepared.loaded.tokenizer, data, cfg, progress=False)
+    gpu = train(prepared.student, prepared.loaded.tokenizer, data, cfg, progress=False, device="cuda")
+    assert gpu.metrics["device"] == "cuda" and gpu.prompt.ctx.device.type == "cpu"
+    assert torch.allclose(cpu.prompt.ctx, gpu.prompt.ctx, atol=1e-3)
+    assert abs(cpu.metrics["test"]["top1"] - gpu.metrics["test"]["top1"]) <= 3.0
