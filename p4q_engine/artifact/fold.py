@@ -153,6 +153,11 @@ def fold(
     if class_features.dim() != 2 or class_features.shape[0] != len(classnames):
         raise ConfigError(f"class features {tuple(class_features.shape)} do not match {len(classnames)} class names")
     qmodel = qmodel.cpu().eval()
+    from p4q_engine.runtime.engine import _POOL_TYPES  # what the engines execute
+
+    if qmodel.visual.pool_type not in _POOL_TYPES:
+        raise ConfigError(f"image tower pool_type {qmodel.visual.pool_type!r} cannot be exported: the engines "
+                          f"execute {', '.join(_POOL_TYPES)}")
     f = _Folder()
     with torch.no_grad():
         _fold_vision(f, qmodel)

@@ -306,7 +306,8 @@ def save_trained(result: TrainResult, qmodel: QuantCLIP, data: AdaptationData, o
     obj = {
         "format": CHECKPOINT_FORMAT,
         "config": asdict(result.config),
-        "recipe": {"bits": r.bits.name, "scope": r.scope, "observer": r.observer, "edge_bits": r.edge_bits},
+        "recipe": {"bits": r.bits.name, "scope": r.scope, "observer": r.observer, "edge_bits": r.edge_bits,
+                   "observer_kwargs": dict(r.observer_kwargs)},
         "source": source,
         "act_qparams": act_qparams(qmodel),
         "prompt": None if result.prompt is None else {"ctx": result.prompt.ctx.detach().cpu().clone()},
