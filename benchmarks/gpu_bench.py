@@ -47,6 +47,27 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+class kernel_env:
+    """Temporarily set ``P4Q_QGEMM_KERNEL`` (which qgemm kernels the autotuner may pick)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __enter__(self) -> None:
+        import os
+
+        self.old = os.environ.get("P4Q_QGEMM_KERNEL")
+        os.environ["P4Q_QGEMM_KERNEL"] = self.kind
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self.old is None:
+            os.environ.pop("P4Q_QGEMM_KERNEL", None)
+        else:
+            os.environ["P4Q_QGEMM_KERNEL"] = self.old
+
+
 def log(*a) -> None:
     print(*a, flush=True)
 
@@ -216,8 +237,10 @@ def part_kernels(args) -> dict:
                 qmax = (1 << (bits - 1)) - 1
                 w = PackedWeight.from_codes(torch.randint(-qmax, qmax + 1, (n, k), device="cuda", dtype=torch.int8),
                                             torch.rand(n, device="cuda") * 0.01, bits)
-                r[f"qgemm_w{bits}_ms"] = bench_ms(lambda: qgemm(a8, 0.01, 128, w, bias=bias,
-                                                                out_dtype=torch.bfloat16))
+                for kind in ("ptr", "tma", "auto"):  # before (pointer kernel only) / TMA only / autotuned over both
+                    with kernel_env(kind):
+                        ms = bench_ms(lambda: qgemm(a8, 0.01, 128, w, bias=bias, out_dtype=torch.bfloat16))
+                    r[f"qgemm_w{bits}_ms" if kind == "auto" else f"qgemm_{kind}_w{bits}_ms"] = ms
             for key in [k_ for k_ in list(r) if k_.endswith("_ms") and r[k_]]:
                 r[key.replace("_ms", "_tops")] = ops / (r[key] * 1e-3) / 1e12
             rows.append(r)
@@ -229,9 +252,21 @@ def part_kernels(args) -> dict:
         q, k, v = (torch.randn(b, 12, 50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         row = {"batch": b, "qattention_ms": bench_ms(lambda: qattention(qkv, 12, sites)),
                "sdpa_bf16_ms": bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))}
-        for nw in (1, 2, 8):
-            row[f"qattention_w{nw}_ms"] = bench_ms(lambda: qattention(qkv, 12, sites, num_warps=nw))
+        sweep = {}
+        for nw in (1, 2, 4, 8):
+            for hpp in (1, 2, 3, 4, 6, 12):
+                for stages in ((1,) if hpp == 1 else (1, 2)):
+                    try:
+                        sweep[f"w{nw}_h{hpp}_s{stages}"] = bench_ms(lambda: qattention(
+                            qkv, 12, sites, num_warps=nw, heads_per_program=hpp, loop_stages=stages))
+                    except Exception as e:  # a variant that does not compile must not lose the others
+                        sweep[f"w{nw}_h{hpp}_s{stages}"] = f"{e.__class__.__name__}"
+        timed = {k_: v for k_, v in sweep.items() if isinstance(v, float)}
+        row["sweep_ms"] = sweep
+        row["best_variant"] = min(timed, key=timed.get)
+        row["best_variant_ms"] = timed[row["best_variant"]]
         row["speedup_vs_sdpa"] = row["sdpa_bf16_ms"] / row["qattention_ms"]
+        row["best_speedup_vs_sdpa"] = row["sdpa_bf16_ms"] / row["best_variant_ms"]
         attn.append(row)
         log("attention", row)
     return {"gemm": rows, "attention": attn}
@@ -339,10 +374,13 @@ def part_models(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for bits in ("8-8-8", "4-4-8", "2-2-8"):
             path = build_artifact(model, bits, Path(d) / f"{bits}.p4q")
-            eng = Engine.load(path, device="cuda")
-            run(f"engine {bits}", lambda x: eng.encode(x))
-            del eng
-            torch.cuda.empty_cache()
+            kinds = ("ptr", "auto") if bits != "2-2-8" else ("auto",)
+            for kind in kinds:  # "ptr": the engine before the TMA kernel, measured in the same run
+                with kernel_env(kind):
+                    eng = Engine.load(path, device="cuda")
+                    run(f"engine {bits}" + (" (pointer qgemm only)" if kind == "ptr" else ""), lambda x: eng.encode(x))
+                    del eng
+                torch.cuda.empty_cache()
     return results
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import TileConfig, pick_config
+from .tuning import GPU_CANDIDATES, TileConfig, pick_config
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "quick_gelu": 2}
 _PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 8: (8, 0)}
@@ -46,11 +46,19 @@ class PackedWeight:
     direct: Optional[torch.Tensor] = None  # int8 codes [N, K] for 8-bit weights: no unpacking in the main loop
 
     def __post_init__(self) -> None:
+        # Rows of words padded with zero words to a multiple of 4 (16 bytes), as TMA requires of row strides; the
+        # artifact keeps its exact layout, only this device copy is padded (padding codes meet K-masked or
+        # zero-padded activations, so they never reach the accumulator).
+        self.planes = [_pad_words(p) for p in self.planes]
         if self.bits == 8 and self.direct is None:
             from p4q_engine.artifact.bitpack import unpack_reference
 
-            stored = unpack_reference([p.cpu() for p in self.planes], 8, self.k)
+            stored = unpack_reference([p.cpu() for p in self.artifact_planes()], 8, self.k)
             self.direct = (stored.to(torch.int16) - 128).to(torch.int8).to(self.planes[0].device).contiguous()
+
+    def artifact_planes(self) -> list[torch.Tensor]:
+        """The planes without the device padding: exactly the artifact's words."""
+        return [p[:, : -(-self.k // (32 // w))] for p, w in zip(self.planes, (x for x in _PLANES[self.bits] if x))]
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> "PackedWeight":
@@ -62,6 +70,13 @@ class PackedWeight:
         planes = [p.to(codes.device) for p in pack_reference(stored, bits)]
         colsum = codes.to(torch.int32).sum(dim=1).to(torch.int32)
         return cls(planes, scale.float().contiguous(), colsum.contiguous(), bits, codes.shape[0], codes.shape[1])
+
+
+def _pad_words(p: torch.Tensor) -> torch.Tensor:
+    kw = p.shape[1]
+    if kw % 4 == 0:
+        return p.contiguous()
+    return torch.nn.functional.pad(p, (0, 4 - kw % 4)).contiguous()
 
 
 @triton.jit
@@ -116,6 +131,18 @@ def _qgemm_kernel(
             b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
         acc += tl.dot(a, b, out_dtype=tl.int32)
 
+    _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
+              stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
+              stride_rm, stride_om, a_scale, a_corr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+              ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr):
+    """Zero-point correction, dequantization, bias, activation, residual, and the store (raw / float / requant):
+    one definition for both main loops."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
     colsum = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0)
     acc += a_corr * colsum[None, :]
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
@@ -141,6 +168,60 @@ def _qgemm_kernel(
             q = tl.floor(tl.math.div_rn(y, osc[None, :]) + 0.5) + ozp[None, :].to(tl.float32)
             q = tl.minimum(tl.maximum(q, 0.0), OUT_QMAX)
             tl.store(out_ptr + out_offs, (q.to(tl.int32) - 128).to(tl.int8), mask=o_mask)
+
+
+
+@triton.jit
+def _unpack_rows(words, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Stored codes ``[BLOCK_N, BLOCK_K]`` from a ``[BLOCK_N, BLOCK_K / per]`` tile of words (LSB-first along K)."""
+    PER: tl.constexpr = 32 // WIDTH
+    shifts = tl.arange(0, PER) * WIDTH
+    vals = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WIDTH) - 1)
+    return tl.reshape(vals, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _qgemm_tma_kernel(
+    a_desc, w_desc0, w_desc1, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
+    M, N, K, stride_rm, stride_om,
+    a_scale, a_corr,
+    W0: tl.constexpr, W1: tl.constexpr, OFFSET: tl.constexpr, DIRECT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    num_programs,
+):
+    """Persistent variant: ``num_programs`` programs walk the output tiles; A and the weight words arrive by TMA
+    (out-of-bounds rows and K columns read as zero, so the main loop has no masks: a zero activation code times any
+    weight adds nothing, and the zero-point correction uses the true column sums). The flattened loop lets the
+    pipeliner issue the next tile's loads while this tile's epilogue runs."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_m * num_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    group = GROUP_M * num_n
+    PER0: tl.constexpr = 32 // W0
+    PER1: tl.constexpr = 32 // W1 if W1 > 0 else 1
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        first_m = (tile // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % group) % size_m) * BLOCK_M
+        off_n = ((tile % group) // size_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(k_tiles):
+            a = a_desc.load([off_m, kt * BLOCK_K])
+            if DIRECT8:
+                w = w_desc0.load([off_n, kt * BLOCK_K])
+            else:
+                u = _unpack_rows(w_desc0.load([off_n, kt * (BLOCK_K // PER0)]), W0, BLOCK_N, BLOCK_K)
+                if W1 > 0:
+                    u = u | (_unpack_rows(w_desc1.load([off_n, kt * (BLOCK_K // PER1)]), W1, BLOCK_N, BLOCK_K)
+                             << W0)
+                w = (u - OFFSET).to(tl.int8)
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr,
+                  out_ptr, stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX)
 
 
 @dataclass
@@ -182,28 +263,93 @@ def qgemm(
         def bench(c: TileConfig) -> None:
             qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
 
-        config = pick_config("qgemm", m, n, k, w.bits, a.device, bench)
+        kind = kernel_choice()
+        cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
+        # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours
+        # other tiles
+        out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
+        name = ("qgemm" if kind == "auto" else f"qgemm-{kind}") + f"-{out_tag}" + ("-res" if residual is not None
+                                                                                   else "")
+        config = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
     cfg = config
     w0, w1 = _PLANES[w.bits]
-    wp1 = w.planes[1] if w1 else w.planes[0]
+    epi = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[act], OUT_MODE=mode,
+               OUT_QMAX=float((1 << requant.bits) - 1) if requant is not None else 255.0)
     dummy = w.scale
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    ptrs = (w.colsum, w.scale, bias if bias is not None else dummy, residual if residual is not None else dummy,
+            requant.scale if requant is not None else dummy, requant.zero_point if requant is not None else w.colsum,
+            out)
+    res_stride = residual.stride(0) if residual is not None else 0
     direct = w.direct is not None
-    _qgemm_kernel[grid](
-        a, w.direct if direct else w.planes[0], wp1, w.colsum, w.scale,
-        bias if bias is not None else dummy, residual if residual is not None else dummy,
-        requant.scale if requant is not None else dummy, requant.zero_point if requant is not None else w.colsum,
-        out,
-        m, n, k, w.planes[0].shape[1], wp1.shape[1], a.stride(0), residual.stride(0) if residual is not None else 0,
-        out.stride(0),
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+        if direct:
+            w_desc0 = w_desc1 = TensorDescriptor.from_tensor(w.direct, [cfg.block_n, cfg.block_k])
+        else:
+            w_desc0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
+            w_desc1 = (TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1
+                       else w_desc0)
+        programs = min(tiles, _num_programs(a.device))
+        _qgemm_tma_kernel[(programs,)](
+            a_desc, w_desc0, w_desc1, *ptrs, m, n, k, res_stride, out.stride(0), float(a_scale), int(128 - a_zp),
+            W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct, **epi,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_programs=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+    wp1 = w.planes[1] if w1 else w.planes[0]
+    _qgemm_kernel[(tiles,)](
+        a, w.direct if direct else w.planes[0], wp1, *ptrs,
+        m, n, k, w.planes[0].shape[1], wp1.shape[1], a.stride(0), res_stride, out.stride(0),
         float(a_scale), int(128 - a_zp),
-        W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[act], OUT_MODE=mode,
-        OUT_QMAX=float((1 << requant.bits) - 1) if requant is not None else 255.0,
+        W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct, **epi,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def kernel_choice() -> str:
+    """``P4Q_QGEMM_KERNEL``: ``auto`` (default: the autotuner picks among both kernels), ``ptr`` or ``tma`` (only
+    that kernel's candidates; for before/after benchmarks)."""
+    kind = os.environ.get("P4Q_QGEMM_KERNEL", "auto")
+    if kind not in ("auto", "ptr", "tma"):
+        raise ValueError(f"P4Q_QGEMM_KERNEL must be auto, ptr or tma, got {kind!r}")
+    return kind
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, a contiguous last dimension and 16-byte aligned row strides."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def tma_eligible(a: torch.Tensor, w: PackedWeight, cfg: TileConfig) -> bool:
+    """Whether the TMA kernel can run this problem with ``cfg`` (else the pointer kernel runs the same tiles)."""
+    if a.device.type != "cuda" and not interpret_mode():
+        return False
+    if not _aligned(a):
+        return False
+    if w.direct is not None:
+        return _aligned(w.direct)
+    widths = [x for x in _PLANES[w.bits] if x]
+    # each plane's box must be >= 16 bytes wide: block_k / (32 / width) words of 4 bytes
+    return all(_aligned(p) and cfg.block_k * wd // 32 >= 4 for p, wd in zip(w.planes, widths))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_programs(device: torch.device) -> int:
+    """Persistent grid size: one program per SM (a few under the interpreter, to exercise the tile loop)."""
+    if device.type != "cuda":
+        return 3
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 # ---------------------------------------------------------------------------------------------- torch reference

@@ -25,6 +25,9 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    #: "ptr": one program per output tile, pointer loads; "tma": persistent programs, TMA tensor-descriptor loads
+    #: (Hopper), the next tile's loads overlapping this tile's epilogue. Both compute the same integers.
+    kernel: str = "ptr"
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
@@ -47,6 +50,14 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(16, 32, 256, 8, 2, 3),
     TileConfig(16, 64, 128, 8, 2, 4),
     TileConfig(32, 32, 128, 8, 2, 4),
+    # persistent TMA kernels: for the long-M GEMMs, where the short K (768) leaves a one-tile-at-a-time kernel
+    # spending much of its time filling the pipeline and in the epilogue
+    TileConfig(128, 256, 128, 8, 8, 3, "tma"),
+    TileConfig(128, 128, 128, 8, 8, 4, "tma"),
+    TileConfig(128, 128, 128, 8, 4, 4, "tma"),
+    TileConfig(256, 128, 128, 8, 8, 3, "tma"),
+    TileConfig(128, 256, 64, 8, 8, 4, "tma"),
+    TileConfig(64, 128, 128, 8, 4, 4, "tma"),
 )
 
 _lock = threading.Lock()

@@ -18,9 +18,11 @@ import zlib
 
 import pytest
 import torch
+import triton
 
 from p4q_engine.kernels import qgemm as qgemm_mod
-from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm, qgemm_reference
+from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm, qgemm_reference, tma_eligible
+from p4q_engine.kernels.tuning import GPU_CANDIDATES, TileConfig
 
 HAS_CUDA = torch.cuda.is_available()
 #: QuickGELU's sigmoid overflows exp() for very negative inputs in the numpy interpreter (correctly giving 0).
@@ -115,8 +117,10 @@ def test_packed_weight_layout_matches_artifact_packer():
     for bits in BITS:
         codes, scale, w = make_weight(bits, 9, 100, g, "cpu")
         stored = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-        assert all(torch.equal(p, q) for p, q in zip(w.planes, pack(stored, bits)))
-        assert torch.equal(unpack_reference(w.planes, bits, 100), stored)
+        assert all(torch.equal(p, q) for p, q in zip(w.artifact_planes(), pack(stored, bits)))
+        assert torch.equal(unpack_reference(w.artifact_planes(), bits, 100), stored)
+        for p, q in zip(w.planes, pack(stored, bits)):  # device copy: rows padded with zero words to 16 bytes
+            assert p.shape[1] % 4 == 0 and p.shape[1] - q.shape[1] < 4 and not p[:, q.shape[1]:].any()
         assert torch.equal(w.colsum, codes.to(torch.int32).sum(1))
         assert (w.direct is not None) == (bits == 8)
         if bits == 8:
@@ -262,6 +266,49 @@ def test_requant_rounds_half_up(poison, device):
         assert torch.equal(out, ref)
 
 
+# ---------------------------------------------------------------------------------------------- TMA kernel
+#: Shapes the persistent TMA kernel can take (K a multiple of 16 bytes) with M, N off the tile and K a partial tile.
+TMA_SHAPES = ((17, 40, 160), (70, 40, 256), (1, 33, 128), (45, 72, 48))
+#: 32 x 32 tiles so the persistent loop walks several tiles per program; BLOCK_K 128 so every plane qualifies.
+TMA_CONFIG = TileConfig(32, 32, 128, 2, 4, 1, "tma")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_kernel_raw_and_requant(poison, device, bits, shape):
+    """The persistent TMA kernel (out-of-bounds tiles read as zero, no masks in the main loop) gives the same
+    accumulator and requantized codes as the reference."""
+    m, n, k = shape
+    g = gen("tma", bits, shape)
+    codes, scale, w = make_weight(bits, n, k, g, device)
+    a = make_acts(m, k, g, device)
+    assert tma_eligible(a, w, TMA_CONFIG)
+    ref = qgemm_reference(a, 0.01, 77, codes, scale, raw=True)
+    (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=77, w=w, raw=True, config=TMA_CONFIG)
+    assert torch.equal(out, ref)
+    a_scale = _a_scale_for(a, 200, codes, scale)
+    args = _epilogue_args(dict(bias=True, residual=True), m, n, g, device)  # no erf: exact on the interpreter
+    rq = _requant_for(qgemm_reference(a, a_scale, 200, codes, scale, **args), g, 8, device)
+    ref = qgemm_reference(a, a_scale, 200, codes, scale, requant=rq, **args)
+    for out in run_poisoned(poison, (77, -5), a=a, a_scale=a_scale, a_zp=200, w=w, requant=rq, config=TMA_CONFIG,
+                            **args):
+        assert_codes_match(out, ref, exact=not HAS_CUDA)
+
+
+def test_tma_ineligible_falls_back_to_pointer_kernel(poison, device):
+    """K = 100 int8 rows are not 16-byte aligned for TMA, and a 1-bit plane with BLOCK_K 64 is an 8-byte box: a
+    "tma" configuration then runs the pointer kernel with the same tiles, and the result is still exact."""
+    g = gen("tma-fallback")
+    codes, scale, w = make_weight(4, 48, 100, g, device)
+    a = make_acts(37, 100, g, device)
+    assert not tma_eligible(a, w, TMA_CONFIG)
+    (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=5, w=w, raw=True, config=TMA_CONFIG)
+    assert torch.equal(out, qgemm_reference(a, 0.01, 5, codes, scale, raw=True))
+    codes3, _, w3 = make_weight(3, 48, 128, g, device)
+    assert not tma_eligible(make_acts(4, 128, g, device), w3, TileConfig(32, 32, 64, 2, 4, 1, "tma"))
+    assert tma_eligible(make_acts(4, 128, g, device), w3, TMA_CONFIG)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_raise(device):
     g = gen("errors")
@@ -310,10 +357,18 @@ def test_gpu_full_shape_raw_exact(bits, shape):
     a = torch.randint(-128, 128, (m, k), generator=g, device="cuda", dtype=torch.int16).to(torch.int8)
     a[0] = -128
     a[-1] = 127
+    ref = {a_zp: gpu_raw_reference(a, a_zp, codes) for a_zp in (0, 255)}
     for a_zp in (0, 255):
-        out = qgemm(a, 0.01, a_zp, w, raw=True)
+        out = qgemm(a, 0.01, a_zp, w, raw=True)  # the autotuned configuration
         torch.cuda.synchronize()
-        assert torch.equal(out.to(torch.int64), gpu_raw_reference(a, a_zp, codes))
+        assert torch.equal(out.to(torch.int64), ref[a_zp])
+    for cfg in [c for c in GPU_CANDIDATES if c.kernel == "tma" and c.block_m <= max(64, m)]:  # each TMA candidate
+        try:
+            out = qgemm(a, 0.01, 255, w, raw=True, config=cfg)
+        except triton.runtime.errors.OutOfResources:  # too much shared memory for this epilogue: the autotuner
+            continue  # skips such a candidate too
+        torch.cuda.synchronize()
+        assert torch.equal(out.to(torch.int64), ref[255]), cfg
 
 
 @pytest.mark.parametrize("bits", BITS)

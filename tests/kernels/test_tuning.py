@@ -65,7 +65,7 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
     tuning._save_file()  # creates the parent directory
     data = json.loads(fresh_cache.read_text())
     assert data["Fake GPU|qgemm|m64|n768|k768|b4"] == {"block_m": 128, "block_n": 64, "block_k": 128, "group_m": 8,
-                                                       "num_warps": 4, "num_stages": 4}
+                                                       "num_warps": 4, "num_stages": 4, "kernel": "ptr"}
     assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process
@@ -75,6 +75,15 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
     tuning._memory.clear()
     tuning._load_file()  # loads once per process
     assert tuning._memory == {}
+
+
+def test_cache_file_from_before_the_kernel_field(fresh_cache):
+    """Entries written before ``TileConfig.kernel`` existed still load, as pointer-kernel configurations."""
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(json.dumps({"G|qgemm|m64|n768|k768|b4": {"block_m": 32, "block_n": 64, "block_k": 128,
+                                                                     "group_m": 8, "num_warps": 4, "num_stages": 4}}))
+    tuning._load_file()
+    assert tuning._memory == {"G|qgemm|m64|n768|k768|b4": TileConfig(32, 64, 128, 8, 4, 4, "ptr")}
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"k": {"block_m": 1}}', "[1, 2]"])
@@ -121,7 +130,7 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
     n = len(benched)
     assert pick_config("qgemm", 60, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n  # same bucket
     assert json.loads(fresh_cache.read_text()) == {"Fake GPU|qgemm|m64|n768|k768|b4": {
-        "block_m": 32, "block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}}
+        "block_m": 32, "block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4, "kernel": "ptr"}}
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: the file answers, no benchmark
     monkeypatch.setattr(tuning, "_loaded", False)
