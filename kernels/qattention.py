@@ -37,49 +37,46 @@ def _qattention_kernel(
     qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
     qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
     HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    groups = H // HEADS_PER_PROGRAM
-    b = pid // groups
-    h0 = (pid % groups) * HEADS_PER_PROGRAM
-    # several heads per program: the loop lets the compiler load the next head's q, k, v while this one computes
-    for h in tl.range(h0, h0 + HEADS_PER_PROGRAM, num_stages=LOOP_STAGES):
-        rows = tl.arange(0, BLOCK_L)
-        dims = tl.arange(0, BLOCK_D)
-        r_mask = rows < L
-        d_mask = dims < HD
-        base = qkv_ptr + b * stride_b + rows[:, None] * stride_l + h * HD + dims[None, :]
-        m2 = r_mask[:, None] & d_mask[None, :]
-        q = tl.load(base, mask=m2, other=-cq).to(tl.int8)
-        k = tl.load(base + D, mask=m2, other=-ck).to(tl.int8)
-        v = tl.load(base + 2 * D, mask=m2, other=-cv).to(tl.int8)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, BLOCK_L)
+    dims = tl.arange(0, BLOCK_D)
+    r_mask = rows < L
+    d_mask = dims < HD
+    base = qkv_ptr + b * stride_b + rows[:, None] * stride_l + h * HD + dims[None, :]
+    m2 = r_mask[:, None] & d_mask[None, :]
+    q = tl.load(base, mask=m2, other=-cq).to(tl.int8)
+    k = tl.load(base + D, mask=m2, other=-ck).to(tl.int8)
+    v = tl.load(base + 2 * D, mask=m2, other=-cv).to(tl.int8)
 
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-        q_sum = tl.sum(q.to(tl.int32), axis=1)
-        k_sum = tl.sum(k.to(tl.int32), axis=1)
-        s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
-        logits = s.to(tl.float32) * qk_scale * sm_scale
-        keep = r_mask[None, :] & (rows[:, None] >= 0)
-        if CAUSAL:
-            keep = keep & (rows[None, :] <= rows[:, None])
-        logits = tl.where(keep, logits, float("-inf"))
-        mx = tl.max(logits, axis=1)
-        e = tl.exp(logits - mx[:, None])
-        p = e / tl.sum(e, axis=1)[:, None]
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    q_sum = tl.sum(q.to(tl.int32), axis=1)
+    k_sum = tl.sum(k.to(tl.int32), axis=1)
+    s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
+    logits = s.to(tl.float32) * qk_scale * sm_scale
+    keep = r_mask[None, :] & (rows[:, None] >= 0)
+    if CAUSAL:
+        keep = keep & (rows[None, :] <= rows[:, None])
+    logits = tl.where(keep, logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    e = tl.exp(logits - mx[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
 
-        pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
-        pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
-        pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
-        ps = (pu.to(tl.int32) - 128).to(tl.int8)
-        o = tl.dot(ps, v, out_dtype=tl.int32)
-        o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
-        o += BLOCK_L * cp * cv
-        y = o.to(tl.float32) * pv_scale
-        qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
-        qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
-        optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-        tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
+    pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
+    pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
+    pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
+    ps = (pu.to(tl.int32) - 128).to(tl.int8)
+    o = tl.dot(ps, v, out_dtype=tl.int32)
+    o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
+    o += BLOCK_L * cp * cv
+    y = o.to(tl.float32) * pv_scale
+    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
+    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
+    optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
+    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
 
 
 def _f32_product(a: float, b: float) -> float:
@@ -94,9 +91,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False,
-               num_warps: int = 4, heads_per_program: int = 1, loop_stages: int = 1) -> torch.Tensor:
-    """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8).
-    ``heads_per_program`` (a divisor of ``heads``) and ``loop_stages`` trade grid size against load pipelining."""
+               num_warps: int = 4) -> torch.Tensor:
+    """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8)."""
     if qkv.dtype != torch.int8 or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
         raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
     qkv = qkv.contiguous()
@@ -106,10 +102,8 @@ def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = F
     block_l = _pow2(length)
     if block_l > 128:
         raise ValueError(f"qattention is the short-sequence kernel (L <= 128), got L={length}")
-    if heads_per_program < 1 or heads % heads_per_program:
-        raise ValueError(f"heads_per_program must divide {heads} heads, got {heads_per_program}")
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
-    grid = (bsz * heads // heads_per_program,)
+    grid = (bsz * heads,)
     _qattention_kernel[grid](
         qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         _f32_product(sites.q[0], sites.k[0]), 128 - sites.q[1], 128 - sites.k[1], 128 - sites.v[1],
@@ -117,7 +111,7 @@ def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = F
         float(sites.out[1]), 1.0 / math.sqrt(hd),
         HD=hd, BLOCK_L=block_l, BLOCK_D=_pow2(hd), CAUSAL=causal,
         P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1),
-        HEADS_PER_PROGRAM=heads_per_program, LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=1,
     )
     return out
 

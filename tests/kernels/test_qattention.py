@@ -172,20 +172,6 @@ def test_bad_inputs_raise(device):
         qattention(ok, 5, sites)  # 3D not divisible by 3 * heads
 
 
-@pytest.mark.parametrize("heads_per_program,loop_stages", [(2, 2), (4, 1), (4, 2)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_heads_per_program(poison, device, heads_per_program, loop_stages, causal):
-    """Programs that loop over several heads write every head of every image, with the same codes."""
-    g = gen("attn-hpp", heads_per_program, loop_stages, causal)
-    qkv, sites = make_case(3, 50, 4, 16, ZPS[1], P_SITES[0], g, device)
-    ref = qattention_reference(qkv, 4, sites, causal)
-    for out in run_poisoned(poison, (77, -5), qkv, 4, sites, causal, heads_per_program=heads_per_program,
-                            loop_stages=loop_stages):
-        check_attention(out, ref, qkv, 4, sites, causal)
-    with pytest.raises(ValueError):
-        qattention(qkv, 4, sites, heads_per_program=3)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("site", range(len(P_SITES)), ids=[f"p{p}zp{z}-out{o}" for p, z, o in P_SITES])
@@ -193,8 +179,6 @@ def test_gpu_vit_b32_shape(site):
     """ViT-B/32 image tower: B = 256 images, L = 50 tokens, 12 heads x 64."""
     g = gen("gpu-attn", site)
     qkv, sites = make_case(256, 50, 12, 64, ZPS[site], P_SITES[site], g, "cuda")
-    ref = qattention_reference(qkv, 12, sites)
-    for hpp, stages, warps in ((1, 1, 4), (2, 2, 4), (3, 2, 4), (4, 2, 8), (6, 2, 4), (12, 2, 4)):
-        out = qattention(qkv, 12, sites, num_warps=warps, heads_per_program=hpp, loop_stages=stages)
-        torch.cuda.synchronize()
-        check_attention(out, ref, qkv, 12, sites, False)
+    out = qattention(qkv, 12, sites)
+    torch.cuda.synchronize()
+    check_attention(out, qattention_reference(qkv, 12, sites), qkv, 12, sites, False)
