@@ -161,6 +161,8 @@ def engine_parity(args) -> list:
     model = vit_b32()
     with tempfile.TemporaryDirectory() as d:
         for bits in ("8-8-8", "4-4-8", "2-2-8"):
+            if not want(f"engine {bits}"):
+                continue
             path = build_artifact(model, bits, Path(d) / f"{bits}.p4q")
             cpu, gpu = Engine.load(path), Engine.load(path, device="cuda")
             x = torch.randn(64, 3, 224, 224)
@@ -171,37 +173,51 @@ def engine_parity(args) -> list:
             log("engine", rows[-1])
         ref = Path("p4q_engine/assets/p4q_ref_tiny.safetensors")
         if ref.exists():
-            rows.extend(reference_parity(Path(d)))
+            rows.extend(reference_parity(Path(d), tuple(args.parity_artifact or ())))
     return rows
 
 
-def reference_parity(tmp: Path) -> list:
-    """The reference task: GPU engine vs CPU engine on every held-out test image."""
+def reference_parity(tmp: Path, extra: tuple = ()) -> list:
+    """The reference task: GPU engine vs CPU engine on every image of the split (PTQ artifacts at every bit config
+    on the held-out ``test`` split; ``extra`` artifacts, e.g. an exported P4Q model, on ``adapt_test``)."""
     from p4q_engine.artifact.export import export_ptq
     from p4q_engine.artifact.format import save
     from p4q_engine.clip.loading import load_clip
     from p4q_engine.clip.recipe import QuantRecipe
     from p4q_engine.data.datasets import load_dataset
     from p4q_engine.ptq import PTQSettings
-    from p4q_engine.runtime.engine import Engine
 
     loaded = load_clip("P4Q-Ref-Tiny")
     calib = load_dataset("reference", "calib", transform=loaded.preprocess)
     test = load_dataset("reference", "test", transform=loaded.preprocess)
-    rows = []
-    for bits in ("4-4-8", "2-2-8"):
+    jobs = []
+    for bits in ("8-8-8", "4-4-8", "3-3-8", "2-2-8"):
         art = export_ptq(loaded.model, loaded.tokenizer, QuantRecipe(bits), calib, test,
                          PTQSettings(device="cuda", progress=False))
-        path = tmp / f"ref-{bits}.p4q"
-        save(art, path)
-        cpu, gpu = Engine.load(path), Engine.load(path, device="cuda")
-        pix = torch.stack([test.dataset[i][0] for i in range(len(test.dataset))])
-        lc, lg = cpu.logits(pix, batch_size=256), gpu.logits(pix, batch_size=256)
-        rows.append({"artifact": f"reference task {bits} full", "images": len(pix),
-                     "top1_agree": float((lc.argmax(1) == lg.argmax(1)).float().mean()),
-                     "max_logit_diff": float((lc - lg).abs().max())})
-        log("engine", rows[-1])
-    return rows
+        save(art, tmp / f"ref-{bits}.p4q")
+        jobs.append((f"reference task PTQ {bits} full (omse)", tmp / f"ref-{bits}.p4q", test))
+    for path in extra:
+        jobs.append((f"reference task {Path(path).name}", Path(path),
+                     load_dataset("reference", "adapt_test", transform=loaded.preprocess)))
+    return [engine_pair(name, path, ds) for name, path, ds in jobs]
+
+
+def engine_pair(name: str, path: Path, ds) -> dict:
+    """Top-1 agreement and logit difference of the GPU and CPU engines on every image of ``ds``; for each
+    disagreement, the CPU engine's top-1/top-2 margin."""
+    from p4q_engine.runtime.engine import Engine
+
+    cpu, gpu = Engine.load(path), Engine.load(path, device="cuda")
+    pix = torch.stack([ds.dataset[i][0] for i in range(len(ds.dataset))])
+    lc, lg = cpu.logits(pix, batch_size=256), gpu.logits(pix, batch_size=256).cpu()
+    agree = lc.argmax(1) == lg.argmax(1)
+    top2 = lc.topk(2, dim=1).values
+    row = {"artifact": name, "images": len(pix), "top1_agree": float(agree.float().mean()),
+           "disagreements": int((~agree).sum()),
+           "disagreement_margins": [round(float(m), 5) for m in (top2[:, 0] - top2[:, 1])[~agree]],
+           "max_logit_diff": float((lc - lg).abs().max()), "mean_logit_diff": float((lc - lg).abs().mean())}
+    log("engine", row)
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -330,6 +346,8 @@ def part_models(args) -> dict:
     results: dict = {}
 
     def run(name, fn, dtype=torch.float32, batches=BATCHES):
+        if args.models and not any(name.startswith(m) for m in args.models):
+            return
         results[name] = []
         for b in batches:
             try:
@@ -341,6 +359,7 @@ def part_models(args) -> dict:
 
     import copy
 
+    want = (lambda name: not args.models or any(name.startswith(m) for m in args.models))
     m16 = copy.deepcopy(model).half().cuda()
     run("open_clip fp16 eager", lambda x: m16.encode_image(x), torch.float16)
     del m16
@@ -348,20 +367,25 @@ def part_models(args) -> dict:
     run("open_clip bf16 eager", lambda x: mbf.encode_image(x), torch.bfloat16)
     del mbf
     try:
+        if not want("fp8"):
+            raise RuntimeError("not selected")
         m8 = fp8_model(model)
         run("fp8 _scaled_mm", lambda x: m8.encode_image(x), torch.bfloat16)
         del m8
     except Exception as e:
-        results["fp8 _scaled_mm"] = [{"error": str(e).splitlines()[0]}]
-    q = QuantCLIP(model, QuantRecipe("4-4-8", observer="minmax")).cuda()
-    calibrate(q, [torch.randn(8, 3, 224, 224)], torch.randint(1, 49000, (8, 77)).index_fill_(1, torch.tensor([9]),
-                                                                                        49407), device="cuda",
-              progress=False)
-    run("fake-quant 4-4-8 (fp32)", lambda x: q.encode_image(x), batches=(1, 8, 64, 256))
-    del q
+        if want("fp8"):
+            results["fp8 _scaled_mm"] = [{"error": str(e).splitlines()[0]}]
+    if want("fake-quant"):
+        q = QuantCLIP(model, QuantRecipe("4-4-8", observer="minmax")).cuda()
+        tok = torch.randint(1, 49000, (8, 77)).index_fill_(1, torch.tensor([9]), 49407)
+        calibrate(q, [torch.randn(8, 3, 224, 224)], tok, device="cuda", progress=False)
+        run("fake-quant 4-4-8 (fp32)", lambda x: q.encode_image(x), batches=(1, 8, 64, 256))
+        del q
     torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as d:
         for bits in ("8-8-8", "4-4-8", "2-2-8"):
+            if not want(f"engine {bits}"):
+                continue
             path = build_artifact(model, bits, Path(d) / f"{bits}.p4q")
             kinds = ("ptr", "auto") if bits != "2-2-8" else ("auto",)
             for kind in kinds:  # "ptr": the engine before the TMA kernel, measured in the same run
@@ -378,7 +402,7 @@ def part_compile(args) -> dict:
 
     model = vit_b32()
     rows = []
-    for b in BATCHES:
+    for b in args.compile_batches:
         torch._dynamo.reset()
         m = copy.deepcopy(model).to(torch.bfloat16).cuda()
         fn = torch.compile(m.visual, mode="max-autotune", dynamic=False)
@@ -399,13 +423,26 @@ def part_compile(args) -> dict:
     return {"torch.compile bf16 max-autotune": rows}
 
 
-PARTS = {"parity": part_parity, "kernels": part_kernels, "models": part_models, "compile": part_compile}
+def part_reference_parity(args) -> dict:
+    """Only the reference-task GPU-vs-CPU engine parity (the ``parity`` part runs it after the kernel checks)."""
+    with tempfile.TemporaryDirectory() as d:
+        return {"engine": reference_parity(Path(d), tuple(args.parity_artifact or ()))}
+
+
+PARTS = {"parity": part_parity, "kernels": part_kernels, "models": part_models, "compile": part_compile,
+         "reference_parity": part_reference_parity}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="parity,kernels,models")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compile-batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES),
+                    help="batch sizes for the compile part (each compiles for minutes)")
+    ap.add_argument("--models", type=lambda v: v.split(","), default=None,
+                    help="models part: only rows whose name starts with one of these (comma separated)")
+    ap.add_argument("--parity-artifact", action="append", help="also check this reference-task .p4q (e.g. an "
+                    "exported P4Q model) GPU vs CPU engine on the adapt_test split; repeatable")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,11 @@ def ratios(series: dict) -> list[str]:
     lat = _row(series.get("engine 4-4-8", []), 1).get("p50_ms")
     if lat:
         out.append(f"* engine 4-4-8 latency at batch 1: **{lat:.3f} ms** (target <= 0.3 ms)")
+    for bits in ("8-8-8", "4-4-8"):
+        after, before = ips(f"engine {bits}", 1024), ips(f"engine {bits} (pointer qgemm only)", 1024)
+        if after and before:
+            out.append(f"* engine {bits} with the TMA qgemm candidates / pointer kernel only, batch 1024, same run: "
+                       f"**{after / before:.2f}x**")
     return out
 
 
@@ -84,36 +89,64 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts-dir", default="benchmarks/results/gpu")
     ap.add_argument("--out", default="benchmarks/results/gpu_bench")
+    ap.add_argument("--notes", default=None, help="markdown appended at the end (machines, caveats, analysis)")
     args = ap.parse_args()
     d = Path(args.parts_dir)
     parity, kernels, models, compiled = (_load(d, p) for p in ("parity", "kernels", "models", "compile"))
+    ref = _load(d, "reference_parity")
+    if ref.get("engine"):
+        parity = {**parity, "engine": parity.get("engine", []) + ref["engine"]}
     env = next((x["env"] for x in (models, kernels, parity, compiled) if "env" in x), {})
     lines = [f"# GPU benchmark: {env.get('gpu', '?')}", "",
              f"Date {env.get('date')}, torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}. "
              "ViT-B/32 with random weights (kernel time does not depend on values). Commands:", ""]
-    for x in (parity, kernels, models, compiled):
+    for x in (parity, ref, kernels, models, compiled):
         if "command" in x:
             lines.append(f"* `{x['command']}` ({x.get('seconds', 0):.0f} s)")
     lines.append("")
     if models or compiled:
         lines += ["## Image encoder", ""]
         table, series = models_table(models, compiled)
-        lines += table + [""] + ratios(series) + ["", "![throughput](gpu_bench.png)", ""]
+        png = Path(args.out).with_suffix(".png")
+        lines += table + [""] + ratios(series) + ["", f"![throughput]({png.name})", ""]
         plot(series, Path(args.out).with_suffix(".png"))
     if kernels.get("gemm"):
-        lines += ["## GEMM TOP/s (ViT-B/32 shapes)", "",
-                  "| M | layer | N x K | bf16 cuBLAS | torch._int_mm | fp8 _scaled_mm | qgemm W8 | W4 | W3 | W2 | W8 / _int_mm | W8 % of int8 peak |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        split = any("qgemm_tma_w8_tops" in r for r in kernels["gemm"])
+        lines += ["## GEMM TOP/s (ViT-B/32 shapes)", ""]
+        if split:
+            lines += ["qgemm Wb = the faster of the pointer and the persistent TMA kernel, each with its own best tile "
+                      "configuration (the autotuner chooses among both per shape, bits and epilogue); both are in "
+                      "the second table. bf16 output, bias epilogue.", ""]
+        lines += ["| M | layer | N x K | bf16 cuBLAS | torch._int_mm | fp8 _scaled_mm | qgemm W8 | W4 | W3 | W2 | "
+                  "W8 / _int_mm | W8 % of int8 peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in kernels["gemm"]:
             def t(k):
-                v = r.get(f"{k}_tops")
+                if split and k.startswith("qgemm_w"):
+                    b = k[len("qgemm_w"):]
+                    v = max(r.get(f"qgemm_ptr_w{b}_tops") or 0, r.get(f"qgemm_tma_w{b}_tops") or 0) or None
+                else:
+                    v = r.get(f"{k}_tops")
+                return v
+            def f(v):
                 return f"{v:.0f}" if v else "-"
-            ratio = (r["qgemm_w8_tops"] / r["int_mm_tops"]) if r.get("int_mm_tops") else None
-            lines.append(f"| {r['m']} | {r['layer']} | {r['n']}x{r['k']} | {t('bf16_cublas')} | {t('int_mm')} | "
-                         f"{t('fp8_scaled_mm')} | {t('qgemm_w8')} | {t('qgemm_w4')} | {t('qgemm_w3')} | "
-                         f"{t('qgemm_w2')} | {ratio:.2f}x | {100 * r['qgemm_w8_tops'] / 1979:.0f}% |"
-                         if ratio else f"| {r['m']} | {r['layer']} | ... | {t('qgemm_w8')} |")
+            w8 = t("qgemm_w8")
+            ratio = (w8 / r["int_mm_tops"]) if r.get("int_mm_tops") and w8 else None
+            lines.append(f"| {r['m']} | {r['layer']} | {r['n']}x{r['k']} | {f(t('bf16_cublas'))} | {f(t('int_mm'))} | "
+                         f"{f(t('fp8_scaled_mm'))} | {f(w8)} | {f(t('qgemm_w4'))} | {f(t('qgemm_w3'))} | "
+                         f"{f(t('qgemm_w2'))} | {ratio:.2f}x | {100 * w8 / 1979:.0f}% |"
+                         if ratio else f"| {r['m']} | {r['layer']} | ... | {f(w8)} |")
         lines.append("")
+        if split:
+            lines += ["### Pointer kernel vs persistent TMA kernel (TOP/s, same run)", "",
+                      "| M | layer | " + " | ".join(f"W{b} ptr | W{b} TMA | TMA/ptr" for b in (8, 4, 3, 2)) + " |",
+                      "|---|---|" + "---|---|---|" * 4]
+            for r in kernels["gemm"]:
+                cells = []
+                for b in (8, 4, 3, 2):
+                    pt, tm = r.get(f"qgemm_ptr_w{b}_tops"), r.get(f"qgemm_tma_w{b}_tops")
+                    cells += [f"{pt:.0f}", f"{tm:.0f}", f"{tm / pt:.2f}x"]
+                lines.append(f"| {r['m']} | {r['layer']} | " + " | ".join(cells) + " |")
+            lines.append("")
     if kernels.get("attention"):
         lines += ["## Attention (50 tokens, 12 heads x 64)", "", "| batch | qattention ms | SDPA bf16 ms | speedup |",
                   "|---|---|---|---|"]
@@ -137,9 +170,15 @@ def main() -> None:
             lines.append(f"* LN+quant M={r['m']}: max code diff {r['max_code_diff']}, "
                          f"{100 * r['frac_diff']:.4f}% differ")
         for r in parity.get("engine", []):
+            extra = ""
+            if r.get("disagreement_margins"):
+                extra = " (CPU engine top-1/top-2 margin of each disagreement: " + ", ".join(
+                    f"{m:.3f}" for m in r["disagreement_margins"]) + ")"
             lines.append(f"* engine GPU vs CPU, {r['artifact']}: top-1 agreement {100 * r['top1_agree']:.2f}% on "
-                         f"{r['images']} images, max logit diff {r['max_logit_diff']:.4f}")
+                         f"{r['images']} images, max logit diff {r['max_logit_diff']:.4f}{extra}")
         lines.append("")
+    if args.notes:
+        lines += [Path(args.notes).read_text().rstrip()]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -140,20 +140,24 @@ def start_server(artifact: str, args: argparse.Namespace) -> tuple[subprocess.Po
            "--max-queue", str(args.max_queue), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_warmup:
+        cmd += ["--no-warmup"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
+    t0 = time.monotonic()
+    end = t0 + args.ready_timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             sys.exit(f"serve_load: server exited with {proc.returncode}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                args.ready_after_s = round(time.monotonic() - t0, 1)
                 return proc, url, cmd
         except httpx.TransportError:
             pass
         time.sleep(0.1)
     proc.kill()
-    sys.exit("serve_load: server not ready after 120 s")
+    sys.exit(f"serve_load: server not ready after {args.ready_timeout:.0f} s")
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -290,6 +294,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--image-source", choices=("reference", "random"), default="reference")
     p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-warmup", action="store_true", help="start the server with --no-warmup")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for /readyz (a GPU server autotunes and captures every batch bucket first)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-queue", type=int, default=1024)
@@ -363,7 +370,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "expected_label_spread": len({label for label, _ in expected}),
         "server": {"url": url if args.url else "own subprocess on 127.0.0.1", "command": cmd,
                    "device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                   "max_queue": args.max_queue, "threads": args.threads or "torch default"},
+                   "max_queue": args.max_queue, "threads": args.threads or "torch default",
+                   "ready_after_s": getattr(args, "ready_after_s", None), "warmup": not args.no_warmup,
+                   "autotune": os.environ.get("P4Q_AUTOTUNE", "1") != "0"},
         "note": "clients share the machine's CPU with the server",
         "levels": levels,
     }

@@ -1,6 +1,6 @@
 """Tile configurations for the Triton kernels, autotuned once per (GPU, shape bucket, bits) and cached on disk.
 
-Nothing is tuned at import time. The first call of a kernel at a new key times a small candidate list with
+Nothing is tuned at import time; ``P4Q_AUTOTUNE=0`` turns timing off altogether (first fitting candidate). The first call of a kernel at a new key times a small candidate list with
 ``triton.testing.do_bench`` and stores the winner in memory and in a JSON file (``$P4Q_TUNE_CACHE`` or
 ``~/.cache/p4q_engine/tuning.json``), so later processes start with the tuned configuration. Under
 ``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
@@ -119,8 +119,10 @@ def pick_config(name: str, m: int, n: int, k: int, bits: int, device: torch.devi
         _load_file()
         if key in _memory:
             return _memory[key]
-    if bench is None:
-        return candidates[0]
+    if bench is None or os.environ.get("P4Q_AUTOTUNE", "1") == "0":
+        # no timing (P4Q_AUTOTUNE=0: parity runs, where every tiling computes the same integers): the first
+        # candidate that fits, not cached
+        return next((c for c in candidates if _fits(c, m)), candidates[0])
     import triton
 
     best, best_t = candidates[0], float("inf")

@@ -322,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                          max_body_bytes=args.max_body_bytes, threads=args.threads, log_level=args.log_level,
-                         access_log=args.access_log,
+                         access_log=args.access_log, warmup=not args.no_warmup,
                          **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}))
     return serve(args.artifact, config)
 
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--log-level", default="info", type=_choice(("critical", "error", "warning", "info", "debug"),
                                                                  "log level"))
     v.add_argument("--access-log", action="store_true", help="log every request")
+    v.add_argument("--no-warmup", action="store_true",
+                   help="skip running every batch bucket before ready (GPU: tuning and graph capture then happen "
+                   "under the first requests)")
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")

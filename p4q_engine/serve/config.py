@@ -33,6 +33,8 @@ class ServeConfig:
     threads: Optional[int] = None
     log_level: str = "info"
     access_log: bool = False
+    #: Run every batch bucket once before /readyz turns 200 (GPU engine: autotuning and CUDA-graph capture).
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         checks = [

@@ -137,6 +137,16 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
     assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n
 
 
-def test_gpu_branch_without_bench_returns_first_candidate(fake_gpu, fresh_cache):
-    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu) == GPU_CANDIDATES[0]
+def test_gpu_branch_without_bench_returns_first_fitting_candidate(fake_gpu, fresh_cache):
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu) == next(c for c in GPU_CANDIDATES if c.block_m <= 64)
+    assert pick_config("qgemm", 51200, 768, 768, 4, fake_gpu) == GPU_CANDIDATES[0]
     assert tuning._memory == {}  # an untuned guess is not cached
+
+
+def test_autotune_off_takes_first_fitting_candidate(fake_gpu, fresh_cache, monkeypatch):
+    """P4Q_AUTOTUNE=0: no benchmark runs, the first candidate that fits M is used, nothing is cached."""
+    monkeypatch.setenv("P4Q_AUTOTUNE", "0")
+    calls: list = []
+    cfg = pick_config("qgemm", 50, 768, 768, 4, fake_gpu, lambda c: calls.append(c))
+    assert cfg == next(c for c in GPU_CANDIDATES if c.block_m <= 64) and cfg != GPU_CANDIDATES[0]
+    assert calls == [] and tuning._memory == {} and not fresh_cache.exists()

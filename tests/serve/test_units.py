@@ -111,3 +111,31 @@ def test_batcher_splits_and_coalesces_and_contains_failures(engine, good_images)
     with pytest.raises(ServeError) as e:
         _run(b, [pixels[0:1]])
     assert e.value.kind == "not_ready"
+
+
+def test_warm_up_runs_every_bucket_once_on_graph_engines():
+    """A CUDA-graph engine sees each power-of-two bucket up to --max-batch before the server is ready; an engine
+    without graphs (CPU) is not run at all."""
+    import torch
+
+    from p4q_engine.runtime.kernel_engine import KernelEngine
+    from p4q_engine.serve.server import warm_up
+
+    class FakeGraphEngine:
+        use_graphs = True
+        image_size = (8, 8)
+        bucket = staticmethod(KernelEngine.bucket)
+
+        def __init__(self) -> None:
+            self.seen: list[tuple] = []
+
+        def embed(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+            self.seen.append((tuple(pixels.shape), batch_size))
+            return torch.zeros(pixels.shape[0], 4)
+
+    eng = FakeGraphEngine()
+    assert warm_up(eng, 48) == [1, 2, 4, 8, 16, 32, 64]
+    assert eng.seen == [((b, 3, 8, 8), b) for b in (1, 2, 4, 8, 16, 32, 64)]
+    eng.use_graphs = False
+    eng.seen.clear()
+    assert warm_up(eng, 48) == [] and eng.seen == []
