@@ -68,7 +68,10 @@ class _Folder:
             self.packed(f"{prefix}.w", codes.reshape(w.shape), lin.w_spec, qp.scale)
         if lin.bias is not None:
             self.plain(f"{prefix}.bias", lin.bias)
-        site = self.site(f"{prefix}.in", lin.input_quant) if hasattr(lin, "input_quant") else in_site
+        # the layer's own input quantizer, else the site the caller names (the QAdapter's fc1 reads z_hat, which its
+        # in_quant produced: fc1's own quantizer is off, but its input is quantized all the same)
+        own = self.site(f"{prefix}.in", lin.input_quant) if hasattr(lin, "input_quant") else None
+        site = own if own is not None else in_site
         self.linears[prefix] = {"out_features": w.shape[0], "in_features": w.shape[1], "bias": lin.bias is not None,
                                 "weight_bits": None if lin.w_spec is None else lin.w_spec.bits, "in_site": site}
 

@@ -21,3 +21,12 @@ def test_fold_accepts_token_pooling(quant_clip):
     d = q.image_proj.out_features
     art = fold(q, torch.randn(3, d), ["a", "b", "c"], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
     assert art.manifest["vision"]["pool_type"] in ("tok", "avg")
+
+
+def test_adapter_fc1_reads_the_adapter_input_site(folded):
+    """The QAdapter's fc1 multiplies z_hat = in_quant(z): its own input quantizer is off, so the fold must give it
+    the adapter's input site, or the engine would multiply the unquantized z (a bug the divergence tracer found)."""
+    art = folded("4-4-8", "full").artifact
+    lin = art.manifest["linears"]
+    assert lin["adapter.fc1"]["in_site"] == "adapter.in" and art.manifest["sites"]["adapter.in"] is not None
+    assert lin["adapter.fc2"]["in_site"] is not None

@@ -340,3 +340,35 @@ def test_extra_block_in_the_tensors_is_refused(bundle):
     art.tensors["visual.blocks.7.ln_1.weight"] = torch.ones(64)
     with pytest.raises(ArtifactError, match=r"says 2 layers but the tensors hold blocks \[0, 1, 7\]"):
         Engine(art)
+
+
+# ------------------------------------------------------------------ divergence tracing (benchmarks/engine_parity_reference.py)
+def _encode(b):
+    return lambda x: b.adapter(b.qmodel.encode_image(x)) if b.adapter is not None else b.qmodel.encode_image(x)
+
+
+def test_divergence_trace_aligns_every_site(folded):
+    """Both paths' activation quantizations pair up site by site (patches vs image, k transposed, p before v), and on
+    an unperturbed engine any differing code is a float tie."""
+    from benchmarks.engine_parity_reference import first_divergence
+
+    b = folded("3-3-8", "full")
+    eng = Engine.load(b.path)
+    for i, img in enumerate(make_images(4, seed=1002)):
+        t = first_divergence(eng, _encode(b), img)
+        assert t["aligned"], t
+        assert t["sites"] == 1 + 8 * eng.cfg["layers"] + 1 + (2 if b.adapter is not None else 0)
+        assert t["site"] is None or t["float_tie"], repr(t)
+
+
+def test_divergence_trace_catches_a_real_difference(folded):
+    """A wrong scale at block 0's c_fc input site (1% off) is found at that site and is not called a float tie."""
+    from benchmarks.engine_parity_reference import first_divergence
+
+    b = folded("4-4-8", "full")
+    eng = Engine.load(b.path)
+    site = eng.blocks[0].c_fc.site
+    site.qp = type(site.qp)(site.qp.scale * 1.01, site.qp.zero_point, site.qp.spec)
+    t = first_divergence(eng, _encode(b), make_images(1, seed=1003)[0])
+    assert t["aligned"] and t["site"] is not None and t["codes_differ"] > 10
+    assert t["shape"][-1] == eng.blocks[0].c_fc.in_features and not t["float_tie"]
