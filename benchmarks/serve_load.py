@@ -360,6 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp.cleanup()
 
     report = {
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -383,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"- command: `{command}`", f"- date: {report['date']}",
           f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
           f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-          "(the machine is shared)",
+          "(the machine is shared)" + (f"; GPU {report['gpu']}" if report.get("gpu") else ""),
           f"- artifact: {description}; {len(engine.classnames)} classes",
           f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
           f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
