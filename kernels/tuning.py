@@ -1,9 +1,9 @@
 """Tile configurations for the Triton kernels, autotuned once per (GPU, shape bucket, bits) and cached on disk.
 
 Nothing is tuned at import time; ``P4Q_AUTOTUNE=0`` turns timing off altogether (first fitting candidate). The first
-call of a kernel at a new key times a small candidate list with ``triton.testing.do_bench`` and stores the winner in memory and in a JSON file (``$P4Q_TUNE_CACHE`` or
-``~/.cache/p4q_engine/tuning.json``), so later processes start with the tuned configuration. Under
-``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
+call of a kernel at a new key times a small candidate list with ``triton.testing.do_bench`` and stores the winner in
+memory and in a JSON file (``$P4Q_TUNE_CACHE`` or ``~/.cache/p4q_engine/tuning.json``), so later processes start
+with the tuned configuration. Under ``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
 """
 from __future__ import annotations
 
