@@ -221,9 +221,12 @@ def analysis(res: dict) -> list[str]:
               "change fixes that."]
     g = res.get("gpu_crosscheck")
     if g:
+        cpu = {"CoOp FP": coop, **{f"P4Q {b} {sc}": r["p4q"]["test"]["top1"] for (b, sc), r in rows.items()}}
+        gaps = [abs(v - cpu[k]) for k, v in g["top1"].items() if k in cpu]
         L += ["", f"Cross-check on a GPU ({g['device']}, {g['date']}, same code with `--device cuda`): "
               + ", ".join(f"{k} {v:.2f}" for k, v in g["top1"].items())
-              + ". CUDA kernels change the float rounding, so single runs differ by a few tenths."]
+              + f". CUDA kernels round differently, and training follows: the runs differ from the CPU ones by "
+              f"{min(gaps):.2f}-{max(gaps):.2f} points (most at 3 and 2 bits, where a flipped code weighs most)."]
     return L
 
 
