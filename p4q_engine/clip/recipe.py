@@ -100,7 +100,14 @@ class QuantRecipe:
 
     @property
     def name(self) -> str:
-        return f"{self.bits.name}/{self.scope}/{self.observer}"
+        """``bits/scope/observer`` plus any setting off its default, so two different recipes never share a name
+        (reports, caches)."""
+        obs = self.observer
+        if self.observer_kwargs:
+            obs += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.observer_kwargs.items())) + ")"
+        extra = ([f"edge{self.edge_bits}"] if self.edge_bits != 8 else []) + (
+            ["act-per-channel"] if self.per_channel_act else [])
+        return "/".join([self.bits.name, self.scope, obs, *extra])
 
     def plan(self) -> ScopePlan:
         return _FLOAT if self.bits.is_float else SCOPES[self.scope](self.bits, self.edge_bits)

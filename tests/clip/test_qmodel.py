@@ -371,6 +371,17 @@ def test_observer_kwargs_recipe_is_hashable_and_owns_its_dict():
     assert hash(QuantRecipe()) == hash(QuantRecipe())
 
 
+def test_recipe_name_tells_different_recipes_apart():
+    """Defaults keep the short name; every non-default setting shows, so different recipes never share a name."""
+    assert QuantRecipe("4-4-8", observer="omse").name == "4-4-8/full/omse"
+    names = {QuantRecipe("4-4-8", observer="percentile").name,
+             QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0}).name,
+             QuantRecipe("4-4-8", observer="percentile", edge_bits=4).name,
+             QuantRecipe("4-4-8", observer="percentile", per_channel_act=True).name}
+    assert len(names) == 4
+    assert "percentile=99.0" in QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0}).name
+
+
 @pytest.mark.parametrize("kwargs", [{"percentile": 10.0}, {"no_such_option": 1}])
 def test_bad_observer_kwargs_raise_config_error(kwargs):
     with pytest.raises(ConfigError):
