@@ -141,3 +141,32 @@ def test_kernel_engine_shares_the_vision_config_validation(artifacts, changes, m
     man["vision"].update(changes)
     with pytest.raises(ArtifactError, match=message):
         KernelEngine(Artifact(man, dict(art.tensors)), DEVICE)
+
+
+def test_kernel_engine_with_the_tma_gemm_matches_cpu_engine(artifacts, monkeypatch):
+    """The whole fused 4-4-8 tower with every eligible GEMM on the persistent TMA kernel (the Hopper path the
+    autotuner may pick) still equals the CPU engine - requantizing, GELU and residual epilogues included."""
+    from p4q_engine.kernels import qgemm as qgemm_mod
+    from p4q_engine.kernels import tuning
+    from p4q_engine.kernels.tuning import TileConfig
+
+    if HAS_CUDA:
+        monkeypatch.setenv("P4Q_QGEMM_KERNEL", "tma")
+    else:  # the interpreter always takes INTERPRET_CONFIG: make it a TMA configuration
+        monkeypatch.setattr(tuning, "INTERPRET_CONFIG", TileConfig(32, 32, 128, 2, 4, 1, "tma"))
+    used = []
+    real = qgemm_mod.tma_eligible
+
+    def eligible(a, w, cfg):
+        ok = real(a, w, cfg)
+        used.append(ok)
+        return ok
+
+    monkeypatch.setattr(qgemm_mod, "tma_eligible", eligible)
+    path = artifacts[("4-4-8", "full")]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    expected = Engine(load(path)).logits(images)
+    got = KernelEngine(load(path), DEVICE).logits(images)
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+    assert sum(used) >= 4 * TINY_CFG["vision_cfg"]["layers"]  # every block GEMM ran on the TMA kernel
