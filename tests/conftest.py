@@ -11,3 +11,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config) -> list[str]:
+    """Versions and device at the top of every run, so a committed GPU test log says where it ran."""
+    import datetime
+
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (Triton interpreter)"
+    return [f"p4q-engine: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+            f"triton {triton.__version__}, device {dev}"]
