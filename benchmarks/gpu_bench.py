@@ -147,7 +147,8 @@ def part_parity(args) -> dict:
     o = layernorm_quant(x, wln, bln, 1e-5, 0.03, 120)
     r = layernorm_quant_reference(x, wln, bln, 1e-5, 0.03, 120)
     diff = (o.cpu().int() - r.int()).abs()
-    res["layernorm"].append({"m": 51200, "max_code_diff": int(diff.max()), "frac_diff": float((diff > 0).float().mean())})
+    res["layernorm"].append({"m": 51200, "max_code_diff": int(diff.max()),
+                             "frac_diff": float((diff > 0).float().mean())})
     log("layernorm", res["layernorm"][-1])
     res["engine"] = engine_parity(args)
     return res

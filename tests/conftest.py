@@ -20,5 +20,6 @@ def pytest_report_header(config) -> list[str]:
     import triton
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (Triton interpreter)"
-    return [f"p4q-engine: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-            f"triton {triton.__version__}, device {dev}"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return [f"p4q-engine: {now:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, triton {triton.__version__}, "
+            f"device {dev}"]

@@ -148,7 +148,8 @@ class KernelEngine(Engine):
 
         cache = getattr(w, "_dq", None)
         if cache is None:
-            stored = unpack_reference([p.cpu() for p in w.artifact_planes()], w.bits, w.k).to(torch.int32) - (1 << (w.bits - 1))
+            planes = [p.cpu() for p in w.artifact_planes()]
+            stored = unpack_reference(planes, w.bits, w.k).to(torch.int32) - (1 << (w.bits - 1))
             cache = (stored.float() * w.scale.cpu()[:, None]).t().contiguous().to(self.device)
             w._dq = cache  # type: ignore[attr-defined]
         return cache

@@ -342,7 +342,8 @@ def test_extra_block_in_the_tensors_is_refused(bundle):
         Engine(art)
 
 
-# ------------------------------------------------------------------ divergence tracing (benchmarks/engine_parity_reference.py)
+# ------------------------------------------------------------------ divergence tracing
+# (benchmarks/engine_parity_reference.py)
 def _encode(b):
     return lambda x: b.adapter(b.qmodel.encode_image(x)) if b.adapter is not None else b.qmodel.encode_image(x)
 
