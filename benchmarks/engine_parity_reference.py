@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from p4q_engine.artifact.format import save
+from p4q_engine.runtime.divergence import first_divergence
 from p4q_engine.runtime.engine import Engine
 
 BITS = ("8-8-8", "4-4-8", "3-3-8", "2-2-8")
@@ -33,90 +34,6 @@ def _images(split: str, size: Optional[int]) -> torch.Tensor:
 
     ds = ReferenceDataset(split, size=size)
     return torch.stack([ds[i][0] for i in range(len(ds))])
-
-
-class _SiteTrace:
-    """Records, for every activation quantization of one forward pass, the pre-rounding values ``x / scale`` and the
-    site's zero point and code range. Both paths end in ``quantizer.round_half_up`` right after ``QParams.view_for``,
-    so patching those two sees the engine's and the fake-quant model's sites alike."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[torch.Tensor, float, int, int]] = []
-
-    def __enter__(self) -> "_SiteTrace":
-        from p4q_engine.quant import quantizer as q
-
-        self._q, self._round, self._view = q, q.round_half_up, q.QParams.view_for
-        current: dict = {}
-
-        def view_for(qp, x):
-            current["qp"] = qp
-            return self._view(qp, x)
-
-        def round_half_up(v):
-            qp = current.pop("qp", None)
-            if qp is not None and not qp.spec.per_channel:  # activation sites (weights are per-channel)
-                self.calls.append((v.detach().double().clone(), float(qp.zero_point), qp.spec.qmin, qp.spec.qmax))
-            return self._round(v)
-
-        q.QParams.view_for, q.round_half_up = view_for, round_half_up
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._q.QParams.view_for, self._q.round_half_up = self._view, self._round
-
-
-def _codes(v: torch.Tensor, zp: float, qmin: int, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.floor(v + 0.5) + zp, qmin, qmax)
-
-
-def _align(fq: list, eng: list, patch: tuple[int, int]) -> list[tuple[int, int, bool]]:
-    """Pairs (fake-quant call, engine call, transpose?) of the same site. The two paths visit the sites in nearly the
-    same order: the engine takes the image as patches, k transposed, and the probabilities before v; an engine call
-    with no fake-quant partner nearby (the adapter input quantized again for fc1) stays unpaired."""
-    from p4q_engine.runtime.engine import patchify
-
-    if fq and eng and fq[0][0].dim() == 4 and eng[0][0].dim() == 3:  # the patch-embedding input
-        fq[0] = (patchify(fq[0][0], patch),) + fq[0][1:]
-    pairs, used = [], set()
-    for j, (v, *_rest) in enumerate(eng):
-        for i in (j, j - 1, j + 1):
-            if 0 <= i < len(fq) and i not in used:
-                if fq[i][0].shape == v.shape:
-                    pairs.append((i, j, False))
-                elif v.dim() >= 2 and fq[i][0].shape == v.transpose(-1, -2).shape:
-                    pairs.append((i, j, True))
-                else:
-                    continue
-                used.add(i)
-                break
-    return pairs
-
-
-def first_divergence(engine: Engine, encode, image: torch.Tensor) -> dict:
-    """Where the engine and the fake-quant model first quantize one image differently, and whether that is a float
-    tie: the flipped elements' pre-rounding values lie within float rounding of a .5 boundary."""
-    with torch.no_grad(), _SiteTrace() as tf:
-        encode(image[None])
-    with torch.no_grad(), _SiteTrace() as te:
-        engine.logits(image[None])
-    pairs = _align(tf.calls, te.calls, engine.patch)
-    if len(pairs) != len(tf.calls):  # every fake-quant site paired (the engine may quantize z twice: adapter, fc1)
-        return {"aligned": False, "sites_fake_quant": len(tf.calls), "sites_engine": len(te.calls)}
-    for n, (i, j, tr) in enumerate(pairs):
-        vf, zp, lo, hi = tf.calls[i]
-        ve = te.calls[j][0].transpose(-1, -2) if tr else te.calls[j][0]
-        diff = _codes(vf, zp, lo, hi) != _codes(ve, zp, lo, hi)
-        if diff.any():
-            dv = (vf - ve).abs()
-            boundary = (vf - torch.floor(vf) - 0.5).abs()  # distance of the fake-quant value from its .5 boundary
-            return {"aligned": True, "site": n, "sites": len(pairs), "shape": list(vf.shape),
-                    "codes_differ": int(diff.sum()), "codes": int(diff.numel()),
-                    "max_boundary_distance_of_flipped": float(boundary[diff].max()),
-                    "max_abs_input_diff_of_flipped": float(dv[diff].max()),
-                    "max_abs_input_diff_before_rounding": float(dv.max()),
-                    "float_tie": bool((boundary[diff] <= dv[diff] + 1e-12).all() and float(dv.max()) < 1e-3)}
-    return {"aligned": True, "site": None, "sites": len(pairs)}
 
 
 def compare(name: str, engine: Engine, encode, images: torch.Tensor, encode64=None, batch: int = 250) -> dict:
