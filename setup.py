@@ -41,6 +41,7 @@ setup(
         "pytest>=8",
         "pytest-benchmark>=4",
         "hypothesis>=6",
+        "ruff>=0.8",  # lint + format check, run by .ci/run (its version is pinned in requirements.lock)
         # p4q serve: ASGI app + server, multipart bodies, metrics; httpx for its tests and benchmarks/serve_load.py
         "starlette>=0.40",
         "uvicorn>=0.30",
