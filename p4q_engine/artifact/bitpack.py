@@ -33,13 +33,13 @@ def words_per_row(width: int, k: int) -> int:
 
 
 def to_unsigned(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Stored form of codes: ``code - qmin`` as uint8 (signed grids are offset by ``2^(b-1)``)."""
-    return (codes.to(torch.int16) - spec.qmin).to(torch.uint8)
+    """Stored form of codes: ``code + spec.storage_offset`` as uint8 (signed grids are offset by ``2^(b-1)``)."""
+    return (codes.to(torch.int16) + spec.storage_offset).to(torch.uint8)
 
 
 def from_unsigned(stored: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Inverse of :func:`to_unsigned`: int8 for signed specs, uint8 for unsigned ones."""
-    v = stored.to(torch.int16) + spec.qmin
+    v = stored.to(torch.int16) - spec.storage_offset
     return v.to(torch.int8 if spec.signed else torch.uint8)
 
 

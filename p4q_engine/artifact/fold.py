@@ -43,7 +43,8 @@ class _Folder:
         for i, plane in enumerate(pack(to_unsigned(codes, spec), spec.bits)):
             self.tensors[f"{name}.p{i}"] = plane
             self.layouts[f"{name}.p{i}"] = {
-                "kind": "packed", "bits": spec.bits, "signed": spec.signed, "offset": -spec.qmin,
+                "kind": "packed", "bits": spec.bits, "signed": spec.signed, "grid": spec.grid,
+                "offset": spec.storage_offset,
                 "planes": list(widths), "plane": i, "order": "lsb-first-along-k", "logical_shape": [rows, k],
             }
         self.plain(f"{name}_scale", scale)

@@ -61,6 +61,18 @@ def fingerprint(*modules: nn.Module, extra: str = "") -> str:
     return h.hexdigest()[:24]
 
 
+def weight_quant_fingerprint(model: nn.Module) -> str:
+    """Every quantized weight's grid and calibrated per-channel scales: weight qparams are computed from the weights
+    by the observer (not stored as buffers), so a changed weight calibrator or grid must change the cache key."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        spec = getattr(m, "w_spec", None)
+        if spec is not None and hasattr(m, "weight_qparams"):
+            h.update(f"{name}:{spec.grid}:{spec.bits}".encode())
+            h.update(m.weight_qparams().scale.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("P4Q_CACHE") or Path.home() / ".cache" / "p4q_engine") / "features"
 
@@ -117,7 +129,8 @@ def build_adaptation_data(student: QuantCLIP, teacher: QuantCLIP, tokenizer, tra
 
     ``train_data``/``test_data`` are :class:`~p4q_engine.data.datasets.ZeroShotData`. The cache key includes
     ``cache_tag`` (e.g. dataset name, split and size) and fingerprints of both models."""
-    models_fp = fingerprint(student, extra=student.recipe.name) + fingerprint(teacher) if use_cache else ""
+    models_fp = (fingerprint(student, extra=student.recipe.name + weight_quant_fingerprint(student))
+                 + fingerprint(teacher)) if use_cache else ""
     feats = {}
     for name, data in (("train", train_data), ("test", test_data)):
         key = f"{cache_tag}|{name}|{len(data.dataset)}|{models_fp}|{getattr(data.dataset, 'transform', None)!r}"

@@ -53,10 +53,12 @@ def round_half_up(v: torch.Tensor) -> torch.Tensor:
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
     """Scale/zero point covering the clipping range ``[lo, hi]`` (per tensor or per channel).
 
-    Signed specs use restricted-range symmetric quantization: ``scale = max(|lo|, |hi|) / qmax`` and zero point 0, so
-    integer kernels need no weight zero-point correction (at 2 bits this is ternary: codes -1, 0, 1; the code -2 stays
-    legal but unused). Unsigned specs widen the range to contain 0 (so 0 is exact, needed for padding and ReLU) and
-    use ``scale = (hi - lo) / (qmax - qmin)``, ``zp = clamp(round(qmin - lo / scale), qmin, qmax)``.
+    Signed specs are symmetric: ``scale = max(|lo|, |hi|) / qmax`` and zero point 0, so integer kernels need no
+    weight zero-point correction. On the ``full`` grid (:data:`~p4q_engine.quant.spec.WEIGHT_GRID`) the code
+    ``qmin = -(qmax + 1)`` is reached only by values below ``-max(|lo|, |hi|)``, i.e. where the calibrated range clips
+    (OMSE, percentile); on the ``restricted`` grid they clamp at ``-qmax``. Unsigned specs widen the range to contain
+    0 (so 0 is exact, needed for padding and ReLU) and use ``scale = (hi - lo) / (qmax - qmin)``,
+    ``zp = clamp(round(qmin - lo / scale), qmin, qmax)``.
     """
     lo = lo.detach().float()
     hi = hi.detach().float()

@@ -22,26 +22,58 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+#: Signed grids by name: ``full`` is two's complement, codes ``[-2^(b-1), 2^(b-1) - 1]`` (Eq. 2 of the paper; at 2
+#: bits the four levels -2..1); ``restricted`` drops the most negative code, ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (at 2
+#: bits ternary). The value is ``QuantSpec.narrow_range``.
+SIGNED_GRIDS: dict[str, bool] = {"full": False, "restricted": True}
+
+#: The grid every weight is quantized on (fake-quant, OMSE's objective, packer, both engines, kernels): ``full``,
+#: chosen on measurements (benchmarks/results/weight_grid.md): PTQ and P4Q on the reference task are as good or
+#: better with the extra level (2-bit OMSE weights use the code -2 for 6% of their values), it is the paper's Eq. 2,
+#: and every artifact written before the grid was recorded holds it. Scales stay ``max|w| / (2^(b-1) - 1)`` either
+#: way, so the extra negative level is reached only where the calibrated clipping range is narrower than ``max|w|``.
+WEIGHT_GRID = "full"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """The integer grid of one tensor.
 
-    ``signed`` specs are symmetric (zero point 0, codes in ``[-(2^(b-1)), 2^(b-1) - 1]``, Eq. 2 of the paper) and are
-    used for weights, per output channel (``ch_axis=0``). Unsigned specs are asymmetric (codes in ``[0, 2^b - 1]``
-    with an integer zero point, Eq. 3) and are used for activations, per tensor by default.
+    ``signed`` specs are symmetric (zero point 0) and are used for weights, per output channel (``ch_axis=0``); their
+    codes are ``[-2^(b-1), 2^(b-1) - 1]``, or ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with ``narrow_range`` (see
+    :data:`SIGNED_GRIDS`). Unsigned specs are asymmetric (codes in ``[0, 2^b - 1]`` with an integer zero point,
+    Eq. 3) and are used for activations, per tensor by default.
     """
 
     bits: int
     signed: bool
     per_channel: bool = False
     ch_axis: int = 0
+    narrow_range: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.narrow_range and not self.signed:
+            raise ConfigError("narrow_range applies to signed (weight) grids only")
+
+    @property
+    def grid(self) -> str:
+        """``full`` / ``restricted`` for signed specs, ``unsigned`` otherwise (recorded in the artifact)."""
+        if not self.signed:
+            return "unsigned"
+        return "restricted" if self.narrow_range else "full"
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) if self.signed else 0
+        if not self.signed:
+            return 0
+        return -(1 << (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def storage_offset(self) -> int:
+        """Added to a code before packing, so stored codes are ``[0, 2^b)``: ``2^(b-1)`` for every signed grid (the
+        packed layout and the kernels' unpacking do not depend on the grid), 0 for unsigned ones."""
+        return (1 << (self.bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
@@ -57,9 +89,18 @@ class QuantSpec:
         return f"{kind}{self.bits} {gran}"
 
 
+def signed_grid(name: str) -> bool:
+    """``narrow_range`` of the signed grid called ``name``; :class:`ConfigError` for an unknown name."""
+    if name not in SIGNED_GRIDS:
+        raise ConfigError(f"unknown signed grid {name!r}; choose from {', '.join(SIGNED_GRIDS)}")
+    return SIGNED_GRIDS[name]
+
+
 def weight_spec(bits: Optional[int]) -> Optional[QuantSpec]:
-    """Signed symmetric per-output-channel spec for a weight (``None`` keeps it float)."""
-    return None if bits is None else QuantSpec(bits, signed=True, per_channel=True, ch_axis=0)
+    """Signed symmetric per-output-channel spec on :data:`WEIGHT_GRID` for a weight (``None`` keeps it float)."""
+    if bits is None:
+        return None
+    return QuantSpec(bits, signed=True, per_channel=True, ch_axis=0, narrow_range=signed_grid(WEIGHT_GRID))
 
 
 def act_spec(bits: Optional[int], per_channel: bool = False) -> Optional[QuantSpec]:

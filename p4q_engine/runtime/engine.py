@@ -21,7 +21,7 @@ from p4q_engine.artifact.bitpack import from_unsigned, unpack
 from p4q_engine.artifact.format import Artifact, ArtifactError, load
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.quant.quantizer import QParams, dequantize, quantize
-from p4q_engine.quant.spec import QuantSpec
+from p4q_engine.quant.spec import SIGNED_GRIDS, QuantSpec
 from p4q_engine.runtime.images import ImageInput, build_transform, decode_image
 
 
@@ -48,15 +48,34 @@ class Site:
         return self.qp.scale
 
 
+def _packed_spec(name: str, layout: dict[str, Any]) -> QuantSpec:
+    """The weight grid a packed tensor's layout declares. Artifacts written before layouts named their grid hold the
+    ``full`` two's-complement grid (what the quantizer has always produced), so a missing ``grid`` means that."""
+    if layout.get("signed") is not True:
+        raise ArtifactError(f"tensor {name}.p0: packed weights must be signed (layout says {layout.get('signed')!r})")
+    grid = layout.get("grid", "full")
+    if grid not in SIGNED_GRIDS:
+        raise ArtifactError(f"tensor {name}.p0: unknown weight grid {grid!r}; this engine reads "
+                            f"{', '.join(SIGNED_GRIDS)}")
+    spec = QuantSpec(int(layout["bits"]), signed=True, per_channel=True, narrow_range=SIGNED_GRIDS[grid])
+    if layout.get("offset", spec.storage_offset) != spec.storage_offset:
+        raise ArtifactError(f"tensor {name}.p0: stored-code offset {layout.get('offset')!r} is not "
+                            f"{spec.storage_offset} (2^(bits-1))")
+    return spec
+
+
 def unpack_weight(art: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes ``[N, K]`` (int8) and per-row scales of a packed tensor."""
     layout = art.layout(f"{name}.p0")
     if layout.get("kind") != "packed":
         raise ArtifactError(f"tensor {name}.p0 is not packed")
-    spec = QuantSpec(int(layout["bits"]), signed=bool(layout["signed"]), per_channel=True)
+    spec = _packed_spec(name, layout)
     rows, k = layout["logical_shape"]
     planes = [art.tensors[f"{name}.p{i}"] for i in range(len(layout["planes"]))]
     codes = from_unsigned(unpack(planes, spec.bits, k), spec)
+    if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
+        raise ArtifactError(f"tensor {name}: codes [{int(codes.min())}, {int(codes.max())}] lie outside its "
+                            f"{spec.grid} {spec.bits}-bit grid [{spec.qmin}, {spec.qmax}]")
     scale = art.tensors[f"{name}_scale"]
     if codes.shape != (rows, k) or scale.shape != (rows,):
         raise ArtifactError(f"tensor {name}: packed shape does not match its logical shape")
