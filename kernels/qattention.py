@@ -1,6 +1,7 @@
-"""Fused quantized attention for short sequences (50 image tokens; 77 text tokens with the causal mask).
+"""Fused quantized attention: one tile per (image, head) for short sequences (ViT-B/32's 50 tokens, the text tower's
+77 with the causal mask), a tiled two-pass kernel for longer ones (ViT-B/16's 197, ViT-L/14's 257, 577 at 336 px).
 
-One program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation and
+Short kernel, one program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation and
 zero-point correction -> scaled logits -> fp32 softmax -> probabilities quantized to the Attention bits -> int8
 ``p v`` -> output requantized to the out-projection's input site. The attention matrix lives only in registers.
 
@@ -8,6 +9,14 @@ Inputs come from the in_proj GEMM's requantizing epilogue: shifted int8 codes ``
 For unsigned codes ``u`` with zero point ``z`` stored as ``s = u - 128``:
 ``sum (u1 - z1)(u2 - z2) = sum s1 s2 + c2 sum s1 + c1 sum s2 + n c1 c2`` with ``c = 128 - z``; padded rows and
 columns are loaded as ``s = -c`` so they contribute exactly zero and the sums can run over the padded tile.
+
+Tiled kernel, one program per (image, head, block of query rows): the probabilities are quantized on a fixed grid
+*after* normalisation, so the usual online softmax (rescaling a running output) cannot be used - a code needs the
+final row max and sum. Pass 1 streams the key blocks for the row max and the sum of ``exp(logit - max)`` (online
+rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
+and accumulates the integer ``p v`` (int32: at most 255 * 255 * 1025 < 2^31). The attention matrix never leaves
+registers; the cost is one extra ``q k^T`` (1.5x the tensor-core work of a single pass). The probabilities differ
+from the reference's only by float rounding of the row sum (a tie, see ``p4q_engine.quant.ties``).
 """
 from __future__ import annotations
 
@@ -79,6 +88,80 @@ def _qattention_kernel(
     tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
 
 
+@triton.jit
+def _qk_logits(q, k_ptrs, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D: tl.constexpr):
+    """Scaled logits of one key block, in the reference's fp32 operation order (see the short kernel)."""
+    k = tl.load(k_ptrs, mask=kmask, other=-ck).to(tl.int8)
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    k_sum = tl.sum(k.to(tl.int32), axis=1)
+    s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
+    return s.to(tl.float32) * qk_scale * sm_scale
+
+
+@triton.jit
+def _qattention_tiled_kernel(
+    qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
+    qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
+    HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    r_mask = rows < L
+    d_mask = dims < HD
+    head = qkv_ptr + b * stride_b + h * HD + dims[None, :]
+    q = tl.load(head + rows[:, None] * stride_l, mask=r_mask[:, None] & d_mask[None, :], other=-cq).to(tl.int8)
+    q_sum = tl.sum(q.to(tl.int32), axis=1)
+    n_end = L
+    if CAUSAL:
+        n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+
+    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    den = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        keys = n0 + cols
+        kmask = (keys < L)[:, None] & d_mask[None, :]
+        logits = _qk_logits(q, head + D + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum,
+                            BLOCK_D)
+        keep = (keys < L)[None, :] & (rows[:, None] >= 0)
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= rows[:, None])
+        logits = tl.where(keep, logits, float("-inf"))
+        new_mx = tl.maximum(mx, tl.max(logits, axis=1))
+        den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
+        mx = new_mx
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
+    for n0 in range(0, n_end, BLOCK_N):
+        keys = n0 + cols
+        kmask = (keys < L)[:, None] & d_mask[None, :]
+        logits = _qk_logits(q, head + D + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum,
+                            BLOCK_D)
+        keep = (keys < L)[None, :] & (rows[:, None] >= 0)
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= rows[:, None])
+        logits = tl.where(keep, logits, float("-inf"))  # exp -> 0, never an overflow on a masked key
+        p = tl.exp(logits - mx[:, None]) / den[:, None]
+        pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
+        pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
+        pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
+        ps = (pu.to(tl.int32) - 128).to(tl.int8)
+        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=kmask, other=-cv).to(tl.int8)
+        acc += tl.dot(ps, v, out_dtype=tl.int32)
+        acc += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
+        acc += BLOCK_N * cp * cv
+    y = acc.to(tl.float32) * pv_scale
+    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
+    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
+    optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
+    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=r_mask[:, None] & d_mask[None, :])
+
+
 def _f32_product(a: float, b: float) -> float:
     """``a * b`` rounded as fp32 operands and an fp32 product (what the reference computes). Passed to the kernel
     precomputed: the Triton interpreter keeps float scalar arguments as Python floats, so ``a * b`` inside the kernel
@@ -90,29 +173,50 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (n - 1).bit_length())
 
 
-def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False,
-               num_warps: int = 4) -> torch.Tensor:
-    """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8)."""
+#: Longest sequence the single-tile kernel takes; longer ones use the tiled kernel.
+SHORT_MAX_L = 128
+#: Tiled kernel: query rows per program and keys per step (tensor-core friendly; tuned on an H200, see
+#: benchmarks/results).
+TILED_BLOCK_M = 64
+TILED_BLOCK_N = 64
+
+
+def _scalar_args(sites: AttnSites, hd: int) -> tuple:
+    return (_f32_product(sites.q[0], sites.k[0]), 128 - sites.q[1], 128 - sites.k[1], 128 - sites.v[1],
+            sites.p[0], float(sites.p[1]), 128 - sites.p[1], _f32_product(sites.p[0], sites.v[0]), sites.out[0],
+            float(sites.out[1]), 1.0 / math.sqrt(hd))
+
+
+def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False, num_warps: int = 4,
+               kernel: str = "auto", block_m: int = TILED_BLOCK_M, block_n: int = TILED_BLOCK_N) -> torch.Tensor:
+    """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8).
+
+    ``kernel``: ``"short"`` (one tile per (image, head), L <= 128), ``"tiled"`` (any L), or ``"auto"`` (short when
+    it fits)."""
     if qkv.dtype != torch.int8 or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
         raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
+    if kernel not in ("auto", "short", "tiled"):
+        raise ValueError(f"unknown qattention kernel {kernel!r}")
     qkv = qkv.contiguous()
     bsz, length, d3 = qkv.shape
     d = d3 // 3
     hd = d // heads
-    block_l = _pow2(length)
-    if block_l > 128:
-        raise ValueError(f"qattention is the short-sequence kernel (L <= 128), got L={length}")
+    short = length <= SHORT_MAX_L if kernel == "auto" else kernel == "short"
+    if short and length > SHORT_MAX_L:
+        raise ValueError(f"the short qattention kernel takes L <= {SHORT_MAX_L}, got L={length}")
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
-    grid = (bsz * heads,)
-    _qattention_kernel[grid](
-        qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        _f32_product(sites.q[0], sites.k[0]), 128 - sites.q[1], 128 - sites.k[1], 128 - sites.v[1],
-        sites.p[0], float(sites.p[1]), 128 - sites.p[1], _f32_product(sites.p[0], sites.v[0]), sites.out[0],
-        float(sites.out[1]), 1.0 / math.sqrt(hd),
-        HD=hd, BLOCK_L=block_l, BLOCK_D=_pow2(hd), CAUSAL=causal,
-        P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1),
-        num_warps=num_warps, num_stages=1,
-    )
+    if bsz == 0 or length == 0:
+        return out
+    common = (qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+              *_scalar_args(sites, hd))
+    qmax = dict(P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1))
+    if short:
+        _qattention_kernel[(bsz * heads,)](*common, HD=hd, BLOCK_L=_pow2(length), BLOCK_D=_pow2(hd), CAUSAL=causal,
+                                           **qmax, num_warps=num_warps, num_stages=1)
+    else:
+        grid = (bsz * heads, triton.cdiv(length, block_m))
+        _qattention_tiled_kernel[grid](*common, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(hd),
+                                       CAUSAL=causal, **qmax, num_warps=num_warps, num_stages=2)
     return out
 
 

@@ -124,6 +124,36 @@ def test_qattention_matches_reference(poison, device, length, causal, heads, hd,
         check_attention(out, ref, qkv, heads, sites, causal)
 
 
+#: Tiled kernel cases (L, causal, heads, head dim): lengths past one tile and not a multiple of it (ViT-B/16's 197),
+#: the causal text length, head dims 80 and 104 (ViT-H/14, ViT-bigG/14) padded to a 128-wide tile, an odd head count.
+TILED = ((197, False, 1, 80), (150, False, 3, 16), (77, True, 2, 32), (130, True, 1, 104), (65, False, 5, 64))
+
+
+@pytest.mark.parametrize("length,causal,heads,hd", TILED, ids=[f"L{n}{'-causal' if c else ''}-{h}x{d}"
+                                                             for n, c, h, d in TILED])
+@pytest.mark.parametrize("site", range(len(P_SITES)), ids=[f"p{p}zp{z}-out{o}" for p, z, o in P_SITES])
+def test_tiled_qattention_matches_reference(poison, device, length, causal, heads, hd, site):
+    """The two-pass tiled kernel (small 32 x 32 tiles so every case spans several query and key blocks) gives the
+    reference's codes up to probability ties, like the short kernel."""
+    zps = ZPS[(site + heads) % len(ZPS)]
+    g = gen("attn-tiled", length, causal, heads, hd, site)
+    qkv, sites = make_case(2, length, heads, hd, zps, P_SITES[site], g, device)
+    ref = qattention_reference(qkv, heads, sites, causal)
+    sentinels = (77,) if sites.out_bits < 8 else (77, -5)
+    for out in run_poisoned(poison, sentinels, qkv, heads, sites, causal, kernel="tiled", block_m=32, block_n=32):
+        assert out.dtype == torch.int8 and out.shape == ref.shape
+        check_attention(out, ref, qkv, heads, sites, causal)
+
+
+def test_auto_picks_the_tiled_kernel_past_one_tile(device):
+    """L > 128 runs (the tiled kernel) and equals an explicitly tiled call; L <= 128 equals the short kernel."""
+    g = gen("auto")
+    qkv, sites = make_case(1, 129, 2, 16, ZPS[0], P_SITES[0], g, device)
+    assert torch.equal(qattention(qkv, 2, sites).cpu(), qattention(qkv, 2, sites, kernel="tiled").cpu())
+    short, _ = make_case(1, 50, 2, 16, ZPS[0], P_SITES[0], g, device)
+    assert torch.equal(qattention(short, 2, sites).cpu(), qattention(short, 2, sites, kernel="short").cpu())
+
+
 def test_output_rounding_tie_is_exact(device):
     """Regression: the output site's rounding must use the fp32 product ``s_p * s_v``. Here attention is one-hot
     (p = 1 exactly), so ``acc = 252 * 80 = 20160`` and ``y / s_o`` is 127.50001 with ``fp32(s_p) * fp32(s_v)`` (what
@@ -158,10 +188,10 @@ def test_causal_rows_ignore_later_tokens(device):
 def test_bad_inputs_raise(device):
     sites = AttnSites((0.01, 0), (0.01, 0), (0.01, 0), (1 / 255, 0), (0.01, 0))
     ok = torch.zeros(1, 8, 96, dtype=torch.int8, device=device)
-    with pytest.raises(ValueError):
-        qattention(torch.zeros(1, 129, 96, dtype=torch.int8, device=device), 2, sites)  # L > 128
-    with pytest.raises(ValueError):
-        qattention(torch.zeros(1, 200, 96, dtype=torch.int8, device=device), 2, sites, causal=True)
+    with pytest.raises(ValueError, match="short qattention kernel takes L <= 128"):
+        qattention(torch.zeros(1, 129, 96, dtype=torch.int8, device=device), 2, sites, kernel="short")
+    with pytest.raises(ValueError, match="unknown qattention kernel"):
+        qattention(ok, 2, sites, kernel="flash")
     with pytest.raises(ValueError):
         qattention(ok.to(torch.uint8), 2, sites)  # dtype
     with pytest.raises(ValueError):
