@@ -170,3 +170,65 @@ def test_kernel_engine_with_the_tma_gemm_matches_cpu_engine(artifacts, monkeypat
     assert float((got - expected).abs().max()) <= 1e-4
     assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
     assert sum(used) >= 4 * TINY_CFG["vision_cfg"]["layers"]  # every block GEMM ran on the TMA kernel
+
+
+# ------------------------------------------------------------------ long sequences (the tiled attention kernel)
+LONG_NAME = "P4Q-Test-Kernel-Long"
+#: 48 px / patch 4 = 144 patches + the class token: 145 tokens (> 128: the tiled kernel), 3 heads of 32 (head dims
+#: 80 and 104 are covered by tests/kernels/test_qattention.py; the interpreter makes every width expensive here).
+LONG_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 48, "layers": 1, "width": 96, "patch_size": 4, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def long_artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kernel_long_cfg")
+    (d / f"{LONG_NAME}.json").write_text(json.dumps(LONG_CFG))
+    open_clip.add_model_config(d)
+    torch.manual_seed(1)
+    model = open_clip.create_model(LONG_NAME).eval()
+    with torch.no_grad():  # sharper attention than open_clip's init, so probabilities use their grid
+        for blk in model.visual.transformer.resblocks:
+            blk.attn.in_proj_weight[: 2 * 96] *= 3.0
+    q = quantize_clip(model, QuantRecipe("4-4-8", scope="full", observer=OBSERVER))
+    calibrate(q, [torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(5))], _tokens(), progress=False)
+    with torch.no_grad():
+        tf = F.normalize(q.encode_text(_tokens()), dim=-1)
+    path = d / "long.p4q"
+    save(fold(q, tf, CLASSES, {**PREPROCESS, "size": [48, 48]}), path)
+    return path
+
+
+def test_kernel_engine_long_sequence_is_tie_only(long_artifact, kernel_calls):
+    """145 tokens, 3 heads: the GPU engine's codes equal the CPU engine's at every site up to float ties."""
+    from p4q_engine.runtime.kernel_divergence import kernel_first_divergence, untied_kernel_divergences
+
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))
+    cpu, gpu = Engine(load(long_artifact)), KernelEngine(load(long_artifact), DEVICE)
+    assert untied_kernel_divergences(gpu, cpu, images) == []
+    assert kernel_calls["qattention"] == 2  # one block per image, fused
+    t = kernel_first_divergence(gpu, cpu, images[0])
+    assert t["aligned"] and t["sites"] == 2 + 7 * 1
+    got, expected = gpu.logits(images), cpu.logits(images)
+    assert got.shape == expected.shape and torch.isfinite(got).all() and float(expected.std()) > 1e-3
+
+
+def test_kernel_tie_rule_catches_a_wrong_probability_grid(long_artifact, monkeypatch):
+    """The same check fails when the kernel engine quantizes the probabilities on a grid 1% off."""
+    from p4q_engine.kernels import qattention as qatt_mod
+    from p4q_engine.runtime.kernel_divergence import untied_kernel_divergences
+
+    real = kernel_engine.qattention
+
+    def skewed(qkv, heads, sites, *a, **kw):
+        p = (sites.p[0] * 1.01, sites.p[1])
+        return real(qkv, heads, qatt_mod.AttnSites(sites.q, sites.k, sites.v, p, sites.out, sites.p_bits,
+                                                   sites.out_bits), *a, **kw)
+
+    monkeypatch.setattr(kernel_engine, "qattention", skewed)
+    images = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(7))
+    bad = untied_kernel_divergences(KernelEngine(load(long_artifact), DEVICE), Engine(load(long_artifact)), images)
+    assert len(bad) == 1 and "attention output" in bad[0]["site"]
