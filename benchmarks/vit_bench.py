@@ -1,0 +1,231 @@
+"""Every open_clip ViT on the GPU engine (issue: tiled attention): parity, speed and memory against honest peers.
+
+    python benchmarks/vit_bench.py --parts attention,models --models ViT-B-16,ViT-L-14 --out $OUT
+
+Parts (each writes ``<out>/<part>.json``; ``--tag`` suffixes the file so several device calls can be merged):
+
+* ``attention``: qattention (single-tile kernel at 50 tokens, tiled kernel beyond) vs SDPA bf16 (flash) on the same
+  shapes, ViT-B/32, B/16, L/14, L/14-336 and H/14 attention, batch 64 and 256; a tile sweep of the tiled kernel.
+* ``models``: for each model (random weights through the project's ``load_clip``; kernel time does not depend on
+  values): quantize (minmax: calibration speed is not measured) -> calibrate on random images -> fold -> CPU engine
+  vs fake-quant (tie rule) -> GPU engine vs CPU engine (tie rule, site by site) at 8-8-8 and 4-4-8; then images/s,
+  p50 latency and peak memory at batch 1, 64, 256 for the engine and the two peers of ``benchmarks/peers.py``
+  (bf16 + GEMM patch embedding + SDPA, and fp8 row-wise, both ``torch.compile(mode="reduce-overhead")``), each
+  row's output checked against the fp32 tower (cosine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
+#: (name, tokens, heads, head dim) of each model's attention.
+ATTN_SHAPES = (("ViT-B-32", 50, 12, 64), ("ViT-B-16", 197, 12, 64), ("ViT-L-14", 257, 16, 64),
+               ("ViT-L-14-336", 577, 16, 64), ("ViT-H-14", 257, 16, 80))
+BATCHES = (256, 64, 1)  # 256 first: the compiled peers' static graph is the headline batch
+BITS = ("8-8-8", "4-4-8")
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def env() -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def bench_ms(fn, rep: int = 100) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def part_attention(args) -> dict:
+    from p4q_engine.kernels.qattention import AttnSites, qattention
+
+    sites = AttnSites((0.05, 120), (0.05, 131), (0.04, 128), (1 / 255, 0), (0.03, 127))
+    rows, sweep = [], []
+    for name, length, heads, hd in ATTN_SHAPES:
+        d = heads * hd
+        for b in (64, 256):
+            qkv = torch.randint(-128, 128, (b, length, 3 * d), device="cuda", dtype=torch.int8)
+            q, k, v = (torch.randn(b, heads, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            t_ours = bench_ms(lambda: qattention(qkv, heads, sites))
+            t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            row = {"model": name, "tokens": length, "heads": heads, "head_dim": hd, "batch": b,
+                   "qattention_ms": t_ours, "sdpa_bf16_ms": t_sdpa, "speedup_vs_sdpa": t_sdpa / t_ours,
+                   "kernel": "short" if length <= 128 else "tiled"}
+            if length <= 128:
+                row["tiled_ms"] = bench_ms(lambda: qattention(qkv, heads, sites, kernel="tiled"))
+            rows.append(row)
+            log("attention", row)
+            if length > 128 and b == 256:
+                for bm, bn, nw in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8),
+                                   (64, 32, 4), (32, 64, 4)):
+                    try:
+                        t = bench_ms(lambda: qattention(qkv, heads, sites, kernel="tiled", block_m=bm, block_n=bn,
+                                                        num_warps=nw), rep=50)
+                    except Exception as e:  # a tile that does not fit is skipped
+                        t = None
+                        log("sweep failed", bm, bn, nw, repr(e)[:200])
+                    sweep.append({"model": name, "tokens": length, "block_m": bm, "block_n": bn, "num_warps": nw,
+                                  "ms": t})
+                    log("sweep", sweep[-1])
+    return {"rows": rows, "sweep": sweep}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_artifact(loaded, bits: str, path: Path):
+    """Quantize (minmax), calibrate on two random batches on the GPU and fold; returns the calibrated model."""
+    from p4q_engine.artifact.export import preprocess_config
+    from p4q_engine.artifact.fold import fold
+    from p4q_engine.artifact.format import save
+    from p4q_engine.clip.calibrate import calibrate
+    from p4q_engine.clip.qmodel import QuantCLIP
+    from p4q_engine.clip.recipe import QuantRecipe
+
+    model = loaded.model
+    size = model.visual.image_size
+    q = QuantCLIP(model, QuantRecipe(bits, scope="full", observer="minmax")).cuda()
+    tok = loaded.tokenizer([f"a photo of class {i}" for i in range(20)])
+    g = torch.Generator().manual_seed(0)
+    calibrate(q, [torch.randn(8, 3, *size, generator=g) for _ in range(2)], tok, device="cuda", progress=False)
+    with torch.no_grad():
+        feats = F.normalize(q.encode_text(tok.cuda()).float(), dim=-1)
+    save(fold(q, feats.cpu(), [f"class {i}" for i in range(20)], preprocess_config(model)), path)
+    return q.cpu()
+
+
+def measure(fn, x: torch.Tensor) -> dict:
+    with torch.no_grad():
+        fn(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ms = bench_ms(lambda: fn(x), rep=50 if x.shape[0] >= 64 else 100)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    b = x.shape[0]
+    return {"batch": b, "p50_ms": ms, "images_per_s": b / (ms * 1e-3), "peak_mib": peak}
+
+
+def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(F.cosine_similarity(out.float().cpu(), ref.float().cpu(), dim=-1).min())
+
+
+def parity(q, path: Path, images: torch.Tensor) -> dict:
+    """CPU engine vs fake-quant (tie rule) and GPU engine vs CPU engine (tie rule, every site)."""
+    from p4q_engine.runtime.divergence import trace_disagreements
+    from p4q_engine.runtime.engine import Engine
+    from p4q_engine.runtime.kernel_divergence import kernel_first_divergence
+
+    cpu, gpu = Engine.load(path), Engine.load(path, device="cuda")
+    with torch.no_grad():
+        ref = F.normalize(q.encode_image(images), dim=-1) @ cpu.text.T * cpu.logit_scale
+    out = cpu.logits(images)
+    traces = trace_disagreements(cpu, q.encode_image, images, out, ref, noise=1e-3)
+    ktraces = [kernel_first_divergence(gpu, cpu, images[i]) for i in range(images.shape[0])]
+    gl = gpu.logits(images)
+    return {"cpu_vs_fake_quant": {"images": int(images.shape[0]), "traced": len(traces),
+                                  "untied": [t for t in traces if not t["tie"]]},
+            "gpu_vs_cpu": {"images": int(images.shape[0]), "top1_agree": int((gl.argmax(1) == out.argmax(1)).sum()),
+                           "max_logit_diff": float((gl - out).abs().max()),
+                           "first_divergences": [{k: v for k, v in t.items()} for t in ktraces],
+                           "untied": [t for t in ktraces if not t["aligned"] or (t["site"] and not t["tie"])]}}
+
+
+def part_models(args) -> dict:
+    from benchmarks.peers import compiled, peer_tower
+    from p4q_engine.clip.loading import load_clip
+    from p4q_engine.runtime.engine import Engine
+
+    res = {}
+    for name in args.models:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        loaded = load_clip(name)
+        visual = loaded.model.visual
+        size = visual.image_size
+        x = {b: torch.randn(b, 3, *size, device="cuda") for b in BATCHES}
+        with torch.no_grad():
+            ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in BATCHES}
+        visual.cpu()
+        entry = {"rows": [], "parity": {}}
+        for peer, fp8 in (("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
+                          ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True)):
+            try:
+                fn = compiled(peer_tower(visual, fp8=fp8))
+                for b in BATCHES:
+                    tc = time.perf_counter()
+                    row = measure(fn, x[b].bfloat16())
+                    row.update(path=peer, first_call_s=round(time.perf_counter() - tc, 1))
+                    with torch.no_grad():
+                        row["cos_vs_fp32_min"] = cosine(fn(x[b].bfloat16())[:8], ref[b])
+                    entry["rows"].append(row)
+                    log(name, row)
+                del fn
+                torch._dynamo.reset()
+            except Exception as e:
+                log(name, peer, "failed", repr(e)[:400])
+                traceback.print_exc()
+                entry["rows"].append({"path": peer, "error": repr(e)[:400]})
+            torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as d:
+            for bits in args.bits:
+                path = Path(d) / f"{bits}.p4q"
+                q = build_artifact(loaded, bits, path)
+                entry["parity"][bits] = parity(q, path, torch.randn(args.parity_images, 3, *size,
+                                                                    generator=torch.Generator().manual_seed(1)))
+                log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
+                del q
+                eng = Engine.load(path, device="cuda")
+                for b in BATCHES:
+                    tc = time.perf_counter()
+                    row = measure(eng.encode, x[b])
+                    row.update(path=f"p4q engine {bits}", first_call_s=round(time.perf_counter() - tc, 1),
+                               cos_vs_fp32_min=cosine(eng.encode(x[b])[:8], ref[b]))
+                    entry["rows"].append(row)
+                    log(name, row)
+                del eng
+                torch.cuda.empty_cache()
+        entry["wall_s"] = round(time.perf_counter() - t0, 1)
+        res[name] = entry
+        Path(args.out, f"models{args.tag}_partial.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+PARTS = {"attention": part_attention, "models": part_models}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="attention,models")
+    ap.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS))
+    ap.add_argument("--bits", type=lambda v: v.split(","), default=list(BITS))
+    ap.add_argument("--parity-images", type=int, default=2)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for part in args.parts.split(","):
+        t0 = time.perf_counter()
+        result = {"env": env(), "command": "python benchmarks/vit_bench.py " + " ".join(argv or sys.argv[1:]),
+                  "result": PARTS[part](args), "seconds": round(time.perf_counter() - t0, 1)}
+        Path(args.out, f"{part}{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
