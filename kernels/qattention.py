@@ -14,9 +14,9 @@ Tiled kernel, one program per (image, head, block of query rows): the probabilit
 *after* normalisation, so the usual online softmax (rescaling a running output) cannot be used - a code needs the
 final row max and sum. Pass 1 streams the key blocks for the row max and the sum of ``exp(logit - max)`` (online
 rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
-and accumulates the integer ``p v`` (int32: at most 255 * 255 * 1025 < 2^31). The attention matrix never leaves
-registers; the cost is one extra ``q k^T`` (1.5x the tensor-core work of a single pass). The probabilities differ
-from the reference's only by float rounding of the row sum (a tie, see ``p4q_engine.quant.ties``).
+and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255] per key block, exact, summed
+in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. The probabilities differ
+from the reference's only by float rounding of the row sum and of one reciprocal (ties, ``p4q_engine.quant.ties``).
 """
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ def _qattention_tiled_kernel(
     if CAUSAL:
         n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
 
+    # pass 1: row max and sum of exp(logit - max) (the sum rescaled when the max grows)
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
@@ -136,6 +137,11 @@ def _qattention_tiled_kernel(
         den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
         mx = new_mx
 
+    # pass 2: probability codes u = floor(p / s_p + 0.5) + z_p with p / s_p = e * (1 / (den * s_p)) - one multiply
+    # instead of two divisions (a few ulps of p / s_p <= 255: within TIE_EPS of the reference's value). A masked key
+    # has e = 0, hence u = z_p: it adds (u - z_p) * (v - z_v) = 0 to the output with no select.
+    inv = 1.0 / (den * sp)
+    bias = zpp + 0.5
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_end, BLOCK_N):
         keys = n0 + cols
@@ -145,16 +151,13 @@ def _qattention_tiled_kernel(
         keep = (keys < L)[None, :] & (rows[:, None] >= 0)
         if CAUSAL:
             keep = keep & (keys[None, :] <= rows[:, None])
-        logits = tl.where(keep, logits, float("-inf"))  # exp -> 0, never an overflow on a masked key
-        p = tl.exp(logits - mx[:, None]) / den[:, None]
-        pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
-        pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
-        pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
-        ps = (pu.to(tl.int32) - 128).to(tl.int8)
-        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=kmask, other=-cv).to(tl.int8)
-        acc += tl.dot(ps, v, out_dtype=tl.int32)
-        acc += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
-        acc += BLOCK_N * cp * cv
+        e = tl.exp(tl.where(keep, logits, float("-inf")) - mx[:, None])
+        pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
+        # (u - z_p) and (v - z_v) lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24) exact in
+        # the fp32 tensor-core accumulator, so the fp16 dot is an exact integer P.V with no zero-point terms
+        pf = (pu - zpp).to(tl.float16)
+        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=kmask, other=-cv).to(tl.int32) + cv
+        acc += tl.dot(pf, v.to(tl.float16), out_dtype=tl.float32).to(tl.int32)
     y = acc.to(tl.float32) * pv_scale
     qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
     qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)

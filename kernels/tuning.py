@@ -119,10 +119,19 @@ def pick_config(name: str, m: int, n: int, k: int, bits: int, device: torch.devi
         _load_file()
         if key in _memory:
             return _memory[key]
-    if bench is None or os.environ.get("P4Q_AUTOTUNE", "1") == "0":
-        # no timing (P4Q_AUTOTUNE=0: parity runs, where every tiling computes the same integers): the first
-        # candidate that fits, not cached
-        return next((c for c in candidates if _fits(c, m)), candidates[0])
+    fitting = [c for c in candidates if _fits(c, m)] or [candidates[0]]
+    if bench is None:
+        return fitting[0]
+    if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
+        # no timing (parity runs, where every tiling computes the same integers): the first candidate that compiles
+        # and runs on this GPU (a large tile may need more shared memory than it has), not cached
+        for cfg in fitting:
+            try:
+                bench(cfg)
+                return cfg
+            except Exception:  # out of shared memory / registers: try the next one
+                continue
+        return fitting[0]
     import triton
 
     best, best_t = candidates[0], float("inf")

@@ -144,9 +144,21 @@ def test_gpu_branch_without_bench_returns_first_fitting_candidate(fake_gpu, fres
 
 
 def test_autotune_off_takes_first_fitting_candidate(fake_gpu, fresh_cache, monkeypatch):
-    """P4Q_AUTOTUNE=0: no benchmark runs, the first candidate that fits M is used, nothing is cached."""
+    """P4Q_AUTOTUNE=0: no timing; the first candidate that fits M and runs once is used, nothing is cached."""
     monkeypatch.setenv("P4Q_AUTOTUNE", "0")
     calls: list = []
     cfg = pick_config("qgemm", 50, 768, 768, 4, fake_gpu, lambda c: calls.append(c))
     assert cfg == next(c for c in GPU_CANDIDATES if c.block_m <= 64) and cfg != GPU_CANDIDATES[0]
-    assert calls == [] and tuning._memory == {} and not fresh_cache.exists()
+    assert calls == [cfg] and tuning._memory == {} and not fresh_cache.exists()
+
+
+def test_autotune_off_skips_a_candidate_that_does_not_run(fake_gpu, fresh_cache, monkeypatch):
+    """A tile that needs more shared memory than the GPU has (it raises at launch) is skipped, not returned."""
+    monkeypatch.setenv("P4Q_AUTOTUNE", "0")
+    fitting = [c for c in GPU_CANDIDATES if c.block_m <= 64]
+
+    def bench(c):
+        if c == fitting[0]:
+            raise RuntimeError("out of resource: shared memory")
+
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench) == fitting[1]
