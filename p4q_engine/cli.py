@@ -315,16 +315,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve an artifact over HTTP with dynamic batching (see p4q_engine/serve and the README's "Serving")."""
     from p4q_engine.serve.config import ServeConfig
-    from p4q_engine.serve.server import serve
+    from p4q_engine.serve.server import ConnectionLimits, serve
 
     if not Path(args.artifact).is_file():
         raise ConfigError(f"artifact {args.artifact} does not exist")
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout_s, timeout_keep_alive=args.timeout_keep_alive,
+                              limit_concurrency=args.limit_concurrency or None, max_header_bytes=args.max_header_bytes,
+                              shutdown_grace_s=args.shutdown_grace_s)
     config = ServeConfig(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                          max_body_bytes=args.max_body_bytes, threads=args.threads, log_level=args.log_level,
                          access_log=args.access_log, warmup=not args.no_warmup,
                          **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}))
-    return serve(args.artifact, config)
+    return serve(args.artifact, config, limits)
 
 
 def _p4q_config(args: argparse.Namespace):
@@ -498,6 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-warmup", action="store_true",
                    help="skip running every batch bucket before ready (GPU: tuning and graph capture then happen "
                    "under the first requests)")
+    v.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="seconds a connection may take to send a complete request head (408 / closed past it)")
+    v.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection "
+                   "stays open")
+    v.add_argument("--limit-concurrency", type=int, default=512,
+                   help="most open connections served at once; requests beyond get 503 overloaded (0: no limit)")
+    v.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                   help="largest request line + headers in bytes (400 over it)")
+    v.add_argument("--shutdown-grace-s", type=float, default=None,
+                   help="seconds requests in flight may take after SIGTERM before they get 503 not_ready "
+                   "(default: --timeout-s + 5)")
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")

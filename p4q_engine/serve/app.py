@@ -12,9 +12,13 @@
 =====================  ===============================================================================
 
 Results are in request order. Every error is ``{"error": {"kind", "message"[, "index"]}}``
-(:mod:`p4q_engine.serve.errors`). The handler of a request reads its body (capped), parses and validates it,
-decodes and preprocesses its images in a worker thread of the thread pool, and only then queues the pixels for the
-batch worker (:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
+(:mod:`p4q_engine.serve.errors`), JSON rendered ASCII-only; that includes unknown paths (a trailing slash is a 404,
+never a redirect built from the Host header), unhandled bugs (500 ``internal``) and requests still unanswered when
+the shutdown grace period ends (503 ``not_ready``, :class:`ShutdownGuard`).
+
+The handler of a request reads its body (capped), parses and validates it, decodes and preprocesses its images in a
+worker thread of the thread pool, and only then queues the pixels for the batch worker
+(:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
 """
 from __future__ import annotations
 
@@ -34,10 +38,11 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p4q_engine.serve.batcher import Batcher, FaultHooks
 from p4q_engine.serve.config import ServeConfig
-from p4q_engine.serve.errors import ServeError
+from p4q_engine.serve.errors import ServeError, render_json
 from p4q_engine.serve.inputs import ParsedRequest, check_labels, parse_form, parse_json, prepare_images, rank
 from p4q_engine.serve.metrics import Metrics
 
@@ -46,6 +51,13 @@ log = logging.getLogger("p4q.serve")
 ENDPOINTS = ("/v1/classify", "/v1/embed", "/v1/labels", "/healthz", "/readyz", "/metrics")
 #: Bytes of an over-limit body still read (and dropped) so the client can read the 413 instead of a reset.
 DRAIN_LIMIT = 8 * 2**20
+
+
+class JSON(JSONResponse):
+    """Every JSON answer: ASCII-only, so a class name or message with a lone surrogate cannot make it a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return render_json(content)
 
 
 @dataclass
@@ -57,11 +69,31 @@ class ServeState:
     #: Set when SIGTERM/SIGINT arrived: /readyz answers 503 while in-flight requests finish.
     draining: bool = False
     started: float = field(default_factory=time.time)
+    #: The app's event loop and a future that resolves when the shutdown grace period is over (set at startup).
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    grace_over: Optional[asyncio.Future] = None
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Start draining: /readyz turns 503 now, and requests still unanswered ``grace_s`` seconds from now get a
+        JSON 503 (:class:`ShutdownGuard`). Safe to call from a signal handler (it only schedules work on the loop)."""
+        self.draining = True
+        loop, fut = self.loop, self.grace_over
+        if loop is None or fut is None or loop.is_closed():
+            return
+
+        def end_grace() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(lambda: loop.call_later(max(0.0, grace_s), end_grace))
+        except RuntimeError:  # the loop closed meanwhile: nothing is waiting any more
+            pass
 
 
 def error_response(state: ServeState, err: ServeError) -> JSONResponse:
     state.metrics.errors.labels(err.kind).inc()
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
 
 
 # ---------------------------------------------------------------- body reading
@@ -114,7 +146,11 @@ async def parse_body(request: Request, body: bytes, classify: bool, config: Serv
             await form.close()
         return parse_form(items, classify)
     if ctype == "application/json" or ctype.endswith("+json"):
-        return await run_in_threadpool(parse_json, body, classify)
+        try:
+            return await run_in_threadpool(parse_json, body, classify)
+        except ValueError as e:  # json.loads past sys.get_int_max_str_digits() (4300-digit int literals)
+            raise ServeError("bad_json", f"body is not valid JSON ({e.__class__.__name__}: "
+                             f"{str(e).split(';')[0][:120]})") from None
     raise ServeError("unsupported_media_type", f"content type {ctype or 'none'!r}: send multipart/form-data image "
                      "files or application/json with base64 images")
 
@@ -144,11 +180,14 @@ async def _infer(request: Request, classify: bool) -> Response:
         except asyncio.TimeoutError:
             job.cancelled = True
             raise ServeError("timeout", f"no result within {cfg.timeout_s:g} s (--timeout-s)") from None
+        except asyncio.CancelledError:  # shutdown grace over (ShutdownGuard): the worker skips its queued images
+            job.cancelled = True
+            raise
         if classify:
             payload = {"results": rank(result.logits, engine.classnames, parsed.top_k, subset)}
         else:
             payload = {"embeddings": result.embeddings.tolist()}
-        return JSONResponse(payload)
+        return JSON(payload)
     except ServeError as e:
         return error_response(state, e)
     except Exception as e:  # a bug, not the client's fault: answer 500 for this request only
@@ -166,11 +205,11 @@ async def embed(request: Request) -> Response:
 
 # ---------------------------------------------------------------- other routes
 async def labels(request: Request) -> Response:
-    return JSONResponse({"labels": list(request.app.state.serve.engine.classnames)})
+    return JSON({"labels": list(request.app.state.serve.engine.classnames)})
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSON({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
@@ -179,7 +218,7 @@ async def readyz(request: Request) -> Response:
         return error_response(state, ServeError("not_ready", "shutting down"))
     if state.engine is None or not state.batcher.alive:
         return error_response(state, ServeError("not_ready", "the batch worker is not running"))
-    return JSONResponse({"status": "ready", "device": str(state.engine.device),
+    return JSON({"status": "ready", "device": str(state.engine.device),
                          "classes": len(state.engine.classnames), "max_batch": state.config.max_batch})
 
 
@@ -197,6 +236,62 @@ async def http_error(request: Request, exc: Exception) -> Response:
     resp = error_response(request.app.state.serve, err)
     resp.status_code = exc.status_code
     return resp
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Any exception no handler caught (a bug): JSON 500 instead of Starlette's plain-text page (Starlette then
+    re-raises it, so uvicorn logs the traceback)."""
+    return error_response(request.app.state.serve, ServeError("internal", f"internal error ({exc.__class__.__name__})"))
+
+
+# ---------------------------------------------------------------- shutdown guard
+class ShutdownGuard:
+    """Bounds shutdown: a request still unanswered when the grace period ends gets a JSON 503 ``not_ready``.
+
+    Each HTTP request runs in a child task; the guard waits for it or for ``state.grace_over``, whichever comes
+    first. Waiting on the child (instead of relying on cancellation reaching the handler) matters because a handler
+    may sit in a worker thread (decoding) that a cancel cannot interrupt: the answer goes out at once and the child
+    is cancelled behind it, its late sends dropped. uvicorn's own cancellation (its ``timeout_graceful_shutdown``,
+    set a little longer) is caught the same way, so it never writes its plain-text 500."""
+
+    def __init__(self, app: ASGIApp, state: ServeState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        grace_over = self.state.grace_over
+        if scope["type"] != "http" or grace_over is None:
+            await self.app(scope, receive, send)
+            return
+        progress = {"started": False, "ours": False}
+
+        async def guarded_send(message: dict) -> None:
+            if progress["ours"]:
+                return  # the 503 already went out; the abandoned handler's answer is dropped
+            if message["type"] == "http.response.start":
+                progress["started"] = True
+            await send(message)
+
+        child = asyncio.ensure_future(self.app(scope, receive, guarded_send))
+        try:
+            await asyncio.wait((child, grace_over), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown limit passed first: answer, do not re-raise
+            pass
+        if child.done():
+            child.result()  # re-raise a handler's exception for Starlette's error middleware
+            return
+        if progress["started"]:  # mid-answer (a one-shot JSON body): let it finish, briefly
+            await asyncio.wait((child,), timeout=1.0)
+            if child.done():
+                child.result()
+                return
+        child.cancel()
+        child.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
+        progress["ours"] = True
+        if not progress["started"]:
+            err = ServeError("not_ready", "shutting down: no answer within the shutdown grace period "
+                             "(--shutdown-grace-s)", headers={"Retry-After": "1", "Connection": "close"})
+            log.warning("answering 503 to %s %s: shutdown grace period over", scope.get("method"), scope.get("path"))
+            await error_response(self.state, err)(scope, receive, send)
 
 
 # ---------------------------------------------------------------- metrics middleware
@@ -240,6 +335,8 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        state.grace_over = state.loop.create_future()
         batcher.start()
         log.info("batch worker started (max batch %d, max wait %g ms, queue %d images)", config.max_batch,
                  config.max_wait_ms, config.max_queue)
@@ -258,7 +355,11 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
-                    middleware=[Middleware(MetricsMiddleware, metrics=m)])
+    # Middleware order: Starlette's error middleware (-> internal_error) > metrics (counts the guard's 503s too) >
+    # shutdown guard > exception middleware (-> http_error) > router.
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: internal_error},
+                    middleware=[Middleware(MetricsMiddleware, metrics=m), Middleware(ShutdownGuard, state=state)])
+    app.router.redirect_slashes = False  # "/v1/labels/" is a 404, not a 307 whose Location trusts the Host header
     app.state.serve = state
     return app

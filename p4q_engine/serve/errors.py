@@ -6,6 +6,7 @@ message is for people and may change.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 #: kind -> HTTP status. Kinds are part of the API: add new ones, never rename.
@@ -18,12 +19,14 @@ KINDS: dict[str, int] = {
     "unknown_label": 400,      # labels names a class the artifact does not have (or is empty / repeats one)
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,    # the request head did not arrive within --header-timeout-s (then the connection closes)
     "payload_too_large": 413,  # body over --max-body-bytes
     "too_many_images": 413,    # more images in one request than the queue can ever hold (--max-queue)
     "unsupported_media_type": 415,
     "internal": 500,           # the batch holding this request's images failed; other batches are unaffected
-    "overloaded": 503,         # the queue is full: retry after the Retry-After seconds
-    "not_ready": 503,          # the batch worker is not running (or the server is shutting down)
+    "overloaded": 503,         # the queue is full, or --limit-concurrency connections are open: retry after Retry-After
+    "not_ready": 503,          # the batch worker is not running, or the server is shutting down (a request still
+                               # unanswered when --shutdown-grace-s ends gets this)
     "timeout": 504,            # the request waited longer than --timeout-s
 }
 
@@ -51,3 +54,10 @@ class ServeError(Exception):
 
     def __repr__(self) -> str:
         return f"ServeError({self.kind!r}, {self.message!r}, index={self.index})"
+
+
+def render_json(content: Any) -> bytes:
+    """Bytes of every JSON answer. ASCII only (``\\uXXXX`` escapes): a class name or message holding a lone
+    surrogate (legal in JSON text, not encodable as UTF-8) still renders instead of failing with a 500. NaN/inf are
+    refused (``ValueError``) because they are not JSON."""
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
