@@ -59,7 +59,7 @@ class Fp8RowwiseLinear(nn.Module):
 def _linear(weight: torch.Tensor, bias, fp8: bool) -> nn.Module:
     if fp8:
         return Fp8RowwiseLinear(weight, bias)
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
@@ -84,17 +84,17 @@ class SDPAAttention(nn.Module):
 
 
 def peer_tower(visual: nn.Module, fp8: bool = False, device: str = "cuda") -> nn.Module:
-    """A bf16 CUDA copy of ``visual`` with the GEMM patch embedding, SDPA attention and (``fp8``) fp8 Linears."""
-    m = copy.deepcopy(visual).float()
+    """A bf16 copy of ``visual`` on ``device`` with the GEMM patch embedding, SDPA attention and (``fp8``) fp8 block
+    Linears. The fp8 modules are built after the bf16 cast: casting them would turn their fp8 weights and fp32
+    scales into bf16."""
+    m = copy.deepcopy(visual).to(device=device, dtype=torch.bfloat16)
     m.conv1 = PatchGEMM(m.conv1)
     for blk in m.transformer.resblocks:
         blk.attn = SDPAAttention(blk.attn, fp8)
         if fp8:
             blk.mlp.c_fc = Fp8RowwiseLinear(blk.mlp.c_fc.weight.detach(), blk.mlp.c_fc.bias)
             blk.mlp.c_proj = Fp8RowwiseLinear(blk.mlp.c_proj.weight.detach(), blk.mlp.c_proj.bias)
-    if hasattr(m.transformer, "batch_first"):
-        m.transformer.batch_first = True
-    return m.to(device=device, dtype=torch.bfloat16).eval()
+    return m.eval()
 
 
 def compiled(tower: nn.Module, mode: str = "reduce-overhead"):

@@ -203,7 +203,10 @@ def _requant_for(ref_float: torch.Tensor, g: torch.Generator, bits: int, device:
     """Per-column output sites chosen so the codes use the whole grid and clamp at both ends on some columns."""
     n = ref_float.shape[1]
     qmax = (1 << bits) - 1
-    spread = ref_float.abs().amax(dim=0).clamp_min(1e-3)
+    # a column whose values are all ~0 (GELU's negative tail) still gets a step of at least 1% of the tensor's range:
+    # a real site's step is never ~1e-5 of its tensor's values, where float32 noise of ~1e-6 (the GPU's erf vs
+    # torch's, seen on an H200) would move values by hundredths of a code and no tolerance in code units could hold
+    spread = ref_float.abs().amax(dim=0).clamp_min(0.01 * float(ref_float.abs().max()) + 1e-3)
     scale = spread * 1.5 / qmax * (0.3 + torch.rand(n, generator=g))  # some columns saturate, some do not
     zp = torch.randint(0, qmax + 1, (n,), generator=g, dtype=torch.int32)
     zp[0], zp[-1] = 0, qmax  # extreme zero points
