@@ -496,8 +496,12 @@ async def run_hostile(url: str, cases: list[dict], concurrency: int, requests: i
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         before = (await c.get("/metrics")).text
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)), *(slow() for _ in range(slow_clients)))
-        wall = time.perf_counter() - t0
+
+        async def fast() -> float:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            return time.perf_counter() - t0
+
+        wall, *_ = await asyncio.gather(fast(), *(slow() for _ in range(slow_clients)))
         after = (await c.get("/metrics")).text
     rss_after = read_status(pid) if pid else {}
     # reconcile: every answer the clients got is counted by status and, for errors, by kind (the /metrics GET of
@@ -676,6 +680,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def code_state() -> str:
+    """The commit the run used, and which p4q_engine files differed from it (runs on a shared working tree)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "p4q_engine").splitlines()
+    return f"commit {head}" + (f" + uncommitted changes to {len(dirty)} p4q_engine file(s): "
+                               + ", ".join(line[3:] for line in dirty) if dirty else " (clean p4q_engine)")
+
+
 def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optional[subprocess.Popen],
                  cmd: Optional[list[str]], engine: Engine, images: list[bytes], image_desc: str, description: str,
                  info: dict, tmp: tempfile.TemporaryDirectory) -> int:
@@ -702,7 +720,7 @@ def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optiona
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "artifact": description, "artifact_info": info,
-        "images": image_desc, "server": {"command": cmd, "max_body_bytes": args.max_body_bytes,
+        "code": code_state(), "images": image_desc, "server": {"command": cmd, "max_body_bytes": args.max_body_bytes,
                                          "max_pixels": args.max_pixels, "threads": args.threads or "torch default"},
         "cases": [{k: c[k] for k in ("name", "status") if k in c} | {"kind": c.get("kind", "-")} for c in cases],
         "note": "clients share the machine's CPU with the server", "result": row,
@@ -714,7 +732,7 @@ def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optiona
           f"- command: `{command}`", f"- date: {report['date']}",
           f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
           f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-          "(the machine is shared with other work; the clients run on it too)",
+          "(the machine is shared with other work; the clients run on it too)", f"- code: {report['code']}",
           f"- artifact: {description}; {len(engine.classnames)} classes", f"- images: {image_desc}",
           f"- server: own subprocess on 127.0.0.1, `--max-body-bytes {args.max_body_bytes} --max-pixels "
           f"{args.max_pixels}`, torch threads {args.threads or 'default'}",
