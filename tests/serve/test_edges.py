@@ -4,6 +4,7 @@ period answering 503 JSON instead of uvicorn's plain-text 500."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import socket
@@ -292,11 +293,21 @@ def test_good_requests_still_served(edge_server, good_images):
 
 
 # ---------------------------------------------------------------- shutdown
+def _flat_png(side: int) -> bytes:
+    """A single-colour PNG: a few KB that decode to ``side``^2 pixels (slow to decode, cheap to send)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_sigterm_past_the_grace_period_answers_json_503(edge_servers, good_images):
-    """A queued request (the worker sleeps 4 s before its batch) and one whose body never finishes arriving are
-    both still unanswered when the 1-s grace period ends: each gets a JSON 503 not_ready (uvicorn's own cancel
-    wrote a plain-text 500), and the process still exits 0."""
+    """Three requests still unanswered when the 1-s grace period ends - one queued (the worker sleeps 4 s before
+    its batch), one whose body never finishes arriving, one decoding 32 4096x4096 PNGs (seconds of CPU) - each get
+    a JSON 503 not_ready (uvicorn's own cancel wrote a plain-text 500), and the process still exits 0."""
     srv = edge_servers["grace"]
+    big = _flat_png(4096)
     try:
         out: dict[str, object] = {}
 
@@ -306,19 +317,21 @@ def test_sigterm_past_the_grace_period_answers_json_503(edge_servers, good_image
                           b"Content-Length: 1000\r\n\r\n{\"images\": [")
                 out["slow"] = _read_until_closed(s, 30)
 
-        def queued() -> None:
+        def post(name: str, images: list[bytes]) -> None:
             try:
-                out["queued"] = httpx.post(srv.url + "/v1/classify", **files([good_images[0]]), timeout=30)
+                out[name] = httpx.post(srv.url + "/v1/classify", **files(images), timeout=40)
             except httpx.TransportError as e:
-                out["queued"] = e
+                out[name] = e
 
-        threads = [threading.Thread(target=slow_body), threading.Thread(target=queued)]
+        threads = [threading.Thread(target=slow_body), threading.Thread(target=post, args=("queued", good_images[:1])),
+                   threading.Thread(target=post, args=("decoding", [big] * 32))]
         for t in threads:
             t.start()
         end = time.monotonic() + 20
-        while time.monotonic() < end:  # until the worker holds the queued image
+        while time.monotonic() < end:  # until the worker holds the queued image and all three are being handled
             text = httpx.get(srv.url + "/metrics").text
-            if metric(text, "p4q_serve_images_total", '{endpoint="/v1/classify"}') >= 1:
+            if (metric(text, "p4q_serve_images_total", '{endpoint="/v1/classify"}') >= 1
+                    and metric(text, "p4q_serve_inflight_requests", "") - 1 >= 3):  # -1: this /metrics request
                 break
             time.sleep(0.05)
         t0 = time.monotonic()
@@ -326,9 +339,10 @@ def test_sigterm_past_the_grace_period_answers_json_503(edge_servers, good_image
         for t in threads:
             t.join(40)
         took = time.monotonic() - t0
-        r = out["queued"]
-        assert isinstance(r, httpx.Response), r
-        assert_error(r, 503, "not_ready")
+        for name in ("queued", "decoding"):
+            r = out[name]
+            assert isinstance(r, httpx.Response), (name, r)
+            assert_error(r, 503, "not_ready")
         raw, _, closed = out["slow"]
         _json_error(raw, 503, "not_ready")
         assert took < 15, took  # grace 1 s (+ scheduling); the worker alone would answer after 4 s
