@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline (504 past it)")
     v.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="request body cap (413 over it)")
     v.add_argument("--max-pixels", type=int, default=None,
-                   help="decoded pixels per image cap (decompression bombs; default: the engine's 50M)")
+                   help="decoded pixels per image cap (decompression bombs; default: 16777216 = 4096x4096)")
     v.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the engine (default: torch's, one per core)")
     v.add_argument("--log-level", default="info", type=_choice(("critical", "error", "warning", "info", "debug"),

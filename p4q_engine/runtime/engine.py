@@ -22,7 +22,7 @@ from p4q_engine.artifact.format import Artifact, ArtifactError, load
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.quant.quantizer import QParams, dequantize, quantize
 from p4q_engine.quant.spec import SIGNED_GRIDS, QuantSpec
-from p4q_engine.runtime.images import ImageInput, build_transform, decode_image
+from p4q_engine.runtime.images import ImageInput, build_transform
 
 
 @dataclass
@@ -417,7 +417,7 @@ class Engine:
         return x[:, 1:].mean(dim=1) if self.cfg["pool_type"] == "avg" else x[:, 0]
 
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return torch.stack([self.transform(decode_image(im)) for im in images])
+        return torch.stack([self.transform.load(im) for im in images])  # bounded decode (runtime/images.py)
 
     def _pixels(self, images: torch.Tensor | Sequence[ImageInput]) -> torch.Tensor:
         return images if isinstance(images, torch.Tensor) else self.preprocess(images)

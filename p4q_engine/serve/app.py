@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from p4q_engine.serve.batcher import Batcher, FaultHooks
 from p4q_engine.serve.config import ServeConfig
 from p4q_engine.serve.errors import ServeError, render_json
-from p4q_engine.serve.inputs import ParsedRequest, check_labels, parse_form, parse_json, prepare_images, rank
+from p4q_engine.serve.inputs import DecodePool, ParsedRequest, check_labels, parse_form, parse_json, rank
 from p4q_engine.serve.metrics import Metrics
 
 log = logging.getLogger("p4q.serve")
@@ -69,6 +69,8 @@ class ServeState:
     #: Set when SIGTERM/SIGINT arrived: /readyz answers 503 while in-flight requests finish.
     draining: bool = False
     started: float = field(default_factory=time.time)
+    #: Decode threads, budget and deadline of request images (inputs.DecodePool).
+    decoder: Optional[DecodePool] = None
     #: The app's event loop and a future that resolves when the shutdown grace period is over (set at startup).
     loop: Optional[asyncio.AbstractEventLoop] = None
     grace_over: Optional[asyncio.Future] = None
@@ -172,7 +174,7 @@ async def _infer(request: Request, classify: bool) -> Response:
             if len(parsed.images) > cfg.max_queue:
                 raise ServeError("too_many_images", f"{len(parsed.images)} images in one request; this server "
                                  f"queues at most {cfg.max_queue} (--max-queue)")
-            pixels = await run_in_threadpool(prepare_images, engine, parsed, cfg.max_pixels)
+            pixels = await state.decoder.prepare(engine, parsed, cfg.max_pixels, deadline, cfg.timeout_s)
             job = state.batcher.submit(pixels)
         state.metrics.images.labels(request.url.path).inc(job.n)
         try:
@@ -332,6 +334,7 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
     batcher = Batcher(engine, config.max_batch, config.max_wait_s, config.max_queue, m,
                       hooks if hooks is not None else FaultHooks.from_env())
     state = ServeState(engine, config, batcher, m)
+    state.decoder = DecodePool(config.decode_threads, config.decode_memory_mb * 2**20)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -345,6 +348,7 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
         finally:
             state.draining = True
             await run_in_threadpool(batcher.stop, 30.0)
+            state.decoder.shutdown()
             log.info("batch worker stopped after %d batches", batcher.batches)
 
     routes = [

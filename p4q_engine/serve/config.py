@@ -1,6 +1,7 @@
 """Settings of one ``p4q serve`` process, validated once (bad values are a :class:`ConfigError`: exit 2)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,8 +27,12 @@ class ServeConfig:
     timeout_s: float = 30.0
     #: Request body cap -> 413 (checked against Content-Length first, then while reading).
     max_body_bytes: int = 32 * 2**20
-    #: Decoded pixel cap per image (decompression bombs) -> 400.
+    #: Decoded pixel cap per image (decompression bombs) -> 400; see :mod:`p4q_engine.runtime.images`.
     max_pixels: int = MAX_PIXELS
+    #: Threads decoding request images; None: one per core this process may use.
+    decode_workers: Optional[int] = None
+    #: Bound on the bytes of decoded pixels in flight across all requests (one image may always decode alone).
+    decode_memory_mb: int = 512
     #: torch intra-op threads of the engine; None leaves torch's default (one per core). On a machine shared
     #: with other CPU-heavy processes, fewer threads avoid OpenMP oversubscription stalls.
     threads: Optional[int] = None
@@ -46,6 +51,8 @@ class ServeConfig:
             (self.max_body_bytes >= 1, "--max-body-bytes must be >= 1"),
             (self.max_pixels >= 4, "--max-pixels must be >= 4 (images need at least 2x2 pixels)"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (self.decode_workers is None or self.decode_workers >= 1, "decode_workers must be >= 1"),
+            (self.decode_memory_mb >= 1, "decode_memory_mb must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -54,3 +61,16 @@ class ServeConfig:
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
+
+    @property
+    def decode_threads(self) -> int:
+        """``decode_workers``, or the usable core count."""
+        return self.decode_workers or usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

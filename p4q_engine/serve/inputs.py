@@ -1,9 +1,10 @@
 """Request bodies -> validated options and preprocessed pixels, all in the request's own handler.
 
 Everything that can fail on user input happens here, before anything reaches the batch worker: parsing the JSON
-or multipart body, base64, ``top_k``/``labels`` checks, decoding (with the server's pixel cap), the aspect-ratio
-guard and the artifact's preprocessing. A bad image therefore fails only its own request (400, with its index),
-never a batch.
+or multipart body, base64, ``top_k``/``labels`` checks, decoding (with the server's pixel cap, reduced-scale JPEG
+decoding and the resize guard of :mod:`p4q_engine.runtime.images`) and the artifact's preprocessing, on the
+:class:`DecodePool`'s threads. A bad image therefore fails only its own request (400, with its index), never a
+batch.
 
 Two body forms (same fields, same answers):
 
@@ -14,17 +15,20 @@ Two body forms (same fields, same answers):
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 
 from p4q_engine.errors import ImageError
-from p4q_engine.runtime.images import decode_image
+from p4q_engine.runtime.images import DeadlineExceeded, DecodeBudget
 from p4q_engine.serve.errors import ServeError
 
 DEFAULT_TOP_K = 5
@@ -130,33 +134,31 @@ def parse_form(items: Sequence[tuple[str, Any]], classify: bool) -> ParsedReques
 
 
 # ---------------------------------------------------------------- images
-def _resized_pixels(width: int, height: int, preprocess: dict[str, Any]) -> float:
-    """Pixels the artifact's resize step would allocate (only 'shortest' mode grows with the aspect ratio)."""
-    if preprocess.get("resize_mode", "shortest") != "shortest":
-        return 0.0
-    size = preprocess["size"]
-    target = max(size) if isinstance(size, (list, tuple)) else int(size)
-    short, long = min(width, height), max(width, height)
-    return float(target) * math.ceil(long * target / short)
-
-
-def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int) -> torch.Tensor:
+def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int, deadline: Optional[float] = None,
+                   cancel: Optional[threading.Event] = None, budget: Optional[DecodeBudget] = None) -> torch.Tensor:
     """Decode and preprocess every image of a request -> ``[n, 3, H, W]``; the first bad one raises
-    ``bad_image`` with its index."""
-    preprocess = engine.manifest.get("preprocess", {})
+    ``bad_image`` with its index.
+
+    Each image costs what its header allows (:meth:`Preprocess.load`: reduced-scale JPEG decoding, the pixel cap
+    and the resize check before any pixel is decoded). Between images the request's ``deadline`` (monotonic) and
+    ``cancel`` are checked, so the images of a request that has already been answered 504 are never decoded; a
+    ``budget`` bounds the decoded bytes in flight across all requests."""
+    transform = engine.transform
+    reserve = None if budget is None else (lambda n: budget.hold(n, deadline))
     out = []
     for i, data in enumerate(req.images):
+        if (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+            raise ServeError("timeout", f"images not decoded within the deadline (--timeout-s; {i} of "
+                             f"{len(req.images)} done)")
         name = req.names[i] if i < len(req.names) else f"images[{i}]"
         if not data:
             raise ServeError("bad_image", f"{name}: empty image", index=i)
         try:
-            img = decode_image(data, name=name, max_pixels=max_pixels)
-            if _resized_pixels(img.width, img.height, preprocess) > max_pixels:
-                raise ImageError(f"{name}: {img.width}x{img.height} has too extreme an aspect ratio (resizing it "
-                                 f"would exceed the {max_pixels}-pixel limit)")
-            pixels = engine.preprocess([img])
+            pixels = transform.load(data, name=name, max_pixels=max_pixels, reserve=reserve).unsqueeze(0)
         except ImageError as e:
             raise ServeError("bad_image", str(e), index=i) from None
+        except DeadlineExceeded:
+            raise ServeError("timeout", "images not decoded within the deadline (--timeout-s)") from None
         except Exception as e:  # any other failure on user data (odd modes, truncated frames) is still that image's
             raise ServeError("bad_image", f"{name}: cannot preprocess image ({e.__class__.__name__})",
                              index=i) from None
@@ -164,6 +166,35 @@ def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int) -> torch.Te
             raise ServeError("bad_image", f"{name}: preprocessing produced non-finite values", index=i)
         out.append(pixels)
     return torch.cat(out)
+
+
+class DecodePool:
+    """The threads that decode request images: as many as the cores (not the 40 of the default thread pool, which
+    on 2 cores only multiplies memory), a byte budget of decoded pixels in flight (:class:`DecodeBudget`), and the
+    request deadline enforced while decoding: the handler answers 504 at the deadline, not when the decodes end,
+    and a timed-out request's images that have not started are skipped (the one being decoded finishes; its cost
+    is bounded by the pixel cap)."""
+
+    def __init__(self, workers: int, budget_bytes: int) -> None:
+        self.workers = workers
+        self.budget = DecodeBudget(budget_bytes)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p4q-decode")
+
+    async def prepare(self, engine: Any, req: ParsedRequest, max_pixels: int, deadline: float,
+                      timeout_s: float) -> torch.Tensor:
+        """:func:`prepare_images` on a decode thread, answered by ``deadline`` (``timeout`` ServeError past it)."""
+        cancel = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, prepare_images, engine, req, max_pixels,
+                                                         deadline, cancel, self.budget)
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ServeError("timeout", f"images not decoded within {timeout_s:g} s (--timeout-s)") from None
+        finally:
+            cancel.set()  # timed out, client gone or done: nothing more of this request is decoded
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def rank(logits: torch.Tensor, classnames: Sequence[str], top_k: int,
