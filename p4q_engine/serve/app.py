@@ -16,8 +16,9 @@ Results are in request order. Every error is ``{"error": {"kind", "message"[, "i
 never a redirect built from the Host header), unhandled bugs (500 ``internal``) and requests still unanswered when
 the shutdown grace period ends (503 ``not_ready``, :class:`ShutdownGuard`).
 
-The handler of a request reads its body (capped), parses and validates it, decodes and preprocesses its images in a
-worker thread of the thread pool, and only then queues the pixels for the batch worker
+The handler of a request reads its body (capped), parses and validates it, decodes and preprocesses its images in the
+bounded decode pool (:class:`p4q_engine.serve.inputs.DecodePool`: one thread per core, a decoded-pixel memory budget,
+the request's deadline enforced between images), and only then queues the pixels for the batch worker
 (:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
 """
 from __future__ import annotations

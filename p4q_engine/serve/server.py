@@ -245,6 +245,7 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
     from prometheus_client import disable_created_metrics
 
     from p4q_engine.runtime.engine import Engine
+    from p4q_engine.runtime.images import JPEG_DECLARED_FACTOR
     from p4q_engine.serve.app import create_app
 
     import torch
@@ -257,8 +258,9 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_created_metrics()
-    # PIL refuses images above 2x its own limit before ours applies; let --max-pixels be the one cap.
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, config.max_pixels)
+    # PIL refuses images above 2x its own limit before ours applies; let --max-pixels (and the larger size a baseline
+    # JPEG may declare, decoded reduced) be the one cap.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, config.max_pixels * JPEG_DECLARED_FACTOR)
     app = create_app(engine, config)
     log.info("loaded %s on %s: %d classes; warmed batch buckets %s", artifact, device, len(engine.classnames),
              warmed or "-")
