@@ -99,6 +99,18 @@ def _qk_logits(q, k_ptrs, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D: tl.
 
 
 @triton.jit
+def _block_logits(q, k_head, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
+                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
+    """Logits of the key block ``keys`` for the query ``rows``, ``-inf`` at padded (and, causal, later) keys."""
+    kmask = (keys < L)[:, None] & d_mask[None, :]
+    logits = _qk_logits(q, k_head + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D)
+    keep = (keys < L)[None, :] & (rows[:, None] >= 0)
+    if CAUSAL:
+        keep = keep & (keys[None, :] <= rows[:, None])
+    return tl.where(keep, logits, float("-inf"))
+
+
+@triton.jit
 def _qattention_tiled_kernel(
     qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
     qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
@@ -125,14 +137,8 @@ def _qattention_tiled_kernel(
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
-        keys = n0 + cols
-        kmask = (keys < L)[:, None] & d_mask[None, :]
-        logits = _qk_logits(q, head + D + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum,
-                            BLOCK_D)
-        keep = (keys < L)[None, :] & (rows[:, None] >= 0)
-        if CAUSAL:
-            keep = keep & (keys[None, :] <= rows[:, None])
-        logits = tl.where(keep, logits, float("-inf"))
+        logits = _block_logits(q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
+                               BLOCK_D, CAUSAL)
         new_mx = tl.maximum(mx, tl.max(logits, axis=1))
         den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
         mx = new_mx
@@ -145,18 +151,15 @@ def _qattention_tiled_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_end, BLOCK_N):
         keys = n0 + cols
-        kmask = (keys < L)[:, None] & d_mask[None, :]
-        logits = _qk_logits(q, head + D + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum,
-                            BLOCK_D)
-        keep = (keys < L)[None, :] & (rows[:, None] >= 0)
-        if CAUSAL:
-            keep = keep & (keys[None, :] <= rows[:, None])
-        e = tl.exp(tl.where(keep, logits, float("-inf")) - mx[:, None])
+        logits = _block_logits(q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
+                               BLOCK_D, CAUSAL)
+        e = tl.exp(logits - mx[:, None])
         pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
         # (u - z_p) and (v - z_v) lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24) exact in
         # the fp32 tensor-core accumulator, so the fp16 dot is an exact integer P.V with no zero-point terms
         pf = (pu - zpp).to(tl.float16)
-        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=kmask, other=-cv).to(tl.int32) + cv
+        vmask = (keys < L)[:, None] & d_mask[None, :]
+        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=vmask, other=-cv).to(tl.int32) + cv
         acc += tl.dot(pf, v.to(tl.float16), out_dtype=tl.float32).to(tl.int32)
     y = acc.to(tl.float32) * pv_scale
     qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
