@@ -158,16 +158,17 @@ def part_models(args) -> dict:
         loaded = load_clip(name)
         visual = loaded.model.visual
         size = visual.image_size
-        x = {b: torch.randn(b, 3, *size, device="cuda") for b in BATCHES}
+        x = {b: torch.randn(b, 3, *size, device="cuda") for b in args.batches}
         with torch.no_grad():
-            ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in BATCHES}
+            ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in args.batches}
         visual.cpu()
         entry = {"rows": [], "parity": {}}
-        for peer, fp8 in (("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
-                          ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True)):
+        peers = (("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
+                 ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True))
+        for peer, fp8 in peers if args.peers else ():
             try:
                 fn = compiled(peer_tower(visual, fp8=fp8))
-                for b in BATCHES:
+                for b in args.batches:
                     tc = time.perf_counter()
                     row = measure(fn, x[b].bfloat16())
                     row.update(path=peer, first_call_s=round(time.perf_counter() - tc, 1))
@@ -191,7 +192,7 @@ def part_models(args) -> dict:
                 log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
                 del q
                 eng = Engine.load(path, device="cuda")
-                for b in BATCHES:
+                for b in args.batches:
                     tc = time.perf_counter()
                     row = measure(eng.encode, x[b])
                     row.update(path=f"p4q engine {bits}", first_call_s=round(time.perf_counter() - tc, 1),
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS))
     ap.add_argument("--bits", type=lambda v: v.split(","), default=list(BITS))
     ap.add_argument("--parity-images", type=int, default=2)
+    ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES))
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="engine rows only (parity runs)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
