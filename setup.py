@@ -48,6 +48,7 @@ setup(
         "python-multipart>=0.0.18",
         "prometheus-client>=0.20",
         "httpx>=0.27",
+        "pydantic>=2.5,<3",  # the .p4q manifest schema (p4q_engine/artifact/schema.py)
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from p4q_engine.artifact.bitpack import from_unsigned, unpack
 from p4q_engine.artifact.format import Artifact, ArtifactError, load
+from p4q_engine.artifact.schema import ManifestSpec, parse_site, validate_manifest
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.quant.quantizer import QParams, dequantize, quantize
 from p4q_engine.quant.spec import SIGNED_GRIDS, QuantSpec
@@ -32,12 +33,14 @@ class Site:
     qp: QParams
 
     @classmethod
-    def from_manifest(cls, d: Optional[dict[str, Any]]) -> Optional["Site"]:
-        if d is None:
+    def from_manifest(cls, d: Optional[dict[str, Any]], name: str = "?") -> Optional["Site"]:
+        """The site a manifest entry describes (``None``: float), checked by the schema - strict types, a finite
+        positive scale, a zero point inside the grid - so no ``int()``/``bool()`` coercion can invent one."""
+        site = parse_site(name, d)
+        if site is None:
             return None
-        spec = QuantSpec(int(d["bits"]), signed=bool(d["signed"]))
-        return cls(QParams(torch.tensor(float(d["scale"])), torch.tensor(int(d["zero_point"]), dtype=torch.int32),
-                           spec))
+        return cls(QParams(torch.tensor(site.scale), torch.tensor(site.zero_point, dtype=torch.int32),
+                           QuantSpec(site.bits, signed=False)))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-point-corrected integer codes as float64 (exact)."""
@@ -246,10 +249,11 @@ def validate_vision_config(art: Artifact) -> dict[str, Any]:
         if not isinstance(cfg[key], bool):
             raise ArtifactError(f"vision config: {key} must be true or false, got {cfg[key]!r}")
 
-    # The blocks stored, in the tensors and in the layer table, are exactly blocks 0 .. layers-1.
+    # The blocks stored, in the tensors and in the layer table, are exactly blocks 0 .. layers-1 (the count is
+    # compared first, so a huge ``layers`` never sizes anything).
     for what, names in (("tensors", t), ("layer table", linears)):
         found = _block_indices(names)
-        if found != set(range(layers)):
+        if len(found) != layers or found != set(range(layers)):
             have = sorted(found)
             raise ArtifactError(f"vision config says {layers} layers but the {what} hold blocks "
                                 f"{have if len(have) <= 8 else have[:4] + ['...'] + have[-2:]}")
@@ -313,15 +317,19 @@ class Engine:
     """Serve zero-shot classification from a ``.p4q`` artifact: ``Engine.load(path).classify(images)``."""
 
     def __init__(self, art: Artifact, device: str = "cpu") -> None:
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ConfigError(f"unknown device {device!r} ({str(e).splitlines()[0] if str(e) else e})") from None
         self._check_device()
         try:
             self._build_common(art)
             self._build_tower(art)
         except ArtifactError:
             raise
-        except (P4QError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError,
-                ZeroDivisionError) as e:  # P4QError: e.g. ConfigError("unsupported bit width 5") from a layout
+        except (P4QError, LookupError, TypeError, ValueError, RuntimeError, AttributeError, ArithmeticError,
+                AssertionError) as e:  # P4QError: e.g. ConfigError("unsupported bit width 5") from a layout;
+            # ArithmeticError: OverflowError, ZeroDivisionError; ValueError: UnicodeError too
             raise ArtifactError(f"inconsistent artifact: {e.__class__.__name__}: {e}") from None
         self.manifest = art.manifest
 
@@ -331,45 +339,86 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "Engine":
-        """Load and verify an artifact. ``device="cuda"`` runs it with the Triton kernels (``KernelEngine``)."""
-        art = load(path)
+        """Load and verify an artifact. ``device="cuda"`` runs it with the Triton kernels (``KernelEngine``).
+
+        On bad input only :class:`ArtifactError` (the file) or :class:`ConfigError` (the device) leave here."""
+        return cls.from_artifact(load(path), device)
+
+    @classmethod
+    def from_artifact(cls, art: Artifact, device: str = "cpu") -> "Engine":
+        """The engine of a loaded artifact after its load-time :meth:`self_test` - everything ``load`` does once
+        the file is read (``p4q inspect`` uses it to refuse exactly what the engine refuses)."""
         if cls is Engine and str(device) != "cpu":
             from p4q_engine.runtime.kernel_engine import KernelEngine
 
-            return KernelEngine(art, device)
-        return cls(art, device)
+            engine: Engine = KernelEngine(art, device)
+        else:
+            engine = cls(art, device)
+        engine.self_test()
+        return engine
+
+    @torch.no_grad()
+    def self_test(self) -> None:
+        """Classify one synthetic image (fixed random pixels at the model's resolution, through the artifact's own
+        preprocessing) and refuse the artifact if its image features or logits are not finite: parameters that pass
+        every per-field check can still combine into overflow, and a server must not turn ready on them."""
+        h, w = self.image_size
+        rgb = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        try:
+            from PIL import Image
+
+            pixels = self.preprocess([Image.fromarray(rgb.numpy(), "RGB")])
+            z = self.encode(pixels).float().cpu()
+            logits = self.logit_scale * F.normalize(z, dim=-1) @ self.text.T
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (P4QError, LookupError, TypeError, ValueError, RuntimeError, ArithmeticError, AssertionError) as e:
+            raise ArtifactError(f"self-test: a synthetic image fails in this artifact: {e.__class__.__name__}: "
+                                f"{e}") from None
+        for what, v in (("image features", z), ("logits", logits)):
+            if not bool(torch.isfinite(v).all()):
+                raise ArtifactError(f"self-test: a synthetic image gets non-finite {what} ({v.flatten()[:4].tolist()}"
+                                    f" ...); the artifact's parameters are corrupt")
 
     def _build_common(self, art: Artifact) -> None:
-        """Configuration, embeddings, LayerNorms, class features and preprocessing - shared by all engines."""
+        """Configuration, embeddings, LayerNorms, class features and preprocessing - shared by all engines.
+
+        The manifest is checked against its schema and its tensors first (:func:`validate_manifest`), so what
+        follows reads typed, range-checked values."""
         t, man = art.tensors, art.manifest
+        spec: ManifestSpec = validate_manifest(man, t)
+        self.manifest_spec = spec
         cfg = validate_vision_config(art)
         self.cfg = cfg
-        self.proj_dim = int(man["linears"]["visual.proj"]["out_features"])
-        self.eps = float(cfg["ln_eps"])
-        self.heads = int(cfg["heads"])
-        self.patch = tuple(int(v) for v in cfg["patch_size"])
-        self.image_size = tuple(int(v) for v in cfg["image_size"])
+        self.proj_dim = spec.linears["visual.proj"].out_features
+        self.eps = spec.vision.ln_eps
+        self.heads = spec.vision.heads
+        self.patch = spec.vision.patch_size
+        self.image_size = spec.vision.image_size
         self.class_embedding = t["visual.class_embedding"]
         self.pos = t["visual.positional_embedding"]
         self.ln_pre = (t["visual.ln_pre.weight"], t["visual.ln_pre.bias"]) if cfg["ln_pre"] else None
         self.ln_post = (t["visual.ln_post.weight"], t["visual.ln_post.bias"])
         ad = man.get("adapter")
         self.adapter = ad
-        self.alpha = float(ad["alpha"]) if ad is not None else 0.0
-        self.adapter_site = Site.from_manifest(man["sites"]["adapter.in"]) if ad is not None else None
+        self.alpha = spec.adapter.alpha if spec.adapter is not None else 0.0
+        self.adapter_site = Site.from_manifest(man["sites"]["adapter.in"], "adapter.in") if ad is not None else None
         codes, scale = unpack_weight(art, "text.features")
         self.text = codes.float() * scale[:, None]
-        cls_cfg = man["classes"]
-        self.classnames = [str(c) for c in cls_cfg["names"]]
-        self.logit_scale = float(cls_cfg["logit_scale"])
+        self.classnames = list(spec.classes.names)
+        self.logit_scale = spec.classes.logit_scale
         if self.text.shape[0] != len(self.classnames):
             raise ArtifactError("class feature rows do not match the class names")
         if self.text.shape[1] != self.proj_dim:
             raise ArtifactError(f"class features have dimension {self.text.shape[1]}, the image tower outputs "
                                 f"{self.proj_dim}")
         if tuple(self.pos.shape) != (math.prod(cfg["grid_size"]) + 1, int(cfg["width"])):
-            raise ArtifactError("positional embedding does not match the patch grid and width")
-        self.transform = build_transform(man["preprocess"])
+            raise ArtifactError(f"tensors['visual.positional_embedding'] has shape {list(self.pos.shape)}, the patch "
+                                f"grid {cfg['grid_size']} and width {cfg['width']} need "
+                                f"[{math.prod(cfg['grid_size']) + 1}, {cfg['width']}]")
+        pre = spec.preprocess  # validated: known modes, finite statistics, size == the tower's input
+        self.transform = build_transform({"size": list(pre.size), "mean": list(pre.mean), "std": list(pre.std),
+                                          "interpolation": pre.interpolation, "resize_mode": pre.resize_mode})
 
     def _build_tower(self, art: Artifact) -> None:
         self.conv = IntLinear(art, "visual.conv")
