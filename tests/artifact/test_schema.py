@@ -356,3 +356,13 @@ def test_schema_validation_is_fast(base):
         spec = validate_manifest(base.manifest, base.tensors)
     assert isinstance(spec, ManifestSpec)
     assert (time.process_time() - t0) / 20 < 0.5
+
+
+def test_huge_but_finite_values_are_not_called_non_finite(base):
+    """The finiteness check's fast path (a float32 sum) overflows on two 3e38 values: it must fall back to the exact
+    check instead of refusing finite values."""
+    art = mutated(base, lambda man, t: t["visual.class_embedding"][:2].fill_(3e38))
+    validate_manifest(art.manifest, art.tensors)
+    art.tensors["visual.class_embedding"][5] = math.inf
+    with pytest.raises(ArtifactError, match=r"visual.class_embedding'\] must be finite, holds inf at index 5"):
+        validate_manifest(art.manifest, art.tensors)
