@@ -1,4 +1,5 @@
 """Install p4q-engine. ``kernels/`` ships as ``p4q_engine.kernels`` (no top-level ``kernels`` module)."""
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 

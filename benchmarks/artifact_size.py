@@ -7,6 +7,7 @@ ViT-B/32's 151,277,313 fp32 parameters are 577.08 MiB).
 
     python benchmarks/artifact_size.py --out benchmarks/results/size
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from p4q_engine.artifact.fold import fold
 from p4q_engine.artifact.export import preprocess_config
+from p4q_engine.artifact.fold import fold
 from p4q_engine.artifact.format import save
 from p4q_engine.clip.calibrate import calibrate
 from p4q_engine.clip.qmodel import QuantCLIP
@@ -54,33 +55,48 @@ def measure(model, recipe: QuantRecipe, n_classes: int, tmp: Path) -> dict:
         calibrate(q, [torch.randn(2, 3, 224, 224)], tokens, progress=False)
     with torch.no_grad():
         feats = q.encode_text(tokens)
-    art = fold(q, feats, [f"class {i}" for i in range(n_classes)], preprocess_config(model),
-               meta={"name": "ViT-B-32", "pretrained": None})
+    art = fold(
+        q,
+        feats,
+        [f"class {i}" for i in range(n_classes)],
+        preprocess_config(model),
+        meta={"name": "ViT-B-32", "pretrained": None},
+    )
     size = save(art, tmp / "m.p4q")
-    return {"bits": recipe.bits.name, "scope": recipe.scope, "artifact_bytes": size,
-            "artifact_mib": round(size / MIB, 2), "whole_model_mib": round(whole_model_bytes(q) / MIB, 2),
-            "paper_mib": PAPER_MIB.get(recipe.bits.name)}
+    return {
+        "bits": recipe.bits.name,
+        "scope": recipe.scope,
+        "artifact_bytes": size,
+        "artifact_mib": round(size / MIB, 2),
+        "whole_model_mib": round(whole_model_bytes(q) / MIB, 2),
+        "paper_mib": PAPER_MIB.get(recipe.bits.name),
+    }
 
 
 def markdown(res: dict) -> str:
     fp = res["fp32"]
     lines = [
-        "# Artifact size: ViT-B/32", "",
+        "# Artifact size: ViT-B/32",
+        "",
         f"Produced by `{res['command']}` on {res['date']} (CPU: {res['env']['machine']}, torch {res['env']['torch']}, "
         f"open_clip {res['env']['open_clip']}). Random weights (size does not depend on values); "
-        f"{res['classes']} classes of precomputed 8-bit text features.", "",
+        f"{res['classes']} classes of precomputed 8-bit text features.",
+        "",
         "* **artifact**: the `.p4q` file: image tower (packed) + class features + manifest — what serving loads.",
         "* **whole CLIP**: both towers at the same bits (codes + fp32 per-channel scales), as the paper's Size "
-        "column counts it (the paper's MB are MiB).", "",
+        "column counts it (the paper's MB are MiB).",
+        "",
         "| bits | scope | artifact MiB | vs fp32 artifact | whole CLIP MiB | paper MiB | whole/paper |",
         "|---|---|---|---|---|---|---|",
         f"| fp32 | - | {fp['artifact_mib']:.2f} | 1.00x | {fp['whole_model_mib']:.2f} | {PAPER_MIB['fp32']:.2f} | "
         f"{fp['whole_model_mib'] / PAPER_MIB['fp32']:.3f} |",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['bits']} | {r['scope']} | {r['artifact_mib']:.2f} | "
-                     f"{fp['artifact_mib'] / r['artifact_mib']:.2f}x smaller | {r['whole_model_mib']:.2f} | "
-                     f"{r['paper_mib']:.2f} | {r['whole_model_mib'] / r['paper_mib']:.3f} |")
+        lines.append(
+            f"| {r['bits']} | {r['scope']} | {r['artifact_mib']:.2f} | "
+            f"{fp['artifact_mib'] / r['artifact_mib']:.2f}x smaller | {r['whole_model_mib']:.2f} | "
+            f"{r['paper_mib']:.2f} | {r['whole_model_mib'] / r['paper_mib']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -103,10 +119,19 @@ def main(argv=None) -> int:
             for scope in args.scopes.split(","):
                 rows.append(measure(model, QuantRecipe(bits, scope=scope, observer="minmax"), args.classes, tmp))
                 print(rows[-1], flush=True)
-    res = {"command": "python " + " ".join(["benchmarks/artifact_size.py", *sys.argv[1:]]),
-           "date": time.strftime("%Y-%m-%d"), "classes": args.classes, "fp32": fp, "rows": rows,
-           "env": {"torch": torch.__version__, "open_clip": open_clip.__version__, "machine": platform.machine(),
-                   "python": platform.python_version()}}
+    res = {
+        "command": "python " + " ".join(["benchmarks/artifact_size.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "classes": args.classes,
+        "fp32": fp,
+        "rows": rows,
+        "env": {
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

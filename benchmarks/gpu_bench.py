@@ -13,11 +13,11 @@ Parts (``--parts``, comma separated; each writes ``<out>/<part>.json`` and the l
 
     python benchmarks/gpu_bench.py --parts parity,kernels,models --out $OUT
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -37,8 +37,14 @@ INT8_PEAK_TOPS = 1979.0  # H100 SXM dense int8
 def env() -> dict:
     import triton
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -116,21 +122,30 @@ def part_parity(args) -> dict:
                 w = PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01 + 1e-3, bits)
                 a = torch.randint(-128, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
                 zp = int(torch.randint(0, 256, (1,)).item())
-                ref = ((a.double() + 128 - zp) @ codes.double().t())
+                ref = (a.double() + 128 - zp) @ codes.double().t()
                 out = qgemm(a, 0.01, zp, w, raw=True)
                 exact = bool(torch.equal(out.double(), ref))
                 bias = torch.randn(n, device="cuda")
                 y = qgemm(a, 0.01, zp, w, bias=bias)
                 yref = (ref.float() * (0.01 * w.scale)) + bias
                 rel = float((y - yref).norm() / yref.norm())
-                rq = Requant(torch.full((n,), 0.05, device="cuda"), torch.full((n,), 128, device="cuda",
-                                                                                 dtype=torch.int32))
+                rq = Requant(
+                    torch.full((n,), 0.05, device="cuda"), torch.full((n,), 128, device="cuda", dtype=torch.int32)
+                )
                 qc = qgemm(a, 0.01, zp, w, bias=bias, requant=rq)
                 qref = torch.clamp(torch.floor(yref / 0.05 + 0.5) + 128, 0, 255).int() - 128
                 diff = (qc.int() - qref).abs()
-                row = {"m": m, "layer": name, "n": n, "k": k, "bits": bits, "acc_bit_exact": exact,
-                       "float_rel_err": rel, "requant_max_code_diff": int(diff.max()),
-                       "requant_frac_diff": float((diff > 0).float().mean())}
+                row = {
+                    "m": m,
+                    "layer": name,
+                    "n": n,
+                    "k": k,
+                    "bits": bits,
+                    "acc_bit_exact": exact,
+                    "float_rel_err": rel,
+                    "requant_max_code_diff": int(diff.max()),
+                    "requant_frac_diff": float((diff > 0).float().mean()),
+                }
                 res["qgemm"].append(row)
                 log("qgemm", row)
     for b in (64, 1024):
@@ -147,8 +162,9 @@ def part_parity(args) -> dict:
     o = layernorm_quant(x, wln, bln, 1e-5, 0.03, 120)
     r = layernorm_quant_reference(x, wln, bln, 1e-5, 0.03, 120)
     diff = (o.cpu().int() - r.int()).abs()
-    res["layernorm"].append({"m": 51200, "max_code_diff": int(diff.max()),
-                             "frac_diff": float((diff > 0).float().mean())})
+    res["layernorm"].append(
+        {"m": 51200, "max_code_diff": int(diff.max()), "frac_diff": float((diff > 0).float().mean())}
+    )
     log("layernorm", res["layernorm"][-1])
     res["engine"] = engine_parity(args)
     return res
@@ -168,9 +184,14 @@ def engine_parity(args) -> list:
             cpu, gpu = Engine.load(path), Engine.load(path, device="cuda")
             x = torch.randn(64, 3, 224, 224)
             lc, lg = cpu.logits(x), gpu.logits(x)
-            rows.append({"artifact": f"ViT-B-32 {bits} full (random weights)", "images": 64,
-                         "top1_agree": float((lc.argmax(1) == lg.argmax(1)).float().mean()),
-                         "max_logit_diff": float((lc - lg).abs().max())})
+            rows.append(
+                {
+                    "artifact": f"ViT-B-32 {bits} full (random weights)",
+                    "images": 64,
+                    "top1_agree": float((lc.argmax(1) == lg.argmax(1)).float().mean()),
+                    "max_logit_diff": float((lc - lg).abs().max()),
+                }
+            )
             log("engine", rows[-1])
         ref = Path("p4q_engine/assets/p4q_ref_tiny.safetensors")
         if ref.exists():
@@ -193,13 +214,19 @@ def reference_parity(tmp: Path, extra: tuple = ()) -> list:
     test = load_dataset("reference", "test", transform=loaded.preprocess)
     jobs = []
     for bits in ("8-8-8", "4-4-8", "3-3-8", "2-2-8"):
-        art = export_ptq(loaded.model, loaded.tokenizer, QuantRecipe(bits), calib, test,
-                         PTQSettings(device="cuda", progress=False))
+        art = export_ptq(
+            loaded.model, loaded.tokenizer, QuantRecipe(bits), calib, test, PTQSettings(device="cuda", progress=False)
+        )
         save(art, tmp / f"ref-{bits}.p4q")
         jobs.append((f"reference task PTQ {bits} full (omse)", tmp / f"ref-{bits}.p4q", test))
     for path in extra:
-        jobs.append((f"reference task {Path(path).name}", Path(path),
-                     load_dataset("reference", "adapt_test", transform=loaded.preprocess)))
+        jobs.append(
+            (
+                f"reference task {Path(path).name}",
+                Path(path),
+                load_dataset("reference", "adapt_test", transform=loaded.preprocess),
+            )
+        )
     return [engine_pair(name, path, ds) for name, path, ds in jobs]
 
 
@@ -213,10 +240,15 @@ def engine_pair(name: str, path: Path, ds) -> dict:
     lc, lg = cpu.logits(pix, batch_size=256), gpu.logits(pix, batch_size=256).cpu()
     agree = lc.argmax(1) == lg.argmax(1)
     top2 = lc.topk(2, dim=1).values
-    row = {"artifact": name, "images": len(pix), "top1_agree": float(agree.float().mean()),
-           "disagreements": int((~agree).sum()),
-           "disagreement_margins": [round(float(m), 5) for m in (top2[:, 0] - top2[:, 1])[~agree]],
-           "max_logit_diff": float((lc - lg).abs().max()), "mean_logit_diff": float((lc - lg).abs().mean())}
+    row = {
+        "artifact": name,
+        "images": len(pix),
+        "top1_agree": float(agree.float().mean()),
+        "disagreements": int((~agree).sum()),
+        "disagreement_margins": [round(float(m), 5) for m in (top2[:, 0] - top2[:, 1])[~agree]],
+        "max_logit_diff": float((lc - lg).abs().max()),
+        "mean_logit_diff": float((lc - lg).abs().mean()),
+    }
     log("engine", row)
     return row
 
@@ -252,8 +284,11 @@ def part_kernels(args) -> dict:
             bias = torch.randn(n, device="cuda")
             for bits in (8, 4, 3, 2):
                 qmax = (1 << (bits - 1)) - 1
-                w = PackedWeight.from_codes(torch.randint(-qmax, qmax + 1, (n, k), device="cuda", dtype=torch.int8),
-                                            torch.rand(n, device="cuda") * 0.01, bits)
+                w = PackedWeight.from_codes(
+                    torch.randint(-qmax, qmax + 1, (n, k), device="cuda", dtype=torch.int8),
+                    torch.rand(n, device="cuda") * 0.01,
+                    bits,
+                )
                 for kind in ("ptr", "tma", "auto"):  # before (pointer kernel only) / TMA only / autotuned over both
                     with kernel_env(kind):
                         ms = bench_ms(lambda: qgemm(a8, 0.01, 128, w, bias=bias, out_dtype=torch.bfloat16))
@@ -267,8 +302,11 @@ def part_kernels(args) -> dict:
         qkv = torch.randint(-128, 128, (b, 50, 2304), device="cuda", dtype=torch.int8)
         sites = AttnSites((0.05, 120), (0.05, 131), (0.04, 128), (1 / 255, 0), (0.03, 127))
         q, k, v = (torch.randn(b, 12, 50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        row = {"batch": b, "qattention_ms": bench_ms(lambda: qattention(qkv, 12, sites)),
-               "sdpa_bf16_ms": bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))}
+        row = {
+            "batch": b,
+            "qattention_ms": bench_ms(lambda: qattention(qkv, 12, sites)),
+            "sdpa_bf16_ms": bench_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
+        }
         for nw in (1, 2, 8):  # the kernel's default is 4 warps; a loop over several heads per program was no
             # faster at any batch (benchmarks/results/gpu/experiments/2026-11-26_tma_and_heads_per_program.json)
             row[f"qattention_w{nw}_ms"] = bench_ms(lambda: qattention(qkv, 12, sites, num_warps=nw))
@@ -343,7 +381,6 @@ def part_models(args) -> dict:
     from p4q_engine.runtime.engine import Engine
 
     model = vit_b32()
-    paths: dict = {}
     results: dict = {}
 
     def run(name, fn, dtype=torch.float32, batches=BATCHES):
@@ -360,7 +397,7 @@ def part_models(args) -> dict:
 
     import copy
 
-    want = (lambda name: not args.models or any(name.startswith(m) for m in args.models))
+    want = lambda name: not args.models or any(name.startswith(m) for m in args.models)
     m16 = copy.deepcopy(model).half().cuda()
     run("open_clip fp16 eager", lambda x: m16.encode_image(x), torch.float16)
     del m16
@@ -430,20 +467,37 @@ def part_reference_parity(args) -> dict:
         return {"engine": reference_parity(Path(d), tuple(args.parity_artifact or ()))}
 
 
-PARTS = {"parity": part_parity, "kernels": part_kernels, "models": part_models, "compile": part_compile,
-         "reference_parity": part_reference_parity}
+PARTS = {
+    "parity": part_parity,
+    "kernels": part_kernels,
+    "models": part_models,
+    "compile": part_compile,
+    "reference_parity": part_reference_parity,
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="parity,kernels,models")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--compile-batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES),
-                    help="batch sizes for the compile part (each compiles for minutes)")
-    ap.add_argument("--models", type=lambda v: v.split(","), default=None,
-                    help="models part: only rows whose name starts with one of these (comma separated)")
-    ap.add_argument("--parity-artifact", action="append", help="also check this reference-task .p4q (e.g. an "
-                    "exported P4Q model) GPU vs CPU engine on the adapt_test split; repeatable")
+    ap.add_argument(
+        "--compile-batches",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=list(BATCHES),
+        help="batch sizes for the compile part (each compiles for minutes)",
+    )
+    ap.add_argument(
+        "--models",
+        type=lambda v: v.split(","),
+        default=None,
+        help="models part: only rows whose name starts with one of these (comma separated)",
+    )
+    ap.add_argument(
+        "--parity-artifact",
+        action="append",
+        help="also check this reference-task .p4q (e.g. an "
+        "exported P4Q model) GPU vs CPU engine on the adapt_test split; repeatable",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Turn the JSON parts of ``gpu_bench.py`` into ``benchmarks/results/gpu_bench.md`` and a PNG plot.
 
-    python benchmarks/gpu_report.py --parts-dir benchmarks/results/gpu --out benchmarks/results/gpu_bench
+python benchmarks/gpu_report.py --parts-dir benchmarks/results/gpu --out benchmarks/results/gpu_bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def models_table(models: dict, compiled: dict) -> tuple[list[str], dict]:
     series = {k: v for k, v in models.items() if isinstance(v, list)}
     series.update({k: v for k, v in compiled.items() if isinstance(v, list)})
     batches = sorted({r["batch"] for rows in series.values() for r in rows if "batch" in r})
-    lines = ["| path | " + " | ".join(f"b={b} img/s (p50 ms, peak MiB)" for b in batches) + " |",
-             "|---|" + "---|" * len(batches)]
+    lines = [
+        "| path | " + " | ".join(f"b={b} img/s (p50 ms, peak MiB)" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
     for name, rows in series.items():
         cells = []
         for b in batches:
@@ -58,8 +61,10 @@ def ratios(series: dict) -> list[str]:
     for bits in ("8-8-8", "4-4-8"):
         after, before = ips(f"engine {bits}", 1024), ips(f"engine {bits} (pointer qgemm only)", 1024)
         if after and before:
-            out.append(f"* engine {bits} with the TMA qgemm candidates / pointer kernel only, batch 1024, same run: "
-                       f"**{after / before:.2f}x**")
+            out.append(
+                f"* engine {bits} with the TMA qgemm candidates / pointer kernel only, batch 1024, same run: "
+                f"**{after / before:.2f}x**"
+            )
     return out
 
 
@@ -97,9 +102,13 @@ def main() -> None:
     if ref.get("engine"):
         parity = {**parity, "engine": parity.get("engine", []) + ref["engine"]}
     env = next((x["env"] for x in (models, kernels, parity, compiled) if "env" in x), {})
-    lines = [f"# GPU benchmark: {env.get('gpu', '?')}", "",
-             f"Date {env.get('date')}, torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}. "
-             "ViT-B/32 with random weights (kernel time does not depend on values). Commands:", ""]
+    lines = [
+        f"# GPU benchmark: {env.get('gpu', '?')}",
+        "",
+        f"Date {env.get('date')}, torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}. "
+        "ViT-B/32 with random weights (kernel time does not depend on values). Commands:",
+        "",
+    ]
     for x in (parity, ref, kernels, models, compiled):
         if "command" in x:
             lines.append(f"* `{x['command']}` ({x.get('seconds', 0):.0f} s)")
@@ -114,32 +123,47 @@ def main() -> None:
         split = any("qgemm_tma_w8_tops" in r for r in kernels["gemm"])
         lines += ["## GEMM TOP/s (ViT-B/32 shapes)", ""]
         if split:
-            lines += ["qgemm Wb = the faster of the pointer and the persistent TMA kernel, each with its own best tile "
-                      "configuration (the autotuner chooses among both per shape, bits and epilogue); both are in "
-                      "the second table. bf16 output, bias epilogue.", ""]
-        lines += ["| M | layer | N x K | bf16 cuBLAS | torch._int_mm | fp8 _scaled_mm | qgemm W8 | W4 | W3 | W2 | "
-                  "W8 / _int_mm | W8 % of int8 peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "qgemm Wb = the faster of the pointer and the persistent TMA kernel, each with its own best tile "
+                "configuration (the autotuner chooses among both per shape, bits and epilogue); both are in "
+                "the second table. bf16 output, bias epilogue.",
+                "",
+            ]
+        lines += [
+            "| M | layer | N x K | bf16 cuBLAS | torch._int_mm | fp8 _scaled_mm | qgemm W8 | W4 | W3 | W2 | "
+            "W8 / _int_mm | W8 % of int8 peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in kernels["gemm"]:
+
             def t(k):
                 if split and k.startswith("qgemm_w"):
-                    b = k[len("qgemm_w"):]
+                    b = k[len("qgemm_w") :]
                     v = max(r.get(f"qgemm_ptr_w{b}_tops") or 0, r.get(f"qgemm_tma_w{b}_tops") or 0) or None
                 else:
                     v = r.get(f"{k}_tops")
                 return v
+
             def f(v):
                 return f"{v:.0f}" if v else "-"
+
             w8 = t("qgemm_w8")
             ratio = (w8 / r["int_mm_tops"]) if r.get("int_mm_tops") and w8 else None
-            lines.append(f"| {r['m']} | {r['layer']} | {r['n']}x{r['k']} | {f(t('bf16_cublas'))} | {f(t('int_mm'))} | "
-                         f"{f(t('fp8_scaled_mm'))} | {f(w8)} | {f(t('qgemm_w4'))} | {f(t('qgemm_w3'))} | "
-                         f"{f(t('qgemm_w2'))} | {ratio:.2f}x | {100 * w8 / 1979:.0f}% |"
-                         if ratio else f"| {r['m']} | {r['layer']} | ... | {f(w8)} |")
+            lines.append(
+                f"| {r['m']} | {r['layer']} | {r['n']}x{r['k']} | {f(t('bf16_cublas'))} | {f(t('int_mm'))} | "
+                f"{f(t('fp8_scaled_mm'))} | {f(w8)} | {f(t('qgemm_w4'))} | {f(t('qgemm_w3'))} | "
+                f"{f(t('qgemm_w2'))} | {ratio:.2f}x | {100 * w8 / 1979:.0f}% |"
+                if ratio
+                else f"| {r['m']} | {r['layer']} | ... | {f(w8)} |"
+            )
         lines.append("")
         if split:
-            lines += ["### Pointer kernel vs persistent TMA kernel (TOP/s, same run)", "",
-                      "| M | layer | " + " | ".join(f"W{b} ptr | W{b} TMA | TMA/ptr" for b in (8, 4, 3, 2)) + " |",
-                      "|---|---|" + "---|---|---|" * 4]
+            lines += [
+                "### Pointer kernel vs persistent TMA kernel (TOP/s, same run)",
+                "",
+                "| M | layer | " + " | ".join(f"W{b} ptr | W{b} TMA | TMA/ptr" for b in (8, 4, 3, 2)) + " |",
+                "|---|---|" + "---|---|---|" * 4,
+            ]
             for r in kernels["gemm"]:
                 cells = []
                 for b in (8, 4, 3, 2):
@@ -148,34 +172,49 @@ def main() -> None:
                 lines.append(f"| {r['m']} | {r['layer']} | " + " | ".join(cells) + " |")
             lines.append("")
     if kernels.get("attention"):
-        lines += ["## Attention (50 tokens, 12 heads x 64)", "", "| batch | qattention ms | SDPA bf16 ms | speedup |",
-                  "|---|---|---|---|"]
+        lines += [
+            "## Attention (50 tokens, 12 heads x 64)",
+            "",
+            "| batch | qattention ms | SDPA bf16 ms | speedup |",
+            "|---|---|---|---|",
+        ]
         for r in kernels["attention"]:
-            lines.append(f"| {r['batch']} | {r['qattention_ms']:.4f} | {r['sdpa_bf16_ms']:.4f} | "
-                         f"{r['speedup_vs_sdpa']:.2f}x |")
+            lines.append(
+                f"| {r['batch']} | {r['qattention_ms']:.4f} | {r['sdpa_bf16_ms']:.4f} | {r['speedup_vs_sdpa']:.2f}x |"
+            )
         lines.append("")
     if parity:
         lines += ["## Parity on the GPU", ""]
         q = parity.get("qgemm", [])
         if q:
-            lines.append(f"* qgemm: {sum(r['acc_bit_exact'] for r in q)}/{len(q)} (shape, bits) cases with a "
-                         f"bit-exact int32 accumulator; max float relative error "
-                         f"{max(r['float_rel_err'] for r in q):.2e}; requantized codes differ by at most "
-                         f"{max(r['requant_max_code_diff'] for r in q)} on at most "
-                         f"{100 * max(r['requant_frac_diff'] for r in q):.4f}% of elements")
+            lines.append(
+                f"* qgemm: {sum(r['acc_bit_exact'] for r in q)}/{len(q)} (shape, bits) cases with a "
+                f"bit-exact int32 accumulator; max float relative error "
+                f"{max(r['float_rel_err'] for r in q):.2e}; requantized codes differ by at most "
+                f"{max(r['requant_max_code_diff'] for r in q)} on at most "
+                f"{100 * max(r['requant_frac_diff'] for r in q):.4f}% of elements"
+            )
         for r in parity.get("qattention", []):
-            lines.append(f"* qattention batch {r['batch']}: max code diff {r['max_code_diff']}, "
-                         f"{100 * r['frac_diff']:.4f}% of codes differ")
+            lines.append(
+                f"* qattention batch {r['batch']}: max code diff {r['max_code_diff']}, "
+                f"{100 * r['frac_diff']:.4f}% of codes differ"
+            )
         for r in parity.get("layernorm", []):
-            lines.append(f"* LN+quant M={r['m']}: max code diff {r['max_code_diff']}, "
-                         f"{100 * r['frac_diff']:.4f}% differ")
+            lines.append(
+                f"* LN+quant M={r['m']}: max code diff {r['max_code_diff']}, {100 * r['frac_diff']:.4f}% differ"
+            )
         for r in parity.get("engine", []):
             extra = ""
             if r.get("disagreement_margins"):
-                extra = " (CPU engine top-1/top-2 margin of each disagreement: " + ", ".join(
-                    f"{m:.3f}" for m in r["disagreement_margins"]) + ")"
-            lines.append(f"* engine GPU vs CPU, {r['artifact']}: top-1 agreement {100 * r['top1_agree']:.2f}% on "
-                         f"{r['images']} images, max logit diff {r['max_logit_diff']:.4f}{extra}")
+                extra = (
+                    " (CPU engine top-1/top-2 margin of each disagreement: "
+                    + ", ".join(f"{m:.3f}" for m in r["disagreement_margins"])
+                    + ")"
+                )
+            lines.append(
+                f"* engine GPU vs CPU, {r['artifact']}: top-1 agreement {100 * r['top1_agree']:.2f}% on "
+                f"{r['images']} images, max logit diff {r['max_logit_diff']:.4f}{extra}"
+            )
         lines.append("")
     if args.notes:
         lines += [Path(args.notes).read_text().rstrip()]

@@ -8,6 +8,7 @@
 
 Both take an open_clip ``VisionTransformer`` and leave it untouched (deep copies).
 """
+
 from __future__ import annotations
 
 import copy

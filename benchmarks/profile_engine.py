@@ -1,7 +1,8 @@
 """Profile the GPU engine's image tower (no CUDA graph) and print the kernels that dominate.
 
-    python benchmarks/profile_engine.py --bits 8-8-8 --batch 1024
+python benchmarks/profile_engine.py --bits 8-8-8 --batch 1024
 """
+
 from __future__ import annotations
 
 import argparse

@@ -24,6 +24,7 @@ to 1e-4) or a bad one whose error kind/shape differs. The server's ``/metrics`` 
 the clients saw, and its peak RSS (``VmHWM`` of ``/proc/<pid>/status``; ``--server-pid`` with ``--url``) is
 reported. Results go to ``benchmarks/results/serve_hostile_cpu`` by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,11 @@ sys.path.insert(0, str(REPO))
 from p4q_engine.runtime.engine import Engine  # noqa: E402
 
 TINY_NAME = "P4Q-Serve-Bench-Tiny"
-TINY_CFG = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2}}
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
 
 
 def build_tiny_artifact(path: Path) -> str:
@@ -78,10 +81,11 @@ def build_tiny_artifact(path: Path) -> str:
     calibrate(q, [torch.randn(16, 3, 32, 32)], tok, progress=False)
     with torch.no_grad():
         tf = torch.nn.functional.normalize(q.encode_text(tok), dim=-1)
-    save(fold(q, tf, [f"class {i}" for i in range(10)], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}),
-         path)
-    return ("random tiny open_clip ViT (32 px, 2 layers, width 64, 10 classes), 4-4-8 PTQ (full scope, minmax "
-            "observer), folded .p4q - the serve tests' fixture")
+    save(fold(q, tf, [f"class {i}" for i in range(10)], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}), path)
+    return (
+        "random tiny open_clip ViT (32 px, 2 layers, width 64, 10 classes), 4-4-8 PTQ (full scope, minmax "
+        "observer), folded .p4q - the serve tests' fixture"
+    )
 
 
 def describe_artifact(path: str, engine: Engine) -> dict:
@@ -93,11 +97,17 @@ def describe_artifact(path: str, engine: Engine) -> dict:
     model, v = man.get("model") or {}, man.get("vision") or {}
     recipe = model.get("recipe") or {}
     return {
-        "path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-        "model": model.get("name"), "source": model.get("source"), "dataset": model.get("dataset"),
-        "export_command": model.get("command"), "recipe": recipe,
+        "path": str(path),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "model": model.get("name"),
+        "source": model.get("source"),
+        "dataset": model.get("dataset"),
+        "export_command": model.get("command"),
+        "recipe": recipe,
         "vision": {k: v.get(k) for k in ("image_size", "patch_size", "width", "layers", "heads")},
-        "classes": len(engine.classnames), "adapter": man.get("adapter") is not None,
+        "classes": len(engine.classnames),
+        "adapter": man.get("adapter") is not None,
     }
 
 
@@ -145,9 +155,27 @@ def check_loopback(url: str) -> None:
 
 def start_server(artifact: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str, list[str]]:
     port = free_port()
-    cmd = [sys.executable, "-m", "p4q_engine.cli", "serve", artifact, "--host", "127.0.0.1", "--port", str(port),
-           "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", str(args.max_queue), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "p4q_engine.cli",
+        "serve",
+        artifact,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        args.device,
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(args.max_queue),
+        "--log-level",
+        "warning",
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.no_warmup:
@@ -216,8 +244,15 @@ class RawClient:
         self.reader = self.writer = None
 
 
-def encode_http(host: str, port: int, method: str, path: str, body: bytes = b"", ctype: Optional[str] = None,
-                declared: Optional[int] = None) -> bytes:
+def encode_http(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    ctype: Optional[str] = None,
+    declared: Optional[int] = None,
+) -> bytes:
     """One raw HTTP/1.1 request (keep-alive)."""
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
     if ctype:
@@ -230,16 +265,30 @@ def encode_http(host: str, port: int, method: str, path: str, body: bytes = b"",
 def encode_request(host: str, port: int, images: list[bytes]) -> bytes:
     """A multipart ``POST /v1/classify`` with ``top_k=1``."""
     boundary = "p4qloadboundary"
-    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
-                    f"Content-Type: image/png\r\n\r\n".encode() + im + b"\r\n" for i, im in enumerate(images))
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + im
+        + b"\r\n"
+        for i, im in enumerate(images)
+    )
     body += f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n1\r\n--{boundary}--\r\n'.encode()
-    head = (f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
-async def run_level(url: str, images: list[bytes], expected: list[tuple[str, float]], concurrency: int,
-                    requests: int, per_request: int, time_limit: float) -> dict:
+async def run_level(
+    url: str,
+    images: list[bytes],
+    expected: list[tuple[str, float]],
+    concurrency: int,
+    requests: int,
+    per_request: int,
+    time_limit: float,
+) -> dict:
     """``requests`` POSTs (``per_request`` images each) from ``concurrency`` clients; every answer verified."""
     u = urlparse(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
@@ -277,8 +326,9 @@ async def run_level(url: str, images: list[bytes], expected: list[tuple[str, flo
                     continue
                 results = json.loads(body).get("results", [])
                 if len(results) == len(idx) and all(
-                        res["labels"][0] == expected[k][0] and abs(res["probs"][0] - expected[k][1]) <= 1e-4
-                        for res, k in zip(results, idx)):
+                    res["labels"][0] == expected[k][0] and abs(res["probs"][0] - expected[k][1]) <= 1e-4
+                    for res, k in zip(results, idx)
+                ):
                     counts["ok"] += 1
                 else:
                     counts["wrong"] += 1
@@ -298,26 +348,43 @@ async def run_level(url: str, images: list[bytes], expected: list[tuple[str, flo
     def pct(p: float) -> Optional[float]:
         return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
 
-    return {"concurrency": concurrency, "requests_planned": requests, "requests_issued": counts["issued"],
-            "images_per_request": per_request, "ok": counts["ok"], "lost": counts["lost"], "wrong": counts["wrong"],
-            "errors": errors, "wall_s": round(wall, 3), "req_per_s": round(counts["ok"] / wall, 1),
-            "images_per_s": round(counts["ok"] * per_request / wall, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "mean_batch": round(batched / batches, 2) if batches else None,
-            "hit_time_limit": counts["issued"] < requests}
+    return {
+        "concurrency": concurrency,
+        "requests_planned": requests,
+        "requests_issued": counts["issued"],
+        "images_per_request": per_request,
+        "ok": counts["ok"],
+        "lost": counts["lost"],
+        "wrong": counts["wrong"],
+        "errors": errors,
+        "wall_s": round(wall, 3),
+        "req_per_s": round(counts["ok"] / wall, 1),
+        "images_per_s": round(counts["ok"] * per_request / wall, 1),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "mean_batch": round(batched / batches, 2) if batches else None,
+        "hit_time_limit": counts["issued"] < requests,
+    }
 
 
 # ---------------------------------------------------------------- hostile mix
 def _multipart(images: list[bytes], fields: Optional[list[tuple[str, str]]] = None) -> tuple[bytes, str]:
     boundary = "p4qhostileboundary"
-    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
-                    f"Content-Type: image/png\r\n\r\n".encode() + im + b"\r\n" for i, im in enumerate(images))
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + im
+        + b"\r\n"
+        for i, im in enumerate(images)
+    )
     for name, value in fields or []:
         body += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def hostile_cases(engine: Engine, images: list[bytes], host: str, port: int, max_body: int,
-                  max_pixels: int) -> list[dict]:
+def hostile_cases(
+    engine: Engine, images: list[bytes], host: str, port: int, max_body: int, max_pixels: int
+) -> list[dict]:
     """Every request of the mix: ``raw`` bytes, the expected ``status``, and ``kind`` (error) or ``expect`` (the
     ``Engine.classify`` answers of a good one). The server must run with ``--max-body-bytes max_body`` and
     ``--max-pixels max_pixels``."""
@@ -331,8 +398,9 @@ def hostile_cases(engine: Engine, images: list[bytes], host: str, port: int, max
 
     def good(name: str, raw: bytes, idx: list[int], top_k: int, labels: Optional[list[str]] = None) -> None:
         preds = engine.classify([images[k] for k in idx], top_k=top_k, labels=labels)
-        cases.append({"name": name, "raw": raw, "status": 200,
-                      "expect": [(p.labels, p.indices, p.probs) for p in preds]})
+        cases.append(
+            {"name": name, "raw": raw, "status": 200, "expect": [(p.labels, p.indices, p.probs) for p in preds]}
+        )
 
     def bad(name: str, raw: bytes, status: int, kind: str, index: Optional[int] = None) -> None:
         cases.append({"name": name, "raw": raw, "status": status, "kind": kind, "index": index})
@@ -352,30 +420,47 @@ def hostile_cases(engine: Engine, images: list[bytes], host: str, port: int, max
     bad("undecodable", encode_http(host, port, "POST", "/v1/classify", body, ctype), 400, "bad_image", 1)
     body, ctype = _multipart([images[1][: len(images[1]) // 2]])
     bad("truncated_png", encode_http(host, port, "POST", "/v1/classify", body, ctype), 400, "bad_image", 0)
-    side = int(max_pixels ** 0.5) + 16
+    side = int(max_pixels**0.5) + 16
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (40, 90, 200)).save(buf, format="PNG")  # tiny file, too many pixels
     body, ctype = _multipart([buf.getvalue()])
     bad("too_many_pixels", encode_http(host, port, "POST", "/v1/classify", body, ctype), 400, "bad_image", 0)
     bad("bad_base64", post_json({"images": [b64[0], "not base64 !!"]}), 400, "bad_base64", 1)
     bad("bad_json", post_json(b'{"images": ["' + b64[0][:20].encode() + b'",'), 400, "bad_json")
-    bad("big_int_json", post_json(b'{"images": ["' + b64[0].encode() + b'"], "top_k": ' + b"7" * 5000 + b"}"),
-        400, "bad_json")
+    bad(
+        "big_int_json",
+        post_json(b'{"images": ["' + b64[0].encode() + b'"], "top_k": ' + b"7" * 5000 + b"}"),
+        400,
+        "bad_json",
+    )
     over = b'{"images": ["' + b"A" * (max_body + 1000) + b'"]}'  # read and dropped (under the drain limit)
     bad("oversize_body", post_json(over), 413, "payload_too_large")
     bad("unknown_label", post_json({"images": [b64[2]], "labels": ["no such class"]}), 400, "unknown_label")
     bad("bad_top_k", post_json({"images": [b64[3]], "top_k": 0}), 400, "bad_top_k")
     bad("wrong_method", encode_http(host, port, "GET", "/v1/classify"), 405, "method_not_allowed")
     bad("trailing_slash", post_json({"images": [b64[4]]}, "/v1/classify/"), 404, "not_found")
-    bad("text_plain", encode_http(host, port, "POST", "/v1/classify", b"hello", "text/plain"), 415,
-        "unsupported_media_type")
-    bad("embed_undecodable", post_json({"images": [base64.b64encode(noise).decode()]}, "/v1/embed"), 400,
-        "bad_image", 0)
+    bad(
+        "text_plain",
+        encode_http(host, port, "POST", "/v1/classify", b"hello", "text/plain"),
+        415,
+        "unsupported_media_type",
+    )
+    bad(
+        "embed_undecodable", post_json({"images": [base64.b64encode(noise).decode()]}, "/v1/embed"), 400, "bad_image", 0
+    )
     # protocol level (h11 refuses them before the app; the answer closes the connection)
-    bad("malformed_http", f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nContent-Length: abc\r\n\r\n".encode(), 400,
-        "bad_request")
-    bad("huge_head", f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Pad: {'p' * 20000}\r\n\r\n".encode(), 400,
-        "bad_request")
+    bad(
+        "malformed_http",
+        f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nContent-Length: abc\r\n\r\n".encode(),
+        400,
+        "bad_request",
+    )
+    bad(
+        "huge_head",
+        f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Pad: {'p' * 20000}\r\n\r\n".encode(),
+        400,
+        "bad_request",
+    )
     return cases
 
 
@@ -389,12 +474,21 @@ def _check(case: dict, status: int, body: bytes) -> bool:
         results = obj.get("results") if isinstance(obj, dict) else None
         if not isinstance(results, list) or len(results) != len(case["expect"]):
             return False
-        return all(r.get("labels") == labels and r.get("indices") == indices and len(r.get("probs", ())) == len(probs)
-                   and all(abs(a - b) <= 1e-4 for a, b in zip(r["probs"], probs))
-                   for r, (labels, indices, probs) in zip(results, case["expect"]))
+        return all(
+            r.get("labels") == labels
+            and r.get("indices") == indices
+            and len(r.get("probs", ())) == len(probs)
+            and all(abs(a - b) <= 1e-4 for a, b in zip(r["probs"], probs))
+            for r, (labels, indices, probs) in zip(results, case["expect"])
+        )
     err = obj.get("error") if isinstance(obj, dict) and set(obj) == {"error"} else None
-    return (isinstance(err, dict) and err.get("kind") == case["kind"] and isinstance(err.get("message"), str)
-            and err.get("index") == case["index"] and set(err) <= {"kind", "message", "index"})
+    return (
+        isinstance(err, dict)
+        and err.get("kind") == case["kind"]
+        and isinstance(err.get("message"), str)
+        and err.get("index") == case["index"]
+        and set(err) <= {"kind", "message", "index"}
+    )
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -411,8 +505,15 @@ def _counters(text: str, name: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*)\}} ([0-9.e+-]+)$", text, re.M)}
 
 
-async def run_hostile(url: str, cases: list[dict], concurrency: int, requests: int, time_limit: float,
-                      pid: Optional[int], slow_clients: int = 0) -> dict:
+async def run_hostile(
+    url: str,
+    cases: list[dict],
+    concurrency: int,
+    requests: int,
+    time_limit: float,
+    pid: Optional[int],
+    slow_clients: int = 0,
+) -> dict:
     """``requests`` requests cycling through ``cases`` from ``concurrency`` clients, plus ``slow_clients``
     connections that send half a request head and then nothing (each must be dropped with a 408); every answer
     checked, the server's counters reconciled, its peak RSS read."""
@@ -516,27 +617,44 @@ async def run_hostile(url: str, cases: list[dict], concurrency: int, requests: i
             st = re.search(r'status="(\d+)"', key).group(1)
             delta_status[st] = delta_status.get(st, 0) + d
     err_b, err_a = _counters(before, "p4q_serve_errors_total"), _counters(after, "p4q_serve_errors_total")
-    delta_kinds = {re.search(r'kind="(\w+)"', k).group(1): int(round(v - err_b.get(k, 0.0)))
-                   for k, v in err_a.items() if int(round(v - err_b.get(k, 0.0)))}
+    delta_kinds = {
+        re.search(r'kind="(\w+)"', k).group(1): int(round(v - err_b.get(k, 0.0)))
+        for k, v in err_a.items()
+        if int(round(v - err_b.get(k, 0.0)))
+    }
     lat = sorted(latencies)
 
     def pct(p: float) -> Optional[float]:
         return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
 
-    return {"concurrency": concurrency, "requests_planned": requests, "requests_issued": counts["issued"],
-            "cases": len(cases), "good_cases": sum("expect" in c for c in cases), "ok": counts["ok"],
-            "lost": counts["lost"], "wrong": counts["wrong"], "statuses": dict(sorted(seen.items())),
-            "error_kinds": dict(sorted(kinds.items())), "by_case": by_case, "problems": problems[:20],
-            "metrics_statuses": dict(sorted(delta_status.items())), "metrics_error_kinds": dict(sorted(
-                delta_kinds.items())),
-            "metrics_reconcile": delta_status == seen and delta_kinds == kinds,
-            "wall_s": round(wall, 3), "req_per_s": round(counts["issued"] / wall, 1), "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99), "server_rss_before_mib": round(rss_before["VmRSS"] / 1024, 1) if rss_before else None,
-            "server_rss_after_mib": round(rss_after["VmRSS"] / 1024, 1) if rss_after else None,
-            "server_peak_rss_mib": round(rss_after["VmHWM"] / 1024, 1) if rss_after else None,
-            "slow_clients": slow_clients, "slow_dropped": len(slow_drops),
-            "slow_drop_max_s": round(max(slow_drops), 2) if slow_drops else None,
-            "hit_time_limit": counts["issued"] < requests}
+    return {
+        "concurrency": concurrency,
+        "requests_planned": requests,
+        "requests_issued": counts["issued"],
+        "cases": len(cases),
+        "good_cases": sum("expect" in c for c in cases),
+        "ok": counts["ok"],
+        "lost": counts["lost"],
+        "wrong": counts["wrong"],
+        "statuses": dict(sorted(seen.items())),
+        "error_kinds": dict(sorted(kinds.items())),
+        "by_case": by_case,
+        "problems": problems[:20],
+        "metrics_statuses": dict(sorted(delta_status.items())),
+        "metrics_error_kinds": dict(sorted(delta_kinds.items())),
+        "metrics_reconcile": delta_status == seen and delta_kinds == kinds,
+        "wall_s": round(wall, 3),
+        "req_per_s": round(counts["issued"] / wall, 1),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "server_rss_before_mib": round(rss_before["VmRSS"] / 1024, 1) if rss_before else None,
+        "server_rss_after_mib": round(rss_after["VmRSS"] / 1024, 1) if rss_after else None,
+        "server_peak_rss_mib": round(rss_after["VmHWM"] / 1024, 1) if rss_after else None,
+        "slow_clients": slow_clients,
+        "slow_dropped": len(slow_drops),
+        "slow_drop_max_s": round(max(slow_drops), 2) if slow_drops else None,
+        "hit_time_limit": counts["issued"] < requests,
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -551,24 +669,48 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-warmup", action="store_true", help="start the server with --no-warmup")
-    p.add_argument("--ready-timeout", type=float, default=600.0,
-                   help="seconds to wait for /readyz (a GPU server autotunes and captures every batch bucket first)")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for /readyz (a GPU server autotunes and captures every batch bucket first)",
+    )
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (torch intra-op threads)")
-    p.add_argument("--out", default=None, help="output path stem (default: benchmarks/results/serve_load_cpu, "
-                   "or serve_hostile_cpu with --hostile-mix)")
-    p.add_argument("--hostile-mix", action="store_true",
-                   help="good and bad requests mixed at the last --levels concurrency (see the module docstring)")
-    p.add_argument("--max-body-bytes", type=int, default=256 * 1024,
-                   help="--hostile-mix: the server's --max-body-bytes (the over-size case exceeds it)")
-    p.add_argument("--max-pixels", type=int, default=1_000_000,
-                   help="--hostile-mix: the server's --max-pixels (the too-many-pixels case exceeds it)")
-    p.add_argument("--server-pid", type=int, default=None, help="--hostile-mix with --url: the server's pid, for "
-                   "its peak RSS")
-    p.add_argument("--slow-clients", type=int, default=16, help="--hostile-mix: connections that send half a "
-                   "request head and then wait (the server must drop each with a 408 after its --header-timeout-s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output path stem (default: benchmarks/results/serve_load_cpu, or serve_hostile_cpu with --hostile-mix)",
+    )
+    p.add_argument(
+        "--hostile-mix",
+        action="store_true",
+        help="good and bad requests mixed at the last --levels concurrency (see the module docstring)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=256 * 1024,
+        help="--hostile-mix: the server's --max-body-bytes (the over-size case exceeds it)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=1_000_000,
+        help="--hostile-mix: the server's --max-pixels (the too-many-pixels case exceeds it)",
+    )
+    p.add_argument(
+        "--server-pid", type=int, default=None, help="--hostile-mix with --url: the server's pid, for its peak RSS"
+    )
+    p.add_argument(
+        "--slow-clients",
+        type=int,
+        default=16,
+        help="--hostile-mix: connections that send half a "
+        "request head and then wait (the server must drop each with a 408 after its --header-timeout-s)",
+    )
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(REPO / "benchmarks/results" / ("serve_hostile_cpu" if args.hostile_mix else "serve_load_cpu"))
@@ -584,15 +726,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = describe_artifact(artifact, engine)
     if args.artifact:
         r = info["recipe"]
-        description = (f"`{artifact}` ({info['bytes'] / 2**20:.2f} MiB, sha256 {info['sha256'][:16]}...): "
-                       f"{info['model'] or 'unnamed model'} ({info['source'] or 'unknown source'}"
-                       f"{', ' + info['dataset'] + ' calibration' if info['dataset'] else ''}), "
-                       f"{r.get('bits')} {r.get('scope')} scope, {r.get('observer')} observer, "
-                       f"ViT {'x'.join(map(str, info['vision']['image_size']))} px, patch "
-                       f"{'x'.join(map(str, info['vision']['patch_size']))}, "
-                       f"{info['vision']['layers']} layers, width {info['vision']['width']}, "
-                       f"{info['vision']['heads']} heads" + ("; with QAdapter" if info["adapter"] else "")
-                       + (f"; exported by `{info['export_command']}`" if info["export_command"] else ""))
+        description = (
+            f"`{artifact}` ({info['bytes'] / 2**20:.2f} MiB, sha256 {info['sha256'][:16]}...): "
+            f"{info['model'] or 'unnamed model'} ({info['source'] or 'unknown source'}"
+            f"{', ' + info['dataset'] + ' calibration' if info['dataset'] else ''}), "
+            f"{r.get('bits')} {r.get('scope')} scope, {r.get('observer')} observer, "
+            f"ViT {'x'.join(map(str, info['vision']['image_size']))} px, patch "
+            f"{'x'.join(map(str, info['vision']['patch_size']))}, "
+            f"{info['vision']['layers']} layers, width {info['vision']['width']}, "
+            f"{info['vision']['heads']} heads"
+            + ("; with QAdapter" if info["adapter"] else "")
+            + (f"; exported by `{info['export_command']}`" if info["export_command"] else "")
+        )
     else:
         description = built
     try:
@@ -615,12 +760,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         asyncio.run(run_level(url, images, expected, 4, 16, args.images_per_request, 10))  # warm-up
         for conc in (int(c) for c in args.levels.split(",")):
-            row = asyncio.run(run_level(url, images, expected, conc, args.requests, args.images_per_request,
-                                        args.time_limit))
+            row = asyncio.run(
+                run_level(url, images, expected, conc, args.requests, args.images_per_request, args.time_limit)
+            )
             levels.append(row)
-            print(f"c={conc:3d}: {row['req_per_s']:8.1f} req/s {row['images_per_s']:8.1f} img/s  "
-                  f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  mean batch {row['mean_batch']}  "
-                  f"ok {row['ok']} lost {row['lost']} wrong {row['wrong']}", flush=True)
+            print(
+                f"c={conc:3d}: {row['req_per_s']:8.1f} req/s {row['images_per_s']:8.1f} img/s  "
+                f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  mean batch {row['mean_batch']}  "
+                f"ok {row['ok']} lost {row['lost']} wrong {row['wrong']}",
+                flush=True,
+            )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -632,45 +781,66 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     report = {
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "artifact": description, "artifact_info": info,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "artifact": description,
+        "artifact_info": info,
         "expected_from": f"Engine.classify(top_k=1) on the CPU, loaded from the same artifact file the server "
-                         f"serves (sha256 {info['sha256']})",
-        "classes": len(engine.classnames), "images": image_desc,
+        f"serves (sha256 {info['sha256']})",
+        "classes": len(engine.classnames),
+        "images": image_desc,
         "expected_label_spread": len({label for label, _ in expected}),
-        "server": {"url": url if args.url else "own subprocess on 127.0.0.1", "command": cmd,
-                   "device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                   "max_queue": args.max_queue, "threads": args.threads or "torch default",
-                   "ready_after_s": getattr(args, "ready_after_s", None), "warmup": not args.no_warmup,
-                   "autotune": os.environ.get("P4Q_AUTOTUNE", "1") != "0"},
+        "server": {
+            "url": url if args.url else "own subprocess on 127.0.0.1",
+            "command": cmd,
+            "device": args.device,
+            "max_batch": args.max_batch,
+            "max_wait_ms": args.max_wait_ms,
+            "max_queue": args.max_queue,
+            "threads": args.threads or "torch default",
+            "ready_after_s": getattr(args, "ready_after_s", None),
+            "warmup": not args.no_warmup,
+            "autotune": os.environ.get("P4Q_AUTOTUNE", "1") != "0",
+        },
         "note": "clients share the machine's CPU with the server",
         "levels": levels,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# p4q serve load test ({args.device})", "",
-          f"- command: `{command}`", f"- date: {report['date']}",
-          f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
-          f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-          "(the machine is shared)" + (f"; GPU {report['gpu']}" if report.get("gpu") else ""),
-          f"- artifact: {description}; {len(engine.classnames)} classes",
-          f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
-          f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
-          f"torch threads {args.threads or 'default'}; "
-          f"{args.images_per_request} image(s) per request, multipart; clients on the same machine (raw asyncio "
-          "HTTP/1.1 keep-alive connections: httpx's pool costs ~10 ms of CPU per request at 64 connections)",
-          "- lost = non-200 or no answer; wrong = top-1 label or its probability (1e-4) differs from the "
-          "expected answer, which is `Engine.classify(top_k=1)` of the same image by a local CPU Engine loaded from "
-          f"the same artifact file the server serves (sha256 {info['sha256'][:16]}...), computed before the load "
-          "starts",
-          "", "| clients | requests ok | lost | wrong | req/s | images/s | p50 ms | p99 ms | mean batch |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md = [
+        f"# p4q serve load test ({args.device})",
+        "",
+        f"- command: `{command}`",
+        f"- date: {report['date']}",
+        f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
+        f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
+        "(the machine is shared)" + (f"; GPU {report['gpu']}" if report.get("gpu") else ""),
+        f"- artifact: {description}; {len(engine.classnames)} classes",
+        f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
+        f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
+        f"torch threads {args.threads or 'default'}; "
+        f"{args.images_per_request} image(s) per request, multipart; clients on the same machine (raw asyncio "
+        "HTTP/1.1 keep-alive connections: httpx's pool costs ~10 ms of CPU per request at 64 connections)",
+        "- lost = non-200 or no answer; wrong = top-1 label or its probability (1e-4) differs from the "
+        "expected answer, which is `Engine.classify(top_k=1)` of the same image by a local CPU Engine loaded from "
+        f"the same artifact file the server serves (sha256 {info['sha256'][:16]}...), computed before the load "
+        "starts",
+        "",
+        "| clients | requests ok | lost | wrong | req/s | images/s | p50 ms | p99 ms | mean batch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in levels:
-        md.append(f"| {r['concurrency']} | {r['ok']}/{r['requests_planned']} | {r['lost']} | {r['wrong']} | "
-                  f"{r['req_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |")
+        md.append(
+            f"| {r['concurrency']} | {r['ok']}/{r['requests_planned']} | {r['lost']} | {r['wrong']} | "
+            f"{r['req_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |"
+        )
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     bad = sum(r["lost"] + r["wrong"] for r in levels)
@@ -682,6 +852,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def code_state() -> str:
     """The commit the run used, and which p4q_engine files differed from it (runs on a shared working tree)."""
+
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
@@ -690,17 +861,29 @@ def code_state() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", "p4q_engine").splitlines()
-    return f"commit {head}" + (f" + uncommitted changes to {len(dirty)} p4q_engine file(s): "
-                               + ", ".join(line[3:] for line in dirty) if dirty else " (clean p4q_engine)")
+    return f"commit {head}" + (
+        f" + uncommitted changes to {len(dirty)} p4q_engine file(s): " + ", ".join(line[3:] for line in dirty)
+        if dirty
+        else " (clean p4q_engine)"
+    )
 
 
-def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optional[subprocess.Popen],
-                 cmd: Optional[list[str]], engine: Engine, images: list[bytes], image_desc: str, description: str,
-                 info: dict, tmp: tempfile.TemporaryDirectory) -> int:
+def hostile_main(
+    args: argparse.Namespace,
+    command: str,
+    url: str,
+    proc: Optional[subprocess.Popen],
+    cmd: Optional[list[str]],
+    engine: Engine,
+    images: list[bytes],
+    image_desc: str,
+    description: str,
+    info: dict,
+    tmp: tempfile.TemporaryDirectory,
+) -> int:
     """The --hostile-mix run: one level, every answer checked, counters reconciled, peak RSS reported."""
     u = urlparse(url)
-    cases = hostile_cases(engine, images, u.hostname or "127.0.0.1", u.port or 80, args.max_body_bytes,
-                          args.max_pixels)
+    cases = hostile_cases(engine, images, u.hostname or "127.0.0.1", u.port or 80, args.max_body_bytes, args.max_pixels)
     conc = int(args.levels.split(",")[-1])
     pid = proc.pid if proc is not None else args.server_pid
     try:
@@ -713,42 +896,68 @@ def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optiona
             except subprocess.TimeoutExpired:
                 proc.kill()
         tmp.cleanup()
-    print(f"hostile mix c={conc}: {row['requests_issued']} requests ({row['good_cases']} good of {row['cases']} "
-          f"cases), ok {row['ok']} lost {row['lost']} wrong {row['wrong']}, counters reconcile "
-          f"{row['metrics_reconcile']}, server peak RSS {row['server_peak_rss_mib']} MiB", flush=True)
+    print(
+        f"hostile mix c={conc}: {row['requests_issued']} requests ({row['good_cases']} good of {row['cases']} "
+        f"cases), ok {row['ok']} lost {row['lost']} wrong {row['wrong']}, counters reconcile "
+        f"{row['metrics_reconcile']}, server peak RSS {row['server_peak_rss_mib']} MiB",
+        flush=True,
+    )
     report = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "artifact": description, "artifact_info": info,
-        "code": code_state(), "images": image_desc, "server": {"command": cmd, "max_body_bytes": args.max_body_bytes,
-                                         "max_pixels": args.max_pixels, "threads": args.threads or "torch default"},
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "artifact": description,
+        "artifact_info": info,
+        "code": code_state(),
+        "images": image_desc,
+        "server": {
+            "command": cmd,
+            "max_body_bytes": args.max_body_bytes,
+            "max_pixels": args.max_pixels,
+            "threads": args.threads or "torch default",
+        },
         "cases": [{k: c[k] for k in ("name", "status") if k in c} | {"kind": c.get("kind", "-")} for c in cases],
-        "note": "clients share the machine's CPU with the server", "result": row,
+        "note": "clients share the machine's CPU with the server",
+        "result": row,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# p4q serve hostile-mix load test ({args.device})", "",
-          f"- command: `{command}`", f"- date: {report['date']}",
-          f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
-          f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-          "(the machine is shared with other work; the clients run on it too)", f"- code: {report['code']}",
-          f"- artifact: {description}; {len(engine.classnames)} classes", f"- images: {image_desc}",
-          f"- server: own subprocess on 127.0.0.1, `--max-body-bytes {args.max_body_bytes} --max-pixels "
-          f"{args.max_pixels}`, torch threads {args.threads or 'default'}",
-          f"- mix: {len(cases)} cases cycled ({row['good_cases']} good, {len(cases) - row['good_cases']} bad), "
-          f"{conc} concurrent keep-alive clients, {row['requests_issued']} requests; meanwhile {row['slow_clients']} "
-          f"slow clients sent half a request head each and waited: {row['slow_dropped']} dropped by the server with "
-          f"a JSON 408 (the last after {row['slow_drop_max_s']} s; default --header-timeout-s 10)",
-          "- lost = no answer, or a status other than the case's; wrong = a good answer that differs from "
-          "`Engine.classify` of the same images by a local CPU engine loaded from the same artifact file (labels, "
-          "indices, probabilities to 1e-4), or an error whose JSON shape/kind/index differs from the documented one",
-          f"- server counters (`/metrics` deltas) reconcile with what the clients saw: {row['metrics_reconcile']}",
-          "", "| clients | requests | ok | lost | wrong | req/s | p50 ms | p99 ms | server RSS before / after / peak "
-          "(MiB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-          f"| {conc} | {row['requests_issued']} | {row['ok']} | {row['lost']} | {row['wrong']} | {row['req_per_s']} | "
-          f"{row['p50_ms']} | {row['p99_ms']} | {row['server_rss_before_mib']} / {row['server_rss_after_mib']} / "
-          f"{row['server_peak_rss_mib']} |", "", "| case | expected | ok | lost | wrong |", "|---|---|---:|---:|---:|"]
+    md = [
+        f"# p4q serve hostile-mix load test ({args.device})",
+        "",
+        f"- command: `{command}`",
+        f"- date: {report['date']}",
+        f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
+        f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
+        "(the machine is shared with other work; the clients run on it too)",
+        f"- code: {report['code']}",
+        f"- artifact: {description}; {len(engine.classnames)} classes",
+        f"- images: {image_desc}",
+        f"- server: own subprocess on 127.0.0.1, `--max-body-bytes {args.max_body_bytes} --max-pixels "
+        f"{args.max_pixels}`, torch threads {args.threads or 'default'}",
+        f"- mix: {len(cases)} cases cycled ({row['good_cases']} good, {len(cases) - row['good_cases']} bad), "
+        f"{conc} concurrent keep-alive clients, {row['requests_issued']} requests; meanwhile {row['slow_clients']} "
+        f"slow clients sent half a request head each and waited: {row['slow_dropped']} dropped by the server with "
+        f"a JSON 408 (the last after {row['slow_drop_max_s']} s; default --header-timeout-s 10)",
+        "- lost = no answer, or a status other than the case's; wrong = a good answer that differs from "
+        "`Engine.classify` of the same images by a local CPU engine loaded from the same artifact file (labels, "
+        "indices, probabilities to 1e-4), or an error whose JSON shape/kind/index differs from the documented one",
+        f"- server counters (`/metrics` deltas) reconcile with what the clients saw: {row['metrics_reconcile']}",
+        "",
+        "| clients | requests | ok | lost | wrong | req/s | p50 ms | p99 ms | server RSS before / after / peak (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {conc} | {row['requests_issued']} | {row['ok']} | {row['lost']} | {row['wrong']} | {row['req_per_s']} | "
+        f"{row['p50_ms']} | {row['p99_ms']} | {row['server_rss_before_mib']} / {row['server_rss_after_mib']} / "
+        f"{row['server_peak_rss_mib']} |",
+        "",
+        "| case | expected | ok | lost | wrong |",
+        "|---|---|---:|---:|---:|",
+    ]
     for c in cases:
         r = row["by_case"].get(c["name"], {"ok": 0, "lost": 0, "wrong": 0})
         md.append(f"| {c['name']} | {c['status']} {c.get('kind', '')} | {r['ok']} | {r['lost']} | {r['wrong']} |")
@@ -758,8 +967,10 @@ def hostile_main(args: argparse.Namespace, command: str, url: str, proc: Optiona
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     if row["lost"] or row["wrong"] or not row["metrics_reconcile"]:
-        print(f"serve_load: {row['lost']} lost, {row['wrong']} wrong, counters reconcile {row['metrics_reconcile']}",
-              file=sys.stderr)
+        print(
+            f"serve_load: {row['lost']} lost, {row['wrong']} wrong, counters reconcile {row['metrics_reconcile']}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -13,6 +13,7 @@ Parts (each writes ``<out>/<part>.json``; ``--tag`` suffixes the file so several
   (bf16 + GEMM patch embedding + SDPA, and fp8 row-wise, both ``torch.compile(mode="reduce-overhead")``), each
   row's output checked against the fp32 tower (cosine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ import torch.nn.functional as F
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 #: (name, tokens, heads, head dim) of each model's attention.
-ATTN_SHAPES = (("ViT-B-32", 50, 12, 64), ("ViT-B-16", 197, 12, 64), ("ViT-L-14", 257, 16, 64),
-               ("ViT-L-14-336", 577, 16, 64), ("ViT-H-14", 257, 16, 80))
+ATTN_SHAPES = (
+    ("ViT-B-32", 50, 12, 64),
+    ("ViT-B-16", 197, 12, 64),
+    ("ViT-L-14", 257, 16, 64),
+    ("ViT-L-14-336", 577, 16, 64),
+    ("ViT-H-14", 257, 16, 80),
+)
 BATCHES = (256, 64, 1)  # 256 first: the compiled peers' static graph is the headline batch
 BITS = ("8-8-8", "4-4-8")
 
@@ -43,8 +49,14 @@ def log(*a) -> None:
 def env() -> dict:
     import triton
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def bench_ms(fn, rep: int = 100) -> float:
@@ -66,24 +78,42 @@ def part_attention(args) -> dict:
             q, k, v = (torch.randn(b, heads, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             t_ours = bench_ms(lambda: qattention(qkv, heads, sites))
             t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
-            row = {"model": name, "tokens": length, "heads": heads, "head_dim": hd, "batch": b,
-                   "qattention_ms": t_ours, "sdpa_bf16_ms": t_sdpa, "speedup_vs_sdpa": t_sdpa / t_ours,
-                   "kernel": "short" if length <= 128 else "tiled"}
+            row = {
+                "model": name,
+                "tokens": length,
+                "heads": heads,
+                "head_dim": hd,
+                "batch": b,
+                "qattention_ms": t_ours,
+                "sdpa_bf16_ms": t_sdpa,
+                "speedup_vs_sdpa": t_sdpa / t_ours,
+                "kernel": "short" if length <= 128 else "tiled",
+            }
             if length <= 128:
                 row["tiled_ms"] = bench_ms(lambda: qattention(qkv, heads, sites, kernel="tiled"))
             rows.append(row)
             log("attention", row)
             if length > 128 and b == 256:
-                for bm, bn, nw in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8),
-                                   (64, 32, 4), (32, 64, 4)):
+                for bm, bn, nw in (
+                    (64, 64, 4),
+                    (128, 64, 4),
+                    (128, 64, 8),
+                    (64, 128, 4),
+                    (128, 128, 8),
+                    (64, 32, 4),
+                    (32, 64, 4),
+                ):
                     try:
-                        t = bench_ms(lambda: qattention(qkv, heads, sites, kernel="tiled", block_m=bm, block_n=bn,
-                                                        num_warps=nw), rep=50)
+                        t = bench_ms(
+                            lambda: qattention(qkv, heads, sites, kernel="tiled", block_m=bm, block_n=bn, num_warps=nw),
+                            rep=50,
+                        )
                     except Exception as e:  # a tile that does not fit is skipped
                         t = None
                         log("sweep failed", bm, bn, nw, repr(e)[:200])
-                    sweep.append({"model": name, "tokens": length, "block_m": bm, "block_n": bn, "num_warps": nw,
-                                  "ms": t})
+                    sweep.append(
+                        {"model": name, "tokens": length, "block_m": bm, "block_n": bn, "num_warps": nw, "ms": t}
+                    )
                     log("sweep", sweep[-1])
     return {"rows": rows, "sweep": sweep}
 
@@ -138,12 +168,20 @@ def parity(q, path: Path, images: torch.Tensor) -> dict:
     traces = trace_disagreements(cpu, q.encode_image, images, out, ref, noise=1e-3)
     ktraces = [kernel_first_divergence(gpu, cpu, images[i]) for i in range(images.shape[0])]
     gl = gpu.logits(images)
-    return {"cpu_vs_fake_quant": {"images": int(images.shape[0]), "traced": len(traces),
-                                  "untied": [t for t in traces if not t["tie"]]},
-            "gpu_vs_cpu": {"images": int(images.shape[0]), "top1_agree": int((gl.argmax(1) == out.argmax(1)).sum()),
-                           "max_logit_diff": float((gl - out).abs().max()),
-                           "first_divergences": [{k: v for k, v in t.items()} for t in ktraces],
-                           "untied": [t for t in ktraces if not t["aligned"] or (t["site"] and not t["tie"])]}}
+    return {
+        "cpu_vs_fake_quant": {
+            "images": int(images.shape[0]),
+            "traced": len(traces),
+            "untied": [t for t in traces if not t["tie"]],
+        },
+        "gpu_vs_cpu": {
+            "images": int(images.shape[0]),
+            "top1_agree": int((gl.argmax(1) == out.argmax(1)).sum()),
+            "max_logit_diff": float((gl - out).abs().max()),
+            "first_divergences": [{k: v for k, v in t.items()} for t in ktraces],
+            "untied": [t for t in ktraces if not t["aligned"] or (t["site"] and not t["tie"])],
+        },
+    }
 
 
 def part_models(args) -> dict:
@@ -163,8 +201,10 @@ def part_models(args) -> dict:
             ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in args.batches}
         visual.cpu()
         entry = {"rows": [], "parity": {}}
-        peers = (("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
-                 ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True))
+        peers = (
+            ("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
+            ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True),
+        )
         for peer, fp8 in peers if args.peers else ():
             try:
                 fn = compiled(peer_tower(visual, fp8=fp8))
@@ -187,16 +227,20 @@ def part_models(args) -> dict:
             for bits in args.bits:
                 path = Path(d) / f"{bits}.p4q"
                 q = build_artifact(loaded, bits, path)
-                entry["parity"][bits] = parity(q, path, torch.randn(args.parity_images, 3, *size,
-                                                                    generator=torch.Generator().manual_seed(1)))
+                entry["parity"][bits] = parity(
+                    q, path, torch.randn(args.parity_images, 3, *size, generator=torch.Generator().manual_seed(1))
+                )
                 log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
                 del q
                 eng = Engine.load(path, device="cuda")
                 for b in args.batches:
                     tc = time.perf_counter()
                     row = measure(eng.encode, x[b])
-                    row.update(path=f"p4q engine {bits}", first_call_s=round(time.perf_counter() - tc, 1),
-                               cos_vs_fp32_min=cosine(eng.encode(x[b])[:8], ref[b]))
+                    row.update(
+                        path=f"p4q engine {bits}",
+                        first_call_s=round(time.perf_counter() - tc, 1),
+                        cos_vs_fp32_min=cosine(eng.encode(x[b])[:8], ref[b]),
+                    )
                     entry["rows"].append(row)
                     log(name, row)
                 del eng
@@ -224,8 +268,12 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):
         t0 = time.perf_counter()
-        result = {"env": env(), "command": "python benchmarks/vit_bench.py " + " ".join(argv or sys.argv[1:]),
-                  "result": PARTS[part](args), "seconds": round(time.perf_counter() - t0, 1)}
+        result = {
+            "env": env(),
+            "command": "python benchmarks/vit_bench.py " + " ".join(argv or sys.argv[1:]),
+            "result": PARTS[part](args),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         Path(args.out, f"{part}{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
     return 0
 

@@ -5,6 +5,7 @@ two removes the float LayerNorm output from HBM. Output: shifted int8 codes ``u 
 (``u = clamp(floor(y / s + 0.5) + zp, 0, 2^b - 1)``). Also :func:`quantize_rows` for a plain quantize (the image
 patches feeding the patch-embedding GEMM).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _ln_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, stride_x, stride_o, eps, scale, zp,
-                     QMAX: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_quant_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    D,
+    stride_x,
+    stride_o,
+    eps,
+    scale,
+    zp,
+    QMAX: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -40,15 +54,27 @@ def _launch(x: torch.Tensor, w, b, eps: float, scale: float, zp: int, bits: int,
     d = x2.shape[1]
     block = max(16, 1 << (d - 1).bit_length())
     _ln_quant_kernel[(x2.shape[0],)](
-        x2, w if w is not None else x2, b if b is not None else x2, out, d, x2.stride(0), out.stride(0),
-        float(eps), float(scale), float(zp), QMAX=float((1 << bits) - 1), NORM=norm, BLOCK_D=block,
+        x2,
+        w if w is not None else x2,
+        b if b is not None else x2,
+        out,
+        d,
+        x2.stride(0),
+        out.stride(0),
+        float(eps),
+        float(scale),
+        float(zp),
+        QMAX=float((1 << bits) - 1),
+        NORM=norm,
+        BLOCK_D=block,
         num_warps=4 if block <= 1024 else 8,
     )
     return out.view(shape)
 
 
-def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, scale: float, zp: int,
-                    bits: int = 8) -> torch.Tensor:
+def layernorm_quant(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, scale: float, zp: int, bits: int = 8
+) -> torch.Tensor:
     """``quantize(layer_norm(x))`` as shifted int8 codes, rows of the last dimension."""
     return _launch(x, weight, bias, eps, scale, zp, bits, True)
 

@@ -1,8 +1,8 @@
 """Fused quantized attention: one tile per (image, head) for short sequences (ViT-B/32's 50 tokens, the text tower's
 77 with the causal mask), a tiled two-pass kernel for longer ones (ViT-B/16's 197, ViT-L/14's 257, 577 at 336 px).
 
-Short kernel, one program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation and
-zero-point correction -> scaled logits -> fp32 softmax -> probabilities quantized to the Attention bits -> int8
+Short kernel, one program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation
+and zero-point correction -> scaled logits -> fp32 softmax -> probabilities quantized to the Attention bits -> int8
 ``p v`` -> output requantized to the out-projection's input site. The attention matrix lives only in registers.
 
 Inputs come from the in_proj GEMM's requantizing epilogue: shifted int8 codes ``[B, L, 3D]`` (q | k | v columns).
@@ -18,6 +18,7 @@ and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255,
 in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. The probabilities differ
 from the reference's only by float rounding of the row sum and of one reciprocal (ties, ``p4q_engine.quant.ties``).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,10 +44,32 @@ class AttnSites:
 
 @triton.jit
 def _qattention_kernel(
-    qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
-    qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
-    HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
+    qkv_ptr,
+    out_ptr,
+    L,
+    H,
+    D,
+    stride_b,
+    stride_l,
+    out_stride_b,
+    out_stride_l,
+    qk_scale,
+    cq,
+    ck,
+    cv,
+    sp,
+    zpp,
+    cp,
+    pv_scale,
+    so,
+    zo,
+    sm_scale,
+    HD: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    P_QMAX: tl.constexpr,
+    O_QMAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -99,8 +122,22 @@ def _qk_logits(q, k_ptrs, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D: tl.
 
 
 @triton.jit
-def _block_logits(q, k_head, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
-                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
+def _block_logits(
+    q,
+    k_head,
+    rows,
+    keys,
+    L,
+    d_mask,
+    stride_l,
+    cq,
+    ck,
+    qk_scale,
+    sm_scale,
+    q_sum,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     """Logits of the key block ``keys`` for the query ``rows``, ``-inf`` at padded (and, causal, later) keys."""
     kmask = (keys < L)[:, None] & d_mask[None, :]
     logits = _qk_logits(q, k_head + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D)
@@ -112,10 +149,33 @@ def _block_logits(q, k_head, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, 
 
 @triton.jit
 def _qattention_tiled_kernel(
-    qkv_ptr, out_ptr, L, H, D, stride_b, stride_l, out_stride_b, out_stride_l,
-    qk_scale, cq, ck, cv, sp, zpp, cp, pv_scale, so, zo, sm_scale,
-    HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    P_QMAX: tl.constexpr, O_QMAX: tl.constexpr,
+    qkv_ptr,
+    out_ptr,
+    L,
+    H,
+    D,
+    stride_b,
+    stride_l,
+    out_stride_b,
+    out_stride_l,
+    qk_scale,
+    cq,
+    ck,
+    cv,
+    sp,
+    zpp,
+    cp,
+    pv_scale,
+    so,
+    zo,
+    sm_scale,
+    HD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    P_QMAX: tl.constexpr,
+    O_QMAX: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -137,8 +197,9 @@ def _qattention_tiled_kernel(
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
-        logits = _block_logits(q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
-                               BLOCK_D, CAUSAL)
+        logits = _block_logits(
+            q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
+        )
         new_mx = tl.maximum(mx, tl.max(logits, axis=1))
         den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
         mx = new_mx
@@ -151,8 +212,9 @@ def _qattention_tiled_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_end, BLOCK_N):
         keys = n0 + cols
-        logits = _block_logits(q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum,
-                               BLOCK_D, CAUSAL)
+        logits = _block_logits(
+            q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
+        )
         e = tl.exp(logits - mx[:, None])
         pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
         # (u - z_p) and (v - z_v) lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24) exact in
@@ -188,13 +250,31 @@ TILED_BLOCK_N = 64
 
 
 def _scalar_args(sites: AttnSites, hd: int) -> tuple:
-    return (_f32_product(sites.q[0], sites.k[0]), 128 - sites.q[1], 128 - sites.k[1], 128 - sites.v[1],
-            sites.p[0], float(sites.p[1]), 128 - sites.p[1], _f32_product(sites.p[0], sites.v[0]), sites.out[0],
-            float(sites.out[1]), 1.0 / math.sqrt(hd))
+    return (
+        _f32_product(sites.q[0], sites.k[0]),
+        128 - sites.q[1],
+        128 - sites.k[1],
+        128 - sites.v[1],
+        sites.p[0],
+        float(sites.p[1]),
+        128 - sites.p[1],
+        _f32_product(sites.p[0], sites.v[0]),
+        sites.out[0],
+        float(sites.out[1]),
+        1.0 / math.sqrt(hd),
+    )
 
 
-def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False, num_warps: int = 4,
-               kernel: str = "auto", block_m: int = TILED_BLOCK_M, block_n: int = TILED_BLOCK_N) -> torch.Tensor:
+def qattention(
+    qkv: torch.Tensor,
+    heads: int,
+    sites: AttnSites,
+    causal: bool = False,
+    num_warps: int = 4,
+    kernel: str = "auto",
+    block_m: int = TILED_BLOCK_M,
+    block_n: int = TILED_BLOCK_N,
+) -> torch.Tensor:
     """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8).
 
     ``kernel``: ``"short"`` (one tile per (image, head), L <= 128), ``"tiled"`` (any L), or ``"auto"`` (short when
@@ -213,16 +293,43 @@ def qattention(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = F
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
     if bsz == 0 or length == 0:
         return out
-    common = (qkv, out, length, heads, d, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-              *_scalar_args(sites, hd))
+    common = (
+        qkv,
+        out,
+        length,
+        heads,
+        d,
+        qkv.stride(0),
+        qkv.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *_scalar_args(sites, hd),
+    )
     qmax = dict(P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1))
     if short:
-        _qattention_kernel[(bsz * heads,)](*common, HD=hd, BLOCK_L=_pow2(length), BLOCK_D=_pow2(hd), CAUSAL=causal,
-                                           **qmax, num_warps=num_warps, num_stages=1)
+        _qattention_kernel[(bsz * heads,)](
+            *common,
+            HD=hd,
+            BLOCK_L=_pow2(length),
+            BLOCK_D=_pow2(hd),
+            CAUSAL=causal,
+            **qmax,
+            num_warps=num_warps,
+            num_stages=1,
+        )
     else:
         grid = (bsz * heads, triton.cdiv(length, block_m))
-        _qattention_tiled_kernel[grid](*common, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(hd),
-                                       CAUSAL=causal, **qmax, num_warps=num_warps, num_stages=2)
+        _qattention_tiled_kernel[grid](
+            *common,
+            HD=hd,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=_pow2(hd),
+            CAUSAL=causal,
+            **qmax,
+            num_warps=num_warps,
+            num_stages=2,
+        )
     return out
 
 
@@ -236,10 +343,14 @@ def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal
     def heads_of(t: torch.Tensor, zp: int) -> torch.Tensor:
         return (t - zp).view(bsz, length, heads, hd).transpose(1, 2)
 
-    q, k, v = heads_of(x[..., :d], sites.q[1]), heads_of(x[..., d:2 * d], sites.k[1]), heads_of(x[..., 2 * d:],
-                                                                                                 sites.v[1])
-    sq, sk, sv, sp, so = (torch.tensor(s[0], dtype=torch.float32) for s in (sites.q, sites.k, sites.v, sites.p,
-                                                                            sites.out))
+    q, k, v = (
+        heads_of(x[..., :d], sites.q[1]),
+        heads_of(x[..., d : 2 * d], sites.k[1]),
+        heads_of(x[..., 2 * d :], sites.v[1]),
+    )
+    sq, sk, sv, sp, so = (
+        torch.tensor(s[0], dtype=torch.float32) for s in (sites.q, sites.k, sites.v, sites.p, sites.out)
+    )
     logits = (q @ k.transpose(-2, -1)).float() * (sq * sk) * (1.0 / math.sqrt(hd))
     if causal:
         logits = logits.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))

@@ -17,6 +17,7 @@ Conventions shared with the rest of the engine:
 :func:`qgemm` is the launch wrapper, :func:`_qgemm_kernel` the Triton kernel and :func:`qgemm_reference` the torch
 definition the tests compare against (integer accumulator bit-exact; float epilogue within 1e-5 relative).
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,7 @@ def _unpack_tile(wp, offs_n, n_mask, kw0, KW, WIDTH: tl.constexpr, BLOCK_K: tl.c
     """Stored codes of a [BLOCK_K, BLOCK_N] tile from one bit plane (int32 words, LSB-first along K)."""
     PER: tl.constexpr = 32 // WIDTH
     offs_w = kw0 + tl.arange(0, BLOCK_K // PER)
-    words = tl.load(wp + offs_n[None, :] * KW + offs_w[:, None], mask=n_mask[None, :] & (offs_w[:, None] < KW),
-                    other=0)
+    words = tl.load(wp + offs_n[None, :] * KW + offs_w[:, None], mask=n_mask[None, :] & (offs_w[:, None] < KW), other=0)
     shifts = tl.arange(0, PER) * WIDTH
     vals = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
     return tl.reshape(vals, (BLOCK_K, BLOCK_N))
@@ -93,12 +93,39 @@ def _unpack_tile(wp, offs_n, n_mask, kw0, KW, WIDTH: tl.constexpr, BLOCK_K: tl.c
 
 @triton.jit
 def _qgemm_kernel(
-    a_ptr, wp0, wp1, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
-    M, N, K, KW0, KW1, stride_am, stride_rm, stride_om,
-    a_scale, a_corr,
-    W0: tl.constexpr, W1: tl.constexpr, OFFSET: tl.constexpr, DIRECT8: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    wp0,
+    wp1,
+    colsum_ptr,
+    wscale_ptr,
+    bias_ptr,
+    res_ptr,
+    oscale_ptr,
+    ozp_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KW0,
+    KW1,
+    stride_am,
+    stride_rm,
+    stride_om,
+    a_scale,
+    a_corr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DIRECT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    OUT_QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -118,11 +145,11 @@ def _qgemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0
+        )
         if DIRECT8:  # 8-bit weights as plain int8 [N, K]: a straight tile load the compiler can pipeline
-            b = tl.load(wp0 + offs_n[None, :] * K + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
-                        other=0)
+            b = tl.load(wp0 + offs_n[None, :] * K + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0)
         else:
             u = _unpack_tile(wp0, offs_n, n_mask, k0 // PER0, KW0, W0, BLOCK_K, BLOCK_N)
             if W1 > 0:
@@ -131,14 +158,55 @@ def _qgemm_kernel(
             b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
         acc += tl.dot(a, b, out_dtype=tl.int32)
 
-    _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
-              stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX)
+    _epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        colsum_ptr,
+        wscale_ptr,
+        bias_ptr,
+        res_ptr,
+        oscale_ptr,
+        ozp_ptr,
+        out_ptr,
+        stride_rm,
+        stride_om,
+        a_scale,
+        a_corr,
+        HAS_BIAS,
+        HAS_RES,
+        ACT,
+        OUT_MODE,
+        OUT_QMAX,
+    )
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
-              stride_rm, stride_om, a_scale, a_corr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-              ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr):
+def _epilogue(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    colsum_ptr,
+    wscale_ptr,
+    bias_ptr,
+    res_ptr,
+    oscale_ptr,
+    ozp_ptr,
+    out_ptr,
+    stride_rm,
+    stride_om,
+    a_scale,
+    a_corr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    OUT_QMAX: tl.constexpr,
+):
     """Zero-point correction, dequantization, bias, activation, residual, and the store (raw / float / requant):
     one definition for both main loops."""
     m_mask = offs_m < M
@@ -170,7 +238,6 @@ def _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_p
             tl.store(out_ptr + out_offs, (q.to(tl.int32) - 128).to(tl.int8), mask=o_mask)
 
 
-
 @triton.jit
 def _unpack_rows(words, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Stored codes ``[BLOCK_N, BLOCK_K]`` from a ``[BLOCK_N, BLOCK_K / per]`` tile of words (LSB-first along K)."""
@@ -182,12 +249,36 @@ def _unpack_rows(words, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 @triton.jit
 def _qgemm_tma_kernel(
-    a_desc, w_desc0, w_desc1, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr, out_ptr,
-    M, N, K, stride_rm, stride_om,
-    a_scale, a_corr,
-    W0: tl.constexpr, W1: tl.constexpr, OFFSET: tl.constexpr, DIRECT8: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QMAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_desc,
+    w_desc0,
+    w_desc1,
+    colsum_ptr,
+    wscale_ptr,
+    bias_ptr,
+    res_ptr,
+    oscale_ptr,
+    ozp_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_rm,
+    stride_om,
+    a_scale,
+    a_corr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DIRECT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    OUT_QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     num_programs,
 ):
     """Persistent variant: ``num_programs`` programs walk the output tiles; A and the weight words arrive by TMA
@@ -214,14 +305,34 @@ def _qgemm_tma_kernel(
             else:
                 u = _unpack_rows(w_desc0.load([off_n, kt * (BLOCK_K // PER0)]), W0, BLOCK_N, BLOCK_K)
                 if W1 > 0:
-                    u = u | (_unpack_rows(w_desc1.load([off_n, kt * (BLOCK_K // PER1)]), W1, BLOCK_N, BLOCK_K)
-                             << W0)
+                    u = u | (_unpack_rows(w_desc1.load([off_n, kt * (BLOCK_K // PER1)]), W1, BLOCK_N, BLOCK_K) << W0)
                 w = (u - OFFSET).to(tl.int8)
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        _epilogue(acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oscale_ptr, ozp_ptr,
-                  out_ptr, stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX)
+        _epilogue(
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            colsum_ptr,
+            wscale_ptr,
+            bias_ptr,
+            res_ptr,
+            oscale_ptr,
+            ozp_ptr,
+            out_ptr,
+            stride_rm,
+            stride_om,
+            a_scale,
+            a_corr,
+            HAS_BIAS,
+            HAS_RES,
+            ACT,
+            OUT_MODE,
+            OUT_QMAX,
+        )
 
 
 @dataclass
@@ -260,6 +371,7 @@ def qgemm(
         if residual.shape != (m, n):
             raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
     if config is None:
+
         def bench(c: TileConfig) -> None:
             qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
 
@@ -268,17 +380,29 @@ def qgemm(
         # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours
         # other tiles
         out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
-        name = ("qgemm" if kind == "auto" else f"qgemm-{kind}") + f"-{out_tag}" + ("-res" if residual is not None
-                                                                                   else "")
+        name = (
+            ("qgemm" if kind == "auto" else f"qgemm-{kind}") + f"-{out_tag}" + ("-res" if residual is not None else "")
+        )
         config = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
     cfg = config
     w0, w1 = _PLANES[w.bits]
-    epi = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[act], OUT_MODE=mode,
-               OUT_QMAX=float((1 << requant.bits) - 1) if requant is not None else 255.0)
+    epi = dict(
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        ACT=ACTIVATIONS[act],
+        OUT_MODE=mode,
+        OUT_QMAX=float((1 << requant.bits) - 1) if requant is not None else 255.0,
+    )
     dummy = w.scale
-    ptrs = (w.colsum, w.scale, bias if bias is not None else dummy, residual if residual is not None else dummy,
-            requant.scale if requant is not None else dummy, requant.zero_point if requant is not None else w.colsum,
-            out)
+    ptrs = (
+        w.colsum,
+        w.scale,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        requant.scale if requant is not None else dummy,
+        requant.zero_point if requant is not None else w.colsum,
+        out,
+    )
     res_stride = residual.stride(0) if residual is not None else 0
     direct = w.direct is not None
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
@@ -290,24 +414,63 @@ def qgemm(
             w_desc0 = w_desc1 = TensorDescriptor.from_tensor(w.direct, [cfg.block_n, cfg.block_k])
         else:
             w_desc0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
-            w_desc1 = (TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1
-                       else w_desc0)
+            w_desc1 = (
+                TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1 else w_desc0
+            )
         programs = min(tiles, _num_programs(a.device))
         _qgemm_tma_kernel[(programs,)](
-            a_desc, w_desc0, w_desc1, *ptrs, m, n, k, res_stride, out.stride(0), float(a_scale), int(128 - a_zp),
-            W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct, **epi,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_programs=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            a_desc,
+            w_desc0,
+            w_desc1,
+            *ptrs,
+            m,
+            n,
+            k,
+            res_stride,
+            out.stride(0),
+            float(a_scale),
+            int(128 - a_zp),
+            W0=w0,
+            W1=w1,
+            OFFSET=1 << (w.bits - 1),
+            DIRECT8=direct,
+            **epi,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m,
+            num_programs=programs,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         return out
     wp1 = w.planes[1] if w1 else w.planes[0]
     _qgemm_kernel[(tiles,)](
-        a, w.direct if direct else w.planes[0], wp1, *ptrs,
-        m, n, k, w.planes[0].shape[1], wp1.shape[1], a.stride(0), res_stride, out.stride(0),
-        float(a_scale), int(128 - a_zp),
-        W0=w0, W1=w1, OFFSET=1 << (w.bits - 1), DIRECT8=direct, **epi,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        a,
+        w.direct if direct else w.planes[0],
+        wp1,
+        *ptrs,
+        m,
+        n,
+        k,
+        w.planes[0].shape[1],
+        wp1.shape[1],
+        a.stride(0),
+        res_stride,
+        out.stride(0),
+        float(a_scale),
+        int(128 - a_zp),
+        W0=w0,
+        W1=w1,
+        OFFSET=1 << (w.bits - 1),
+        DIRECT8=direct,
+        **epi,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
@@ -359,9 +522,16 @@ def unshift(a: torch.Tensor) -> torch.Tensor:
 
 
 def qgemm_reference(
-    a: torch.Tensor, a_scale: float, a_zp: int, codes: torch.Tensor, w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor] = None, act: str = "none", residual: Optional[torch.Tensor] = None,
-    requant: Optional[Requant] = None, raw: bool = False,
+    a: torch.Tensor,
+    a_scale: float,
+    a_zp: int,
+    codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act: str = "none",
+    residual: Optional[torch.Tensor] = None,
+    requant: Optional[Requant] = None,
+    raw: bool = False,
 ) -> torch.Tensor:
     """What :func:`qgemm` computes, from unpacked signed weight codes ``[N, K]``, in float64/int64 on the CPU."""
     acc = (unshift(a.cpu()).to(torch.int64) - a_zp) @ codes.cpu().to(torch.int64).t()

@@ -5,6 +5,7 @@ call of a kernel at a new key times a small candidate list with ``triton.testing
 memory and in a JSON file (``$P4Q_TUNE_CACHE`` or ``~/.cache/p4q_engine/tuning.json``), so later processes start
 with the tuned configuration. Under ``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,9 +109,16 @@ def _fits(cfg: TileConfig, m: int) -> bool:
     return cfg.block_m <= max(16, _m_bucket(m))
 
 
-def pick_config(name: str, m: int, n: int, k: int, bits: int, device: torch.device,
-                bench: Optional[Callable[[TileConfig], None]] = None,
-                candidates: tuple[TileConfig, ...] = GPU_CANDIDATES) -> TileConfig:
+def pick_config(
+    name: str,
+    m: int,
+    n: int,
+    k: int,
+    bits: int,
+    device: torch.device,
+    bench: Optional[Callable[[TileConfig], None]] = None,
+    candidates: tuple[TileConfig, ...] = GPU_CANDIDATES,
+) -> TileConfig:
     """The cached best configuration for this key, tuning it with ``bench`` on first use."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
         return INTERPRET_CONFIG

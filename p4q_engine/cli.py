@@ -2,6 +2,7 @@
 
 Bad options and bad inputs print one line (``p4q: error: ...``) and exit with status 2 - never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from p4q_engine.clip.recipe import SCOPES
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.quant.observers import OBSERVERS
 from p4q_engine.quant.spec import BIT_CONFIGS, parse_bit_config
-from p4q_engine.clip.recipe import SCOPES
 
 DEFAULT_MODEL = "P4Q-Ref-Tiny"
 PAPER_BITS = ("8-8-8", "4-4-8", "3-3-8", "2-2-8")
@@ -55,21 +56,35 @@ def _choice(options: Sequence[str], what: str) -> Callable[[str], str]:
 # ---------------------------------------------------------------- shared argument groups
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip model name (default: {DEFAULT_MODEL}, the "
-                   "embedded reference CLIP)")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k "
-                   "(downloads on an online machine)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"open_clip model name (default: {DEFAULT_MODEL}, the embedded reference CLIP)",
+    )
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k (downloads on an online machine)",
+    )
     g.add_argument("--checkpoint", default=None, help="local checkpoint file (.pt/.bin/.safetensors)")
-    g.add_argument("--quick-gelu", action="store_true", default=None,
-                   help="force QuickGELU (needed for OpenAI weights in a local checkpoint)")
+    g.add_argument(
+        "--quick-gelu",
+        action="store_true",
+        default=None,
+        help="force QuickGELU (needed for OpenAI weights in a local checkpoint)",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from p4q_engine.data.datasets import DATASETS
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="reference", type=_choice(DATASETS, "dataset"),
-                   help=f"one of {', '.join(DATASETS)} (default: reference, the embedded synthetic task)")
+    g.add_argument(
+        "--dataset",
+        default="reference",
+        type=_choice(DATASETS, "dataset"),
+        help=f"one of {', '.join(DATASETS)} (default: reference, the embedded synthetic task)",
+    )
     g.add_argument("--data-root", default=None, help="dataset folder (cifar100, imagenet, imagefolder)")
     g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data-root if missing")
     g.add_argument("--eval-size", type=int, default=None, help="evaluate on a fixed subset of this many images")
@@ -77,12 +92,24 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_quant_args(p: argparse.ArgumentParser, bits_default: Optional[str] = "4-4-8") -> None:
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=_bits, default=bits_default,
-                   help=f"W-A-Attention bits: {', '.join(BIT_CONFIGS)} or any of 2/3/4/8 per field")
-    g.add_argument("--observer", type=_choice(tuple(OBSERVERS), "observer"), default="omse",
-                   help=f"calibrator: {', '.join(OBSERVERS)}")
-    g.add_argument("--scope", type=_choice(tuple(SCOPES), "scope"), default="full",
-                   help="full: every block Linear and attention matmul; release: what the authors' code quantizes")
+    g.add_argument(
+        "--bits",
+        type=_bits,
+        default=bits_default,
+        help=f"W-A-Attention bits: {', '.join(BIT_CONFIGS)} or any of 2/3/4/8 per field",
+    )
+    g.add_argument(
+        "--observer",
+        type=_choice(tuple(OBSERVERS), "observer"),
+        default="omse",
+        help=f"calibrator: {', '.join(OBSERVERS)}",
+    )
+    g.add_argument(
+        "--scope",
+        type=_choice(tuple(SCOPES), "scope"),
+        default="full",
+        help="full: every block Linear and attention matmul; release: what the authors' code quantizes",
+    )
     g.add_argument("--edge-bits", type=int, default=8, help="bits of patch/token embedding and projections")
 
 
@@ -102,8 +129,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("training (defaults: the paper's Sec. 4.1)")
     g.add_argument("--out", required=True, help="output directory (checkpoint, resumable state, metrics.json)")
-    g.add_argument("--method", default="p4q", type=_choice(("p4q", "coop", "lp", "qlp"), "method"),
-                   help="p4q; coop (FP + learnable prompt); lp (linear probe, FP); qlp (linear probe, quantized)")
+    g.add_argument(
+        "--method",
+        default="p4q",
+        type=_choice(("p4q", "coop", "lp", "qlp"), "method"),
+        help="p4q; coop (FP + learnable prompt); lp (linear probe, FP); qlp (linear probe, quantized)",
+    )
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--train-batch-size", type=int, default=128)
     g.add_argument("--train-size", type=int, default=None, help="use a fixed subset of this many training images")
@@ -118,10 +149,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class-specific", action="store_true", help="one context per class")
     g.add_argument("--alpha", type=float, default=0.2, help="QAdapter adapt ratio")
     g.add_argument("--reduction", type=int, default=4, help="QAdapter bottleneck ratio r (d -> d/r -> d)")
-    g.add_argument("--adapter-bits", default="8", type=_choice(("8", "model"), "adapter bits"),
-                   help="QAdapter weights/activations at 8 bits (the paper) or at the model's W/A bits")
-    g.add_argument("--adapter-ptq", action="store_true",
-                   help="train the QAdapter in float and quantize it afterwards (default: quantization-aware)")
+    g.add_argument(
+        "--adapter-bits",
+        default="8",
+        type=_choice(("8", "model"), "adapter bits"),
+        help="QAdapter weights/activations at 8 bits (the paper) or at the model's W/A bits",
+    )
+    g.add_argument(
+        "--adapter-ptq",
+        action="store_true",
+        help="train the QAdapter in float and quantize it afterwards (default: quantization-aware)",
+    )
     g.add_argument("--prompt-lr", type=float, default=2e-3, help="SGD learning rate of the prompt")
     g.add_argument("--adapter-lr", type=float, default=1e-3, help="AdamW learning rate of the QAdapter")
     g.add_argument("--no-cache", action="store_true", help="recompute the frozen image features")
@@ -133,30 +171,34 @@ def _settings(args: argparse.Namespace):
 
     if args.calib_batches < 1 or args.batch_size < 1:
         raise ConfigError("--calib-batches and --batch-size must be positive")
-    return PTQSettings(calib_batches=args.calib_batches, batch_size=args.batch_size,
-                       device=resolve_device(args.device), workers=args.workers, progress=not args.quiet,
-                       seed=args.seed)
+    return PTQSettings(
+        calib_batches=args.calib_batches,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        workers=args.workers,
+        progress=not args.quiet,
+        seed=args.seed,
+    )
 
 
 def _load(args: argparse.Namespace):
     from p4q_engine.clip.loading import load_clip
 
-    return load_clip(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                     quick_gelu=args.quick_gelu)
+    return load_clip(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, quick_gelu=args.quick_gelu)
 
 
 def _data(args: argparse.Namespace, preprocess, split: str, size: Optional[int] = None):
     from p4q_engine.data.datasets import load_dataset
 
-    return load_dataset(args.dataset, split=split, data_root=args.data_root, transform=preprocess,
-                        download=args.download, size=size)
+    return load_dataset(
+        args.dataset, split=split, data_root=args.data_root, transform=preprocess, download=args.download, size=size
+    )
 
 
 def _recipe(args: argparse.Namespace, bits: str, observer: Optional[str] = None, scope: Optional[str] = None):
     from p4q_engine.clip.recipe import QuantRecipe
 
-    return QuantRecipe(bits, scope=scope or args.scope, observer=observer or args.observer,
-                       edge_bits=args.edge_bits)
+    return QuantRecipe(bits, scope=scope or args.scope, observer=observer or args.observer, edge_bits=args.edge_bits)
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -182,9 +224,21 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     test = _data(args, loaded.preprocess, "test", args.eval_size)
     fp = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, "fp32"), calib, test, s, log=print)
     q = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, test, s, log=print)
-    _write_json(args.out, {"command": args.command_line, "model": args.model, "pretrained": args.pretrained,
-                           "checkpoint": args.checkpoint, "dataset": args.dataset, "fp32": fp, "quantized": q,
-                           "settings": settings_dict(s), "env": environment(), "date": time.strftime("%Y-%m-%d")})
+    _write_json(
+        args.out,
+        {
+            "command": args.command_line,
+            "model": args.model,
+            "pretrained": args.pretrained,
+            "checkpoint": args.checkpoint,
+            "dataset": args.dataset,
+            "fp32": fp,
+            "quantized": q,
+            "settings": settings_dict(s),
+            "env": environment(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    )
     return 0
 
 
@@ -199,8 +253,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calib = _data(args, loaded.preprocess, "calib")
     test = _data(args, loaded.preprocess, args.split or "test", args.eval_size)
     row = run_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, test, s)
-    _write_json(args.out, {"command": args.command_line, "model": args.model, "dataset": args.dataset,
-                           "split": args.split or "test", **row})
+    _write_json(
+        args.out,
+        {
+            "command": args.command_line,
+            "model": args.model,
+            "dataset": args.dataset,
+            "split": args.split or "test",
+            **row,
+        },
+    )
     return 0
 
 
@@ -223,8 +285,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     calib = _data(args, loaded.preprocess, "calib")
     test = _data(args, loaded.preprocess, "test", args.eval_size)
     print(f"reference task: {len(test.classnames)} classes, {len(test.dataset)} held-out test images")
-    rows = [run_ptq(loaded.model, loaded.tokenizer, _recipe(args, b, "omse", "full"), calib, test, s, log=print)
-            for b in ("fp32", "8-8-8", "4-4-8", "2-2-8")]
+    rows = [
+        run_ptq(loaded.model, loaded.tokenizer, _recipe(args, b, "omse", "full"), calib, test, s, log=print)
+        for b in ("fp32", "8-8-8", "4-4-8", "2-2-8")
+    ]
     print("\n| bits | top-1 | top-5 |\n|---|---|---|")
     for r in rows:
         print(f"| {r['bits']} | {r['top1']:.2f} | {r['top5']:.2f} |")
@@ -260,8 +324,13 @@ def _export_artifact(args: argparse.Namespace, s) -> "object":
     loaded = _load(args)
     calib = _data(args, loaded.preprocess, "calib")
     classes = _data(args, loaded.preprocess, "test")
-    meta = {"name": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
-            "dataset": args.dataset, "command": args.command_line}
+    meta = {
+        "name": args.model,
+        "pretrained": args.pretrained,
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset,
+        "command": args.command_line,
+    }
     return export_ptq(loaded.model, loaded.tokenizer, _recipe(args, args.bits), calib, classes, s, meta)
 
 
@@ -278,15 +347,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         art = _export_artifact(args, _settings(args))
     size = save(art, args.out)
-    print(f"wrote {args.out} ({size / 2**20:.2f} MiB, {len(art.manifest['classes']['names'])} classes, "
-          f"{art.manifest['model']['recipe']['bits']} {art.manifest['model']['recipe']['scope']})")
+    print(
+        f"wrote {args.out} ({size / 2**20:.2f} MiB, {len(art.manifest['classes']['names'])} classes, "
+        f"{art.manifest['model']['recipe']['bits']} {art.manifest['model']['recipe']['scope']})"
+    )
     return 0
 
 
 def _print_predictions(paths: Sequence[str], preds, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([{"image": p, "labels": r.labels, "probs": r.probs} for p, r in zip(paths, preds)],
-                         indent=2))
+        print(json.dumps([{"image": p, "labels": r.labels, "probs": r.probs} for p, r in zip(paths, preds)], indent=2))
         return
     for p, r in zip(paths, preds):
         print(p)
@@ -323,14 +393,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not Path(args.artifact).is_file():
         raise ConfigError(f"artifact {args.artifact} does not exist")
-    limits = ConnectionLimits(header_timeout_s=args.header_timeout_s, timeout_keep_alive=args.timeout_keep_alive,
-                              limit_concurrency=args.limit_concurrency or None, max_header_bytes=args.max_header_bytes,
-                              shutdown_grace_s=args.shutdown_grace_s)
-    config = ServeConfig(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-                         max_body_bytes=args.max_body_bytes, threads=args.threads, log_level=args.log_level,
-                         access_log=args.access_log, warmup=not args.no_warmup,
-                         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}))
+    limits = ConnectionLimits(
+        header_timeout_s=args.header_timeout_s,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency or None,
+        max_header_bytes=args.max_header_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+    )
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        warmup=not args.no_warmup,
+        **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
+    )
     return serve(args.artifact, config, limits)
 
 
@@ -339,27 +423,47 @@ def _p4q_config(args: argparse.Namespace):
 
     if args.n_ctx < 0:
         raise ConfigError(f"--n-ctx must be >= 0, got {args.n_ctx}")
-    return P4QConfig(prompt=not args.no_prompt and args.n_ctx > 0, n_ctx=max(args.n_ctx, 1), ctx_init=args.ctx_init,
-                     class_position=args.class_position, class_specific=args.class_specific,
-                     adapter=not args.no_adapter, alpha=args.alpha, reduction=args.reduction,
-                     adapter_bits=args.adapter_bits, adapter_qat=not args.adapter_ptq, loss=args.loss, lam=args.lam,
-                     temperature=args.temperature, epochs=args.epochs, batch_size=args.train_batch_size,
-                     prompt_lr=args.prompt_lr, adapter_lr=args.adapter_lr, seed=args.seed)
+    return P4QConfig(
+        prompt=not args.no_prompt and args.n_ctx > 0,
+        n_ctx=max(args.n_ctx, 1),
+        ctx_init=args.ctx_init,
+        class_position=args.class_position,
+        class_specific=args.class_specific,
+        adapter=not args.no_adapter,
+        alpha=args.alpha,
+        reduction=args.reduction,
+        adapter_bits=args.adapter_bits,
+        adapter_qat=not args.adapter_ptq,
+        loss=args.loss,
+        lam=args.lam,
+        temperature=args.temperature,
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        prompt_lr=args.prompt_lr,
+        adapter_lr=args.adapter_lr,
+        seed=args.seed,
+    )
 
 
 def _source(args: argparse.Namespace):
     from p4q_engine.p4q.pipeline import Source
 
-    return Source(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                  quick_gelu=args.quick_gelu, dataset=args.dataset, data_root=args.data_root,
-                  train_size=args.train_size, eval_size=args.eval_size)
+    return Source(
+        model=args.model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        quick_gelu=args.quick_gelu,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train P4Q (or a baseline: CoOp, linear probe, quantized linear probe) and save it to ``--out``."""
     from dataclasses import asdict
 
-    from p4q_engine.clip.recipe import QuantRecipe
     from p4q_engine.p4q import baselines
     from p4q_engine.p4q.pipeline import prepare
     from p4q_engine.p4q.trainer import save_trained, train
@@ -378,17 +482,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     zs = {"fp32": baselines.zero_shot(prepared.data, False), "ptq": baselines.zero_shot(prepared.data, True)}
     if args.method in ("lp", "qlp"):
         res = baselines.linear_probe(prepared.data, quantized=args.method == "qlp")
-        _write_json(str(out / "metrics.json"), {"command": args.command_line, "method": args.method,
-                                                "bits": args.bits, "source": asdict(src), "test": res,
-                                                "zero_shot": zs})
+        _write_json(
+            str(out / "metrics.json"),
+            {
+                "command": args.command_line,
+                "method": args.method,
+                "bits": args.bits,
+                "source": asdict(src),
+                "test": res,
+                "zero_shot": zs,
+            },
+        )
         return 0
-    result = train(prepared.student, prepared.loaded.tokenizer, prepared.data, cfg, out_dir=out,
-                   progress=not args.quiet, log=None if args.quiet else print, device=s.device)
+    result = train(
+        prepared.student,
+        prepared.loaded.tokenizer,
+        prepared.data,
+        cfg,
+        out_dir=out,
+        progress=not args.quiet,
+        log=None if args.quiet else print,
+        device=s.device,
+    )
     result.metrics.update({"zero_shot": zs, "method": args.method, "command": args.command_line})
     save_trained(result, prepared.student, prepared.data, out, asdict(src))
     t = result.metrics["test"]
-    print(f"{args.method} {args.bits} {args.scope}: test top-1 {t['top1']:.2f} top-5 {t['top5']:.2f} "
-          f"(zero-shot FP {zs['fp32']['top1']:.2f}, PTQ {zs['ptq']['top1']:.2f}); saved {out}")
+    print(
+        f"{args.method} {args.bits} {args.scope}: test top-1 {t['top1']:.2f} top-5 {t['top5']:.2f} "
+        f"(zero-shot FP {zs['fp32']['top1']:.2f}, PTQ {zs['ptq']['top1']:.2f}); saved {out}"
+    )
     return 0
 
 
@@ -402,8 +524,13 @@ def _eval_trained(args: argparse.Namespace) -> int:
     s = _settings(args)
     t = load_trained(args.p4q)
     split = args.split or adaptation_splits(t.source.dataset)[1]
-    data = load_dataset(t.source.dataset, split=split, data_root=args.data_root or t.source.data_root,
-                        transform=t.loaded.preprocess, size=args.eval_size or t.source.eval_size)
+    data = load_dataset(
+        t.source.dataset,
+        split=split,
+        data_root=args.data_root or t.source.data_root,
+        transform=t.loaded.preprocess,
+        size=args.eval_size or t.source.eval_size,
+    )
     classifier = trained_class_features(t)
 
     def encode(images):
@@ -412,8 +539,18 @@ def _eval_trained(args: argparse.Namespace) -> int:
 
     with __import__("torch").no_grad():
         res = evaluate(encode, classifier, loader(data.dataset, s), progress=not args.quiet)
-    _write_json(args.out, {"command": args.command_line, "p4q": args.p4q, "dataset": t.source.dataset,
-                           "split": split, "bits": t.qmodel.recipe.bits.name, "scope": t.qmodel.recipe.scope, **res})
+    _write_json(
+        args.out,
+        {
+            "command": args.command_line,
+            "p4q": args.p4q,
+            "dataset": t.source.dataset,
+            "split": split,
+            "bits": t.qmodel.recipe.bits.name,
+            "scope": t.qmodel.recipe.scope,
+            **res,
+        },
+    )
     return 0
 
 
@@ -443,10 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="zero-shot accuracy of a model (float, or fake-quant with --bits)")
     _add_model_args(e), _add_data_args(e), _add_quant_args(e, bits_default="fp32"), _add_run_args(e)
-    e.add_argument("--split", default=None, help="dataset split (default: test; with --p4q: the dataset's "
-                   "adaptation test split)")
-    e.add_argument("--p4q", default=None, metavar="DIR", help="evaluate a `p4q train` output (its model, bits "
-                   "and dataset come from the checkpoint)")
+    e.add_argument(
+        "--split", default=None, help="dataset split (default: test; with --p4q: the dataset's adaptation test split)"
+    )
+    e.add_argument(
+        "--p4q",
+        default=None,
+        metavar="DIR",
+        help="evaluate a `p4q train` output (its model, bits and dataset come from the checkpoint)",
+    )
     e.add_argument("--out", default=None)
     e.set_defaults(func=cmd_eval)
 
@@ -467,8 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="calibrate and fold a PTQ model into a packed .p4q artifact")
     _add_model_args(x), _add_data_args(x), _add_quant_args(x), _add_run_args(x)
     x.add_argument("--out", required=True, help="artifact path, e.g. model.p4q")
-    x.add_argument("--p4q", default=None, metavar="DIR", help="export a `p4q train` output (prompt and QAdapter "
-                   "folded in) instead of a plain PTQ model")
+    x.add_argument(
+        "--p4q",
+        default=None,
+        metavar="DIR",
+        help="export a `p4q train` output (prompt and QAdapter folded in) instead of a plain PTQ model",
+    )
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("classify", help="zero-shot classify image files with a .p4q artifact")
@@ -488,34 +634,68 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     v.add_argument("--max-batch", type=int, default=64, help="most images per engine call")
-    v.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="longest a batch waits for more images after its first one (only while other requests "
-                   "are still being read or decoded)")
-    v.add_argument("--max-queue", type=int, default=256,
-                   help="most images waiting for the engine; beyond it requests get 503 + Retry-After")
+    v.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="longest a batch waits for more images after its first one (only while other requests "
+        "are still being read or decoded)",
+    )
+    v.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="most images waiting for the engine; beyond it requests get 503 + Retry-After",
+    )
     v.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline (504 past it)")
     v.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="request body cap (413 over it)")
-    v.add_argument("--max-pixels", type=int, default=None,
-                   help="decoded pixels per image cap (decompression bombs; default: 16777216 = 4096x4096)")
-    v.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the engine (default: torch's, one per core)")
-    v.add_argument("--log-level", default="info", type=_choice(("critical", "error", "warning", "info", "debug"),
-                                                                 "log level"))
+    v.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="decoded pixels per image cap (decompression bombs; default: 16777216 = 4096x4096)",
+    )
+    v.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the engine (default: torch's, one per core)",
+    )
+    v.add_argument(
+        "--log-level", default="info", type=_choice(("critical", "error", "warning", "info", "debug"), "log level")
+    )
     v.add_argument("--access-log", action="store_true", help="log every request")
-    v.add_argument("--no-warmup", action="store_true",
-                   help="skip running every batch bucket before ready (GPU: tuning and graph capture then happen "
-                   "under the first requests)")
-    v.add_argument("--header-timeout-s", type=float, default=10.0,
-                   help="seconds a connection may take to send a complete request head (408 / closed past it)")
-    v.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection "
-                   "stays open")
-    v.add_argument("--limit-concurrency", type=int, default=512,
-                   help="most open connections served at once; requests beyond get 503 overloaded (0: no limit)")
-    v.add_argument("--max-header-bytes", type=int, default=16 * 1024,
-                   help="largest request line + headers in bytes (400 over it)")
-    v.add_argument("--shutdown-grace-s", type=float, default=None,
-                   help="seconds requests in flight may take after SIGTERM before they get 503 not_ready "
-                   "(default: --timeout-s + 5)")
+    v.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip running every batch bucket before ready (GPU: tuning and graph capture then happen "
+        "under the first requests)",
+    )
+    v.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="seconds a connection may take to send a complete request head (408 / closed past it)",
+    )
+    v.add_argument(
+        "--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open"
+    )
+    v.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=512,
+        help="most open connections served at once; requests beyond get 503 overloaded (0: no limit)",
+    )
+    v.add_argument(
+        "--max-header-bytes", type=int, default=16 * 1024, help="largest request line + headers in bytes (400 over it)"
+    )
+    v.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=None,
+        help="seconds requests in flight may take after SIGTERM before they get 503 not_ready "
+        "(default: --timeout-s + 5)",
+    )
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("train-reference", help="retrain the embedded reference CLIP (<= 10 min on 2 CPU cores)")

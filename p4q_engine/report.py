@@ -1,4 +1,5 @@
 """Result tables in the layout of the paper's Table 1, written as JSON (for machines) and Markdown (for people)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,12 @@ from typing import Callable
 from p4q_engine.ptq import PTQSettings, environment, run_ptq, settings_dict
 
 #: Row labels of Table 1 per observer.
-METHOD_LABELS = {"minmax": "MinMax", "ema": "EMA (Jacob et al., 2018)", "percentile": "Percentile (Li et al., 2019)",
-                 "omse": "Baseline: OMSE (Choukroun et al., 2019)"}
+METHOD_LABELS = {
+    "minmax": "MinMax",
+    "ema": "EMA (Jacob et al., 2018)",
+    "percentile": "Percentile (Li et al., 2019)",
+    "omse": "Baseline: OMSE (Choukroun et al., 2019)",
+}
 
 
 def _cell(rows: list[dict], bits: str, scope: str, observer: str, key: str) -> str:
@@ -25,19 +30,25 @@ def ptq_markdown(result: dict) -> str:
     scopes, rows, fp = result["scopes"], result["rows"], result["fp32"]
     head = "| Method | #Bits (W-A-Attn) | " + " | ".join(f"{s} Top-1 | {s} Top-5" for s in scopes) + " |"
     lines = [
-        f"# PTQ on {result['dataset']} ({result['model']})", "",
+        f"# PTQ on {result['dataset']} ({result['model']})",
+        "",
         f"Produced by `{result['command']}` on {result['date']} ({result['env']['device']}, torch "
-        f"{result['env']['torch']}, open_clip {result['env']['open_clip']}).", "",
+        f"{result['env']['torch']}, open_clip {result['env']['open_clip']}).",
+        "",
         f"Evaluated on {fp['n']} images; calibration: {result['settings']['calib_batches']} batches of "
-        f"{result['settings']['batch_size']} images plus every class prompt.", "",
-        head, "|" + "---|" * (2 + 2 * len(scopes)),
+        f"{result['settings']['batch_size']} images plus every class prompt.",
+        "",
+        head,
+        "|" + "---|" * (2 + 2 * len(scopes)),
         "| Zero-shot CLIP (full precision) | 32-32-32 | "
-        + " | ".join(f"{fp['top1']:.2f} | {fp['top5']:.2f}" for _ in scopes) + " |",
+        + " | ".join(f"{fp['top1']:.2f} | {fp['top5']:.2f}" for _ in scopes)
+        + " |",
     ]
     for bits in result["bits"]:
         for obs in result["observers"]:
-            cells = " | ".join(f"{_cell(rows, bits, s, obs, 'top1')} | {_cell(rows, bits, s, obs, 'top5')}"
-                               for s in scopes)
+            cells = " | ".join(
+                f"{_cell(rows, bits, s, obs, 'top1')} | {_cell(rows, bits, s, obs, 'top5')}" for s in scopes
+            )
             lines.append(f"| {METHOD_LABELS.get(obs, obs)} | {bits} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -57,10 +68,21 @@ def ptq_table(args, settings: PTQSettings, loaded, data_fn: Callable) -> dict:
     for bits, obs, scope in tqdm(combos, desc="ptq table", disable=not settings.progress):
         recipe = QuantRecipe(bits, scope=scope, observer=obs, edge_bits=args.edge_bits)
         rows.append(run_ptq(loaded.model, loaded.tokenizer, recipe, calib, test, quiet, log=print))
-    result = {"command": args.command_line, "date": time.strftime("%Y-%m-%d"), "model": args.model,
-              "pretrained": args.pretrained, "checkpoint": args.checkpoint, "dataset": args.dataset,
-              "bits": args.bits_list, "observers": args.observers, "scopes": args.scopes, "fp32": fp, "rows": rows,
-              "settings": settings_dict(settings), "env": environment()}
+    result = {
+        "command": args.command_line,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset,
+        "bits": args.bits_list,
+        "observers": args.observers,
+        "scopes": args.scopes,
+        "fp32": fp,
+        "rows": rows,
+        "settings": settings_dict(settings),
+        "env": environment(),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,7 @@ and interpreted functions when a kernel is *decorated* (``triton.runtime.jit.jit
 import time of ``p4q_engine.kernels.*``), so the variable has to be set before any test module imports a kernel -
 i.e. here, in the root conftest, which pytest imports before collecting ``tests/kernels`` or ``tests/runtime``.
 """
+
 import os
 
 import torch
@@ -21,5 +22,6 @@ def pytest_report_header(config) -> list[str]:
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (Triton interpreter)"
     now = datetime.datetime.now(datetime.timezone.utc)
-    return [f"p4q-engine: {now:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, triton {triton.__version__}, "
-            f"device {dev}"]
+    return [
+        f"p4q-engine: {now:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, triton {triton.__version__}, device {dev}"
+    ]

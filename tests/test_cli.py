@@ -1,4 +1,5 @@
 """The ``p4q`` command line: one-line errors with exit status 2, and the main commands end to end."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,25 @@ def test_missing_artifact_is_one_line(tmp_path, capsys):
 @needs_ref
 def test_ptq_export_inspect_classify_on_reference(tmp_path, capsys):
     report = tmp_path / "report.json"
-    code, out, err = _run(["ptq", "--bits", "8-8-8", "--observer", "minmax", "--eval-size", "200",
-                           "--calib-batches", "2", "--quiet", "--device", "cpu", "--out", str(report)], capsys)
+    code, out, err = _run(
+        [
+            "ptq",
+            "--bits",
+            "8-8-8",
+            "--observer",
+            "minmax",
+            "--eval-size",
+            "200",
+            "--calib-batches",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--out",
+            str(report),
+        ],
+        capsys,
+    )
     assert code == 0, err
     rep = json.loads(report.read_text())
     assert rep["quantized"]["n"] == 200 and rep["fp32"]["n"] == 200
@@ -65,8 +83,23 @@ def test_ptq_export_inspect_classify_on_reference(tmp_path, capsys):
     assert rep["quantized"]["top1"] <= rep["quantized"]["top5"]
 
     art = tmp_path / "m.p4q"
-    code, out, err = _run(["export", "--bits", "4-4-8", "--observer", "minmax", "--calib-batches", "2", "--quiet",
-                           "--device", "cpu", "--out", str(art)], capsys)
+    code, out, err = _run(
+        [
+            "export",
+            "--bits",
+            "4-4-8",
+            "--observer",
+            "minmax",
+            "--calib-batches",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--out",
+            str(art),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert art.exists() and "wrote" in out
 
@@ -120,10 +153,22 @@ def test_train_bad_options_exit_2(argv, needle, capsys, tmp_path):
 def test_train_eval_export_classify_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("P4Q_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    common = ["--train-size", "100", "--eval-size", "50", "--calib-batches", "1", "--batch-size", "32",
-              "--device", "cpu", "--quiet"]
-    code, stdout, err = _run(["train", "--bits", "4-4-8", "--epochs", "1", "--n-ctx", "4", "--out", str(out)]
-                             + common, capsys)
+    common = [
+        "--train-size",
+        "100",
+        "--eval-size",
+        "50",
+        "--calib-batches",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    code, stdout, err = _run(
+        ["train", "--bits", "4-4-8", "--epochs", "1", "--n-ctx", "4", "--out", str(out)] + common, capsys
+    )
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     trained_top1 = metrics["metrics"]["test"]["top1"]
@@ -136,8 +181,9 @@ def test_train_eval_export_classify_end_to_end(tmp_path, capsys, monkeypatch):
     assert code == 0 and art.is_file(), err
     code, stdout, err = _run(["inspect", str(art)], capsys)
     assert code == 0 and "adapter.fc1" in stdout
-    code, stdout, err = _run(["train", "--method", "qlp", "--bits", "4-4-8", "--out", str(tmp_path / "qlp")]
-                             + common, capsys)
+    code, stdout, err = _run(
+        ["train", "--method", "qlp", "--bits", "4-4-8", "--out", str(tmp_path / "qlp")] + common, capsys
+    )
     assert code == 0, err
     qlp = json.loads((tmp_path / "qlp" / "metrics.json").read_text())
     assert qlp["method"] == "qlp" and 0 < qlp["test"]["top1"] <= 100

@@ -6,6 +6,7 @@ offset ``(k % (32 // w)) * w``. Signed codes are stored offset by ``2^(b-1)`` (s
 extension (``csrc/bitpack.cpp``) is the production path; :func:`pack_reference` / :func:`unpack_reference` are the
 pure-torch definitions it is tested against.
 """
+
 from __future__ import annotations
 
 import torch

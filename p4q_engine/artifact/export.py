@@ -1,4 +1,5 @@
 """Export: a PTQ model (or, later, a trained P4Q checkpoint) -> calibrated fake-quant model -> ``.p4q`` artifact."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -34,10 +35,16 @@ def class_features(qmodel: QuantCLIP, tokenizer, classnames, templates, device: 
     return text_classifier(qmodel.encode_text, tokenizer, classnames, templates, device)
 
 
-def export_ptq(model: nn.Module, tokenizer, recipe: QuantRecipe, calib_data, class_data, settings: PTQSettings,
-               meta: Optional[dict[str, Any]] = None) -> Artifact:
+def export_ptq(
+    model: nn.Module,
+    tokenizer,
+    recipe: QuantRecipe,
+    calib_data,
+    class_data,
+    settings: PTQSettings,
+    meta: Optional[dict[str, Any]] = None,
+) -> Artifact:
     """Calibrate ``model`` with ``recipe`` and fold it with the classes of ``class_data``."""
     qmodel = build_quantized(model, tokenizer, recipe, calib_data, settings)
     feats = class_features(qmodel, tokenizer, class_data.classnames, class_data.templates, settings.device)
-    return fold(qmodel, feats, class_data.classnames, preprocess_config(model),
-                meta={**(meta or {}), "source": "ptq"})
+    return fold(qmodel, feats, class_data.classnames, preprocess_config(model), meta={**(meta or {}), "source": "ptq"})

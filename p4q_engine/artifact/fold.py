@@ -4,6 +4,7 @@ Only what serving needs is kept: the image tower as packed integer weights with 
 activation site's quantization parameters, the QAdapter, and the class text features computed once through the
 quantized text tower and stored at 8 bits per row - the text tower itself is dropped (zero text-encoder cost).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -43,9 +44,15 @@ class _Folder:
         for i, plane in enumerate(pack(to_unsigned(codes, spec), spec.bits)):
             self.tensors[f"{name}.p{i}"] = plane
             self.layouts[f"{name}.p{i}"] = {
-                "kind": "packed", "bits": spec.bits, "signed": spec.signed, "grid": spec.grid,
+                "kind": "packed",
+                "bits": spec.bits,
+                "signed": spec.signed,
+                "grid": spec.grid,
                 "offset": spec.storage_offset,
-                "planes": list(widths), "plane": i, "order": "lsb-first-along-k", "logical_shape": [rows, k],
+                "planes": list(widths),
+                "plane": i,
+                "order": "lsb-first-along-k",
+                "logical_shape": [rows, k],
             }
         self.plain(f"{name}_scale", scale)
 
@@ -56,8 +63,12 @@ class _Folder:
         if aq.spec.per_channel:
             raise ConfigError(f"site {name}: the engine executes per-tensor activation quantization only")
         qp = aq.qparams()
-        self.sites[name] = {"bits": aq.spec.bits, "signed": aq.spec.signed, "scale": float(qp.scale),
-                            "zero_point": int(qp.zero_point)}
+        self.sites[name] = {
+            "bits": aq.spec.bits,
+            "signed": aq.spec.signed,
+            "scale": float(qp.scale),
+            "zero_point": int(qp.zero_point),
+        }
         return name
 
     def linear(self, prefix: str, lin: QuantLinear | QuantConv2d, in_site: Optional[str] = None) -> None:
@@ -73,8 +84,13 @@ class _Folder:
         # in_quant produced: fc1's own quantizer is off, but its input is quantized all the same)
         own = self.site(f"{prefix}.in", lin.input_quant) if hasattr(lin, "input_quant") else None
         site = own if own is not None else in_site
-        self.linears[prefix] = {"out_features": w.shape[0], "in_features": w.shape[1], "bias": lin.bias is not None,
-                                "weight_bits": None if lin.w_spec is None else lin.w_spec.bits, "in_site": site}
+        self.linears[prefix] = {
+            "out_features": w.shape[0],
+            "in_features": w.shape[1],
+            "bias": lin.bias is not None,
+            "weight_bits": None if lin.w_spec is None else lin.w_spec.bits,
+            "in_site": site,
+        }
 
     def layernorm(self, prefix: str, ln: nn.Module) -> None:
         if isinstance(ln, nn.LayerNorm):
@@ -96,12 +112,20 @@ def _vision_config(q: QuantCLIP) -> dict[str, Any]:
     blocks = v.transformer.resblocks
     ln_eps = [m.eps for m in v.modules() if isinstance(m, nn.LayerNorm)]
     return {
-        "image_size": list(v.image_size), "patch_size": list(v.patch_size), "grid_size": list(v.grid_size),
-        "width": v.transformer.width, "layers": len(blocks), "heads": blocks[0].attn.num_heads,
-        "mlp_width": blocks[0].mlp.c_fc.out_features, "pool_type": v.pool_type,
-        "final_ln_after_pool": bool(v.final_ln_after_pool), "ln_pre": isinstance(v.ln_pre, nn.LayerNorm),
-        "layer_scale": isinstance(blocks[0].ls_1, LayerScale), "act": _act_name(blocks[0]),
-        "ln_eps": ln_eps[0] if ln_eps else 1e-5, "output_dim": q.image_proj.out_features,
+        "image_size": list(v.image_size),
+        "patch_size": list(v.patch_size),
+        "grid_size": list(v.grid_size),
+        "width": v.transformer.width,
+        "layers": len(blocks),
+        "heads": blocks[0].attn.num_heads,
+        "mlp_width": blocks[0].mlp.c_fc.out_features,
+        "pool_type": v.pool_type,
+        "final_ln_after_pool": bool(v.final_ln_after_pool),
+        "ln_pre": isinstance(v.ln_pre, nn.LayerNorm),
+        "layer_scale": isinstance(blocks[0].ls_1, LayerScale),
+        "act": _act_name(blocks[0]),
+        "ln_eps": ln_eps[0] if ln_eps else 1e-5,
+        "output_dim": q.image_proj.out_features,
     }
 
 
@@ -160,8 +184,10 @@ def fold(
     from p4q_engine.runtime.engine import _POOL_TYPES  # what the engines execute
 
     if qmodel.visual.pool_type not in _POOL_TYPES:
-        raise ConfigError(f"image tower pool_type {qmodel.visual.pool_type!r} cannot be exported: the engines "
-                          f"execute {', '.join(_POOL_TYPES)}")
+        raise ConfigError(
+            f"image tower pool_type {qmodel.visual.pool_type!r} cannot be exported: the engines "
+            f"execute {', '.join(_POOL_TYPES)}"
+        )
     f = _Folder()
     with torch.no_grad():
         _fold_vision(f, qmodel)
@@ -169,16 +195,24 @@ def fold(
         codes, qp = quantize_rows(F.normalize(class_features.float().cpu(), dim=-1), text_bits)
         f.packed("text.features", codes, qp.spec, qp.scale)
     recipe = qmodel.recipe
-    recipe_cfg = {"bits": recipe.bits.name, "scope": recipe.scope, "observer": recipe.observer,
-                  "edge_bits": recipe.edge_bits}
+    recipe_cfg = {
+        "bits": recipe.bits.name,
+        "scope": recipe.scope,
+        "observer": recipe.observer,
+        "edge_bits": recipe.edge_bits,
+    }
     if recipe.observer_kwargs:  # only when set, so artifacts calibrated with the defaults stay byte-identical
         recipe_cfg["observer_kwargs"] = dict(recipe.observer_kwargs)
     manifest = {
         "model": {**(meta or {}), "recipe": recipe_cfg},
         "vision": _vision_config(qmodel),
         "preprocess": preprocess,
-        "classes": {"names": list(classnames), "logit_scale": float(qmodel.logit_scale.exp()),
-                    "text_bits": text_bits, "dim": class_features.shape[1]},
+        "classes": {
+            "names": list(classnames),
+            "logit_scale": float(qmodel.logit_scale.exp()),
+            "text_bits": text_bits,
+            "dim": class_features.shape[1],
+        },
         "adapter": adapter_cfg,
         "linears": f.linears,
         "sites": f.sites,

@@ -5,6 +5,7 @@ shape, sha256 and a layout descriptor (plain, or packed: bits, signedness, plane
 never unpickles anything and never returns a half-loaded artifact: every problem raises :class:`ArtifactError`
 naming it. The layout is documented in ``docs/format.md``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,14 @@ _MAX_TENSORS = 1 << 16  # ViT-bigG has ~600 tensors; a header listing more than 
 
 #: safetensors dtype tags we write and accept.
 _DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I16": torch.int16,
-    "I8": torch.int8, "U8": torch.uint8, "I64": torch.int64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I64": torch.int64,
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
 _SIZES = {v: torch.empty((), dtype=v).element_size() for v in _DTYPES.values()}
@@ -141,8 +148,13 @@ class _StrictJSON:
 
     def loads(self, text: str) -> Any:
         try:
-            obj = json.loads(text, object_pairs_hook=self.pairs, parse_constant=_NotANumber,
-                             parse_float=self.number, parse_int=self.integer)
+            obj = json.loads(
+                text,
+                object_pairs_hook=self.pairs,
+                parse_constant=_NotANumber,
+                parse_float=self.number,
+                parse_int=self.integer,
+            )
         except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError
             raise ArtifactError(f"corrupt {self.what}: not valid JSON ({e.__class__.__name__})") from None
         self.check(obj)
@@ -155,18 +167,24 @@ class _StrictJSON:
         while stack:
             path, v = stack.pop()
             if isinstance(v, _NotANumber):
-                raise ArtifactError(f"corrupt {self.what}: {path or 'the value'} is {v.text[:20]}, which is not a "
-                                    f"finite number (JSON has no NaN or infinity)")
+                raise ArtifactError(
+                    f"corrupt {self.what}: {path or 'the value'} is {v.text[:20]}, which is not a "
+                    f"finite number (JSON has no NaN or infinity)"
+                )
             if isinstance(v, str):
                 if not _encodable(v):
-                    raise ArtifactError(f"corrupt {self.what}: the string at {path or 'top level'} holds a lone "
-                                        f"surrogate (not valid Unicode)")
+                    raise ArtifactError(
+                        f"corrupt {self.what}: the string at {path or 'top level'} holds a lone "
+                        f"surrogate (not valid Unicode)"
+                    )
                 continue
             items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
             for k, x in items:
                 if isinstance(k, str) and not _encodable(k):
-                    raise ArtifactError(f"corrupt {self.what}: a key at {path or 'top level'} holds a lone "
-                                        f"surrogate (not valid Unicode): {k[:40]!r}")
+                    raise ArtifactError(
+                        f"corrupt {self.what}: a key at {path or 'top level'} holds a lone "
+                        f"surrogate (not valid Unicode): {k[:40]!r}"
+                    )
                 stack.append((f"{path}[{k if isinstance(k, int) else repr(k[:60])}]", x))
 
 
@@ -243,12 +261,19 @@ def _entry(name: str, entry: Any, desc: Any, data_len: int) -> _Entry:
     shape, offs = entry.get("shape"), entry.get("data_offsets")
     if dtype is None:
         raise ArtifactError(f"tensor {name!r}: unsupported dtype {entry.get('dtype')!r}")
-    if (not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**63 for s in shape)  # type(): no bools
-            or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
+    if (
+        not isinstance(shape, list)
+        or not all(type(s) is int and 0 <= s < 2**63 for s in shape)  # type(): no bools
+        or not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(type(o) is int for o in offs)
+    ):
         raise ArtifactError(f"tensor {name!r}: malformed shape or offsets")
     if desc.get("shape") != shape or desc.get("dtype") != entry.get("dtype"):
-        raise ArtifactError(f"tensor {name!r}: manifest says {desc.get('dtype')}{desc.get('shape')}, "
-                            f"file has {entry.get('dtype')}{shape}")
+        raise ArtifactError(
+            f"tensor {name!r}: manifest says {desc.get('dtype')}{desc.get('shape')}, "
+            f"file has {entry.get('dtype')}{shape}"
+        )
     if len(shape) > 8 or math.prod(max(s, 1) for s in shape) >= 2**62:  # strides of an empty tensor overflow too
         raise ArtifactError(f"tensor {name!r}: shape {shape} is too large for a tensor")
     nbytes = math.prod(shape) * _SIZES[dtype]

@@ -11,6 +11,7 @@ the tensors present, preprocessing matching the tower's input, and finite (and, 
 Every failure is an :class:`~p4q_engine.artifact.format.ArtifactError` whose message starts with the field, e.g.
 ``sites['visual.blocks.0.attn.in_proj.in'].scale must be a finite number > 0 (as float32), got nan``.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,6 +63,7 @@ def _int(lo: int, hi: int) -> Any:
 
 def _float(lo: float, hi: float, lo_open: bool = False, what: str = "") -> Any:
     """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+
     def check(v: Any) -> float:
         ok = _is_number(v) and math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi
         if not ok:
@@ -104,16 +106,20 @@ def _pair(lo: int, hi: int, allow_int: bool = False) -> Callable[[Any], tuple[in
             return v, v
         if isinstance(v, (list, tuple)) and len(v) == 2 and all(type(e) is int and lo <= e <= hi for e in v):
             return v[0], v[1]
-        raise _fail("p4q_pair", f"must be {'an integer or ' if allow_int else ''}a list of two integers in "
-                                f"[{lo}, {hi}]")
+        raise _fail(
+            "p4q_pair", f"must be {'an integer or ' if allow_int else ''}a list of two integers in [{lo}, {hi}]"
+        )
 
     return check
 
 
 def _triple(lo: float, hi: float) -> Callable[[Any], tuple[float, float, float]]:
     def check(v: Any) -> tuple[float, float, float]:
-        if isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(e) and math.isfinite(e) and lo <= e <= hi
-                                                        for e in v):
+        if (
+            isinstance(v, (list, tuple))
+            and len(v) == 3
+            and all(_is_number(e) and math.isfinite(e) and lo <= e <= hi for e in v)
+        ):
             return tuple(float(e) for e in v)  # type: ignore[return-value]
         raise _fail("p4q_triple", f"must be a list of three finite numbers in [{lo:g}, {hi:g}] (one per RGB channel)")
 
@@ -255,10 +261,16 @@ class ManifestSpec(_Strict):
 # ---------------------------------------------------------------- errors
 _DICTS = ("linears", "sites", "tensors")
 _PHRASES = {
-    "int_type": "must be an integer", "bool_type": "must be true or false", "float_type": "must be a number",
-    "string_type": "must be a string", "list_type": "must be a list", "dict_type": "must be a JSON object",
-    "model_type": "must be a JSON object", "model_attributes_type": "must be a JSON object",
-    "finite_number": "must be a finite number", "tuple_type": "must be a list",
+    "int_type": "must be an integer",
+    "bool_type": "must be true or false",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "finite_number": "must be a finite number",
+    "tuple_type": "must be a list",
 }
 
 
@@ -307,8 +319,10 @@ def schema_error(e: ValidationError, base: tuple = ()) -> ArtifactError:
 
 def _check_grid(name: str, site: SiteSpec) -> None:
     if site.zero_point > (1 << site.bits) - 1:
-        raise _artifact_error(f"sites[{name!r}].zero_point must be an integer in [0, {(1 << site.bits) - 1}] (the "
-                              f"{site.bits}-bit grid), got {site.zero_point}")
+        raise _artifact_error(
+            f"sites[{name!r}].zero_point must be an integer in [0, {(1 << site.bits) - 1}] (the "
+            f"{site.bits}-bit grid), got {site.zero_point}"
+        )
 
 
 def parse_site(name: str, d: Any) -> Optional[SiteSpec]:
@@ -344,8 +358,11 @@ def _check_layouts(spec: ManifestSpec, tensors: dict[str, torch.Tensor]) -> None
         lay, field = desc.layout, f"tensors[{name!r}].layout"
         t = tensors.get(name)
         if lay.kind == "plain":
-            extra = [k for k in ("bits", "signed", "grid", "offset", "planes", "plane", "order", "logical_shape")
-                     if getattr(lay, k) is not None]
+            extra = [
+                k
+                for k in ("bits", "signed", "grid", "offset", "planes", "plane", "order", "logical_shape")
+                if getattr(lay, k) is not None
+            ]
             if extra:
                 raise _artifact_error(f"{field}.{extra[0]} is set, but a plain layout has no packing fields")
             if t is not None and t.dtype not in _FLOAT_DTYPES:
@@ -353,11 +370,13 @@ def _check_layouts(spec: ManifestSpec, tensors: dict[str, torch.Tensor]) -> None
             continue
         for k in ("bits", "planes", "plane", "logical_shape"):
             if getattr(lay, k) is None:
-                raise _artifact_error(f"{field}.{k} is missing (a packed layout needs bits, planes, plane and "
-                                      f"logical_shape)")
+                raise _artifact_error(
+                    f"{field}.{k} is missing (a packed layout needs bits, planes, plane and logical_shape)"
+                )
         if tuple(lay.planes) != PLANES[lay.bits]:
-            raise _artifact_error(f"{field}.planes must be {list(PLANES[lay.bits])} for {lay.bits}-bit codes, got "
-                                  f"{lay.planes}")
+            raise _artifact_error(
+                f"{field}.planes must be {list(PLANES[lay.bits])} for {lay.bits}-bit codes, got {lay.planes}"
+            )
         if lay.plane >= len(lay.planes) or not name.endswith(f".p{lay.plane}"):
             raise _artifact_error(f"{field}.plane {lay.plane} does not match the tensor name (planes {lay.planes})")
         if t is not None:
@@ -365,9 +384,11 @@ def _check_layouts(spec: ManifestSpec, tensors: dict[str, torch.Tensor]) -> None
             per = 32 // lay.planes[lay.plane]
             want = (rows, (k + per - 1) // per)
             if t.dtype != torch.int32 or tuple(t.shape) != want:
-                raise _artifact_error(f"tensors[{name!r}] is {t.dtype} {list(t.shape)}; its layout (logical shape "
-                                      f"{list(lay.logical_shape)}, {lay.planes[lay.plane]}-bit plane) needs "
-                                      f"torch.int32 {list(want)}")
+                raise _artifact_error(
+                    f"tensors[{name!r}] is {t.dtype} {list(t.shape)}; its layout (logical shape "
+                    f"{list(lay.logical_shape)}, {lay.planes[lay.plane]}-bit plane) needs "
+                    f"torch.int32 {list(want)}"
+                )
 
 
 def _packed_bits(spec: ManifestSpec, prefix: str) -> Optional[int]:
@@ -381,8 +402,10 @@ def _check_linears(spec: ManifestSpec, tensors: dict[str, torch.Tensor]) -> None
         m = _BLOCK.match(name)
         if m and int(m.group(1)) >= spec.vision.layers:
             continue  # a block beyond vision.layers: the vision-config check reports the block mismatch
-        raise _artifact_error(f"linears[{name!r}] is not a layer of this model (the engines execute "
-                              f"{expected[0]} ... {expected[-1]}, {len(expected)} layers)")
+        raise _artifact_error(
+            f"linears[{name!r}] is not a layer of this model (the engines execute "
+            f"{expected[0]} ... {expected[-1]}, {len(expected)} layers)"
+        )
     for prefix, lin in spec.linears.items():
         field = f"linears[{prefix!r}]"
         if lin.in_site is not None:
@@ -395,23 +418,30 @@ def _check_linears(spec: ManifestSpec, tensors: dict[str, torch.Tensor]) -> None
             if w is None:
                 raise _artifact_error(f"{field}.weight_bits is null but tensor {prefix}.weight is missing")
             if tuple(w.shape) != (lin.out_features, lin.in_features):
-                raise _artifact_error(f"tensors['{prefix}.weight'] has shape {list(w.shape)}, {field} says "
-                                      f"[{lin.out_features}, {lin.in_features}]")
+                raise _artifact_error(
+                    f"tensors['{prefix}.weight'] has shape {list(w.shape)}, {field} says "
+                    f"[{lin.out_features}, {lin.in_features}]"
+                )
         else:
             bits = _packed_bits(spec, f"{prefix}.w")
             if bits is None:
-                raise _artifact_error(f"{field}.weight_bits is {lin.weight_bits} but {prefix}.w.p0 is not a packed "
-                                      f"tensor of the manifest")
+                raise _artifact_error(
+                    f"{field}.weight_bits is {lin.weight_bits} but {prefix}.w.p0 is not a packed tensor of the manifest"
+                )
             if bits != lin.weight_bits:
                 raise _artifact_error(f"{field}.weight_bits is {lin.weight_bits}, its packed layout says {bits}")
             scale = tensors.get(f"{prefix}.w_scale")
             if scale is None or tuple(scale.shape) != (lin.out_features,):
-                raise _artifact_error(f"tensors['{prefix}.w_scale'] must be a [{lin.out_features}] per-row scale "
-                                      f"vector, got {None if scale is None else list(scale.shape)}")
+                raise _artifact_error(
+                    f"tensors['{prefix}.w_scale'] must be a [{lin.out_features}] per-row scale "
+                    f"vector, got {None if scale is None else list(scale.shape)}"
+                )
         b = tensors.get(f"{prefix}.bias")
         if lin.bias and (b is None or tuple(b.shape) != (lin.out_features,)):
-            raise _artifact_error(f"{field}.bias is true but tensors['{prefix}.bias'] is "
-                                  f"{'missing' if b is None else list(b.shape)}, expected [{lin.out_features}]")
+            raise _artifact_error(
+                f"{field}.bias is true but tensors['{prefix}.bias'] is "
+                f"{'missing' if b is None else list(b.shape)}, expected [{lin.out_features}]"
+            )
 
 
 def _check_values(tensors: dict[str, torch.Tensor]) -> None:
@@ -423,8 +453,9 @@ def _check_values(tensors: dict[str, torch.Tensor]) -> None:
             bad = ~(torch.isfinite(t) & (t > 0))
             if bool(bad.any()):
                 i = int(bad.flatten().nonzero()[0])
-                raise _artifact_error(f"tensors[{name!r}] must hold finite scales > 0, holds "
-                                      f"{float(t.flatten()[i])} at index {i}")
+                raise _artifact_error(
+                    f"tensors[{name!r}] must hold finite scales > 0, holds {float(t.flatten()[i])} at index {i}"
+                )
         elif not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):  # sum: a fast first pass
             i = int((~torch.isfinite(t)).flatten().nonzero()[0])  # (finite values may overflow it: then the exact one)
             raise _artifact_error(f"tensors[{name!r}] must be finite, holds {float(t.flatten()[i])} at index {i}")
@@ -455,25 +486,31 @@ def validate_manifest(manifest: Any, tensors: dict[str, torch.Tensor]) -> Manife
     _check_layouts(spec, tensors)
     _check_linears(spec, tensors)
     if spec.preprocess.size != v.image_size:
-        raise _artifact_error(f"preprocess.size {list(spec.preprocess.size)} must equal vision.image_size "
-                              f"{list(v.image_size)} (the input the tower is built for)")
+        raise _artifact_error(
+            f"preprocess.size {list(spec.preprocess.size)} must equal vision.image_size "
+            f"{list(v.image_size)} (the input the tower is built for)"
+        )
     text = spec.tensors.get("text.features.p0")
     if text is None or text.layout.kind != "packed":
         raise _artifact_error("tensors['text.features.p0'] must be the packed class features")
     rows = text.layout.logical_shape[0]
     if len(spec.classes.names) != rows:
-        raise _artifact_error(f"classes.names lists {len(spec.classes.names)} classes, the class features hold "
-                              f"{rows} rows")
+        raise _artifact_error(
+            f"classes.names lists {len(spec.classes.names)} classes, the class features hold {rows} rows"
+        )
     if spec.classes.text_bits is not None and spec.classes.text_bits != text.layout.bits:
-        raise _artifact_error(f"classes.text_bits is {spec.classes.text_bits}, the class features' layout says "
-                              f"{text.layout.bits}")
+        raise _artifact_error(
+            f"classes.text_bits is {spec.classes.text_bits}, the class features' layout says {text.layout.bits}"
+        )
     if spec.adapter is not None:
         fc1 = spec.linears.get("adapter.fc1")
         if fc1 is not None and spec.adapter.hidden != fc1.out_features:
-            raise _artifact_error(f"adapter.hidden is {spec.adapter.hidden}, linears['adapter.fc1'] has "
-                                  f"{fc1.out_features} outputs")
+            raise _artifact_error(
+                f"adapter.hidden is {spec.adapter.hidden}, linears['adapter.fc1'] has {fc1.out_features} outputs"
+            )
         if fc1 is not None and spec.adapter.dim != fc1.in_features:
-            raise _artifact_error(f"adapter.dim is {spec.adapter.dim}, linears['adapter.fc1'] has "
-                                  f"{fc1.in_features} inputs")
+            raise _artifact_error(
+                f"adapter.dim is {spec.adapter.dim}, linears['adapter.fc1'] has {fc1.in_features} inputs"
+            )
     _check_values(tensors)
     return spec

@@ -6,6 +6,7 @@ input can be quantized: the in-projection input and weights (A/W bits), q, k, v 
 (Attention bits) and the out-projection input and weights (A/W bits). With every spec ``None`` it equals
 ``nn.MultiheadAttention`` to float rounding.
 """
+
 from __future__ import annotations
 
 import math

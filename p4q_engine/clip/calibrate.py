@@ -1,4 +1,5 @@
 """Post-training calibration: run a few batches through the model and freeze every activation quantizer."""
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -6,8 +7,8 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from p4q_engine.errors import CalibrationError
 from p4q_engine.clip.qmodel import QuantCLIP
+from p4q_engine.errors import CalibrationError
 
 
 def _images(batch: object) -> torch.Tensor:
@@ -51,8 +52,10 @@ def calibrate(
             qmodel.encode_text(chunk.to(device))
     missing = [name for name, q in sites if q.observer is None or q.observer.batches == 0]
     if missing:
-        raise CalibrationError(f"{len(missing)} quantization sites were not reached (e.g. {missing[0]}); "
-                               "pass text_tokens to calibrate the text tower")
+        raise CalibrationError(
+            f"{len(missing)} quantization sites were not reached (e.g. {missing[0]}); "
+            "pass text_tokens to calibrate the text tower"
+        )
     for _, q in sites:
         q.freeze()
     return qmodel

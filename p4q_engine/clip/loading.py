@@ -10,6 +10,7 @@ The QuickGELU trap: OpenAI's CLIP weights (and a few open_clip releases) were tr
 into a GELU model costs several points of zero-shot accuracy with no error, and would make every quantization
 result look worse than it is, so :func:`needs_quick_gelu` decides when to force it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -27,8 +28,16 @@ from torch import nn
 
 from p4q_engine.errors import ConfigError, ModelLoadError
 
-__all__ = ["LoadedModel", "load_clip", "needs_quick_gelu", "check_supported_config", "check_supported_model",
-           "REFERENCE_MODEL_NAME", "PRECISIONS", "CHECKPOINT_SUFFIXES"]
+__all__ = [
+    "LoadedModel",
+    "load_clip",
+    "needs_quick_gelu",
+    "check_supported_config",
+    "check_supported_model",
+    "REFERENCE_MODEL_NAME",
+    "PRECISIONS",
+    "CHECKPOINT_SUFFIXES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +94,10 @@ def _model_config(model_name: str) -> dict:
         names = open_clip.list_models()
         close = difflib.get_close_matches(model_name, names, n=5, cutoff=0.5)
         examples = close or [n for n in names if n.startswith("ViT-")][:8]
-        raise ConfigError(f"unknown model {model_name!r}; e.g. {', '.join(examples)}, or {REFERENCE_MODEL_NAME} "
-                          f"(open_clip.list_models() lists all {len(names)})")
+        raise ConfigError(
+            f"unknown model {model_name!r}; e.g. {', '.join(examples)}, or {REFERENCE_MODEL_NAME} "
+            f"(open_clip.list_models() lists all {len(names)})"
+        )
     return cfg
 
 
@@ -103,8 +114,10 @@ def check_supported_config(model_name: str, cfg: dict) -> None:
     }
     bad = [k for k, v in reasons.items() if v]
     if bad:
-        raise ConfigError(f"{model_name} has a {bad[0]}; only ViT towers are supported (open_clip VisionTransformer "
-                          "+ text transformer)")
+        raise ConfigError(
+            f"{model_name} has a {bad[0]}; only ViT towers are supported (open_clip VisionTransformer "
+            "+ text transformer)"
+        )
 
 
 def check_supported_model(model: nn.Module, model_name: str) -> None:
@@ -116,8 +129,10 @@ def check_supported_model(model: nn.Module, model_name: str) -> None:
         raise ConfigError(f"{model_name} has a {kind} image tower; only ViT towers are supported")
     text = getattr(model, "text", None)
     if text is not None and not isinstance(text, TextTransformer):
-        raise ConfigError(f"{model_name} has a {type(text).__name__} text tower; only ViT towers with open_clip's "
-                          "text transformer are supported")
+        raise ConfigError(
+            f"{model_name} has a {type(text).__name__} text tower; only ViT towers with open_clip's "
+            "text transformer are supported"
+        )
 
 
 def _check_tag(model_name: str, pretrained: str) -> None:
@@ -155,14 +170,19 @@ def _quick_gelu_for_tag(model_name: str, pretrained: str, quick_gelu: Optional[b
     needed = needs_quick_gelu(model_name, pretrained)
     if quick_gelu is None:
         if needed:
-            msg = (f"{model_name} weights '{pretrained}' were trained with QuickGELU; forcing QuickGELU "
-                   f"(equivalently use {model_name}-quickgelu)")
+            msg = (
+                f"{model_name} weights '{pretrained}' were trained with QuickGELU; forcing QuickGELU "
+                f"(equivalently use {model_name}-quickgelu)"
+            )
             log.warning(msg)
             warnings.warn(msg, UserWarning, stacklevel=3)
         return needed
     if needed and not quick_gelu:
-        warnings.warn(f"{model_name} '{pretrained}' was trained with QuickGELU but quick_gelu=False: accuracy will "
-                      "be degraded", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{model_name} '{pretrained}' was trained with QuickGELU but quick_gelu=False: accuracy will be degraded",
+            UserWarning,
+            stacklevel=3,
+        )
     return bool(quick_gelu)
 
 
@@ -174,9 +194,12 @@ def _quick_gelu_for_checkpoint(model_name: str, path: Path, quick_gelu: Optional
     import open_clip
 
     if "openai" in path.name.lower() and not (open_clip.get_model_config(model_name) or {}).get("quick_gelu"):
-        warnings.warn(f"checkpoint {path.name} looks like OpenAI weights, which were trained with QuickGELU; pass "
-                      f"--quick-gelu (quick_gelu=True) or use {model_name}-quickgelu, else accuracy drops",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint {path.name} looks like OpenAI weights, which were trained with QuickGELU; pass "
+            f"--quick-gelu (quick_gelu=True) or use {model_name}-quickgelu, else accuracy drops",
+            UserWarning,
+            stacklevel=3,
+        )
     return False
 
 
@@ -200,18 +223,17 @@ def _mismatch_error(e: BaseException, model_name: str, path: Path) -> ModelLoadE
     open_clip's positional-embedding resizing, which *asserts* (``AssertionError: text pos_embed width changed!``);
     anything else means the file itself is unreadable."""
     if isinstance(e, AssertionError) or any(m in str(e) for m in _MISMATCH_MARKERS):
-        return ModelLoadError(f"checkpoint {path} does not match model {model_name} (wrong --model?): "
-                              f"{_one_line(e)}")
+        return ModelLoadError(f"checkpoint {path} does not match model {model_name} (wrong --model?): {_one_line(e)}")
     return ModelLoadError(f"cannot load checkpoint {path} into {model_name}: {type(e).__name__}: {_one_line(e)}")
 
 
 # ---------------------------------------------------------------- builders
-def _create(model_name: str, source: Optional[str], device: Union[str, torch.device], quick_gelu: bool,
-            precision: str):
+def _create(model_name: str, source: Optional[str], device: Union[str, torch.device], quick_gelu: bool, precision: str):
     import open_clip
 
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=source, force_quick_gelu=quick_gelu, device=device, precision=precision)
+        model_name, pretrained=source, force_quick_gelu=quick_gelu, device=device, precision=precision
+    )
     return model, preprocess
 
 
@@ -222,11 +244,14 @@ def _from_tag(model_name: str, tag: str, device, quick_gelu: bool, precision: st
     except RuntimeError as e:
         if "state_dict" in str(e):
             raise ModelLoadError(f"open_clip weights {model_name}:{tag} do not match the config: {_one_line(e)}") from e
-        raise ModelLoadError(f"cannot fetch {model_name}:{tag} weights (offline? set HF_HUB_OFFLINE=1 with a warm "
-                             f"cache, or pass --checkpoint FILE): {_one_line(e)}") from e
+        raise ModelLoadError(
+            f"cannot fetch {model_name}:{tag} weights (offline? set HF_HUB_OFFLINE=1 with a warm "
+            f"cache, or pass --checkpoint FILE): {_one_line(e)}"
+        ) from e
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot fetch {model_name}:{tag} weights (offline? pass --checkpoint FILE): "
-                             f"{_one_line(e)}") from e
+        raise ModelLoadError(
+            f"cannot fetch {model_name}:{tag} weights (offline? pass --checkpoint FILE): {_one_line(e)}"
+        ) from e
 
 
 def _from_torchscript(model_name: str, path: Path, device, quick_gelu: bool, precision: str):
@@ -288,14 +313,26 @@ def _load_reference(checkpoint: Optional[str], pretrained: Optional[str], device
     from p4q_engine.reference.model import load_reference_model  # lazy: written separately
 
     model, preprocess, tokenizer = load_reference_model(checkpoint=checkpoint, device=device)
-    return LoadedModel(model.eval(), preprocess, tokenizer, REFERENCE_MODEL_NAME, None,
-                       None if checkpoint is None else os.fspath(checkpoint), False)
+    return LoadedModel(
+        model.eval(),
+        preprocess,
+        tokenizer,
+        REFERENCE_MODEL_NAME,
+        None,
+        None if checkpoint is None else os.fspath(checkpoint),
+        False,
+    )
 
 
 # ---------------------------------------------------------------- entry point
-def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = None, checkpoint: Optional[str] = None,
-              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None,
-              precision: str = "fp32") -> LoadedModel:
+def load_clip(
+    model_name: str = "ViT-B-32",
+    pretrained: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    quick_gelu: Optional[bool] = None,
+    precision: str = "fp32",
+) -> LoadedModel:
     """Load ``model_name`` with weights from an open_clip ``pretrained`` tag or a local ``checkpoint`` file
     (.pt/.pth/.bin/.safetensors; raw state dict, ``{"state_dict": ...}`` or an OpenAI TorchScript archive), or
     random weights if neither is given. ``quick_gelu=None`` picks QuickGELU automatically for tags (see
@@ -331,5 +368,12 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = None, ch
             model, preprocess = _create(model_name, None, device, qg, precision)
 
     check_supported_model(model, model_name)
-    return LoadedModel(model.eval(), preprocess, _tokenizer(model_name), model_name, pretrained,
-                       None if checkpoint is None else os.fspath(checkpoint), qg)
+    return LoadedModel(
+        model.eval(),
+        preprocess,
+        _tokenizer(model_name),
+        model_name,
+        pretrained,
+        None if checkpoint is None else os.fspath(checkpoint),
+        qg,
+    )

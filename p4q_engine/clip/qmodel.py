@@ -5,19 +5,20 @@ are swapped in place for quantized ones, its projection is moved out so it can b
 run here from its parts, because P4Q feeds it *embeddings* (learned prompt vectors plus class-name tokens) rather
 than token ids; :meth:`QuantCLIP.encode_text_embeddings` is that entry point.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from p4q_engine.errors import ConfigError
 from p4q_engine.clip.attention import QuantMultiheadAttention
 from p4q_engine.clip.recipe import QuantRecipe, ScopePlan
+from p4q_engine.errors import ConfigError
 from p4q_engine.quant.modules import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantMode
 
 
@@ -72,8 +73,9 @@ class QuantCLIP(nn.Module):
     # ---------------------------------------------------------------- construction
     def _build_image_tower(self, visual: VisionTransformer, recipe: QuantRecipe, plan: ScopePlan) -> None:
         pe = plan.patch_embed
-        visual.conv1 = QuantConv2d(visual.conv1, recipe.w(pe.w), recipe.a(pe.a), recipe.observer,
-                                   recipe.observer_kwargs)
+        visual.conv1 = QuantConv2d(
+            visual.conv1, recipe.w(pe.w), recipe.a(pe.a), recipe.observer, recipe.observer_kwargs
+        )
         for blk in visual.transformer.resblocks:
             _quantize_block(blk, recipe, plan)
         self.image_proj = _projection(visual.proj, recipe, plan)

@@ -4,6 +4,7 @@ A :class:`QuantRecipe` (bit config + scope + observer) expands to a :class:`Scop
 registry. The plan is the single place that says, for example, that the patch embedding stays at 8 bits in the
 ``full`` scope; :class:`~p4q_engine.clip.qmodel.QuantCLIP` only follows it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ class QuantRecipe:
         if self.observer_kwargs:
             obs += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.observer_kwargs.items())) + ")"
         extra = ([f"edge{self.edge_bits}"] if self.edge_bits != 8 else []) + (
-            ["act-per-channel"] if self.per_channel_act else [])
+            ["act-per-channel"] if self.per_channel_act else []
+        )
         return "/".join([self.bits.name, self.scope, obs, *extra])
 
     def plan(self) -> ScopePlan:

@@ -8,6 +8,7 @@ Nothing here downloads anything unless asked (``download=True`` for CIFAR-100); 
 :class:`~p4q_engine.errors.DatasetError` and a missing option :class:`~p4q_engine.errors.ConfigError`, each with
 a one-line message the CLI can print.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,16 @@ from torch.utils.data import Dataset, Subset
 from p4q_engine.data.classnames import CIFAR100_CLASSNAMES, CIFAR_TEMPLATES
 from p4q_engine.errors import ConfigError, DatasetError
 
-__all__ = ["ZeroShotData", "load_dataset", "DATASETS", "SPLITS", "DEFAULT_TEMPLATES", "SUBSET_SEED",
-           "decode_image", "deterministic_subset"]
+__all__ = [
+    "ZeroShotData",
+    "load_dataset",
+    "DATASETS",
+    "SPLITS",
+    "DEFAULT_TEMPLATES",
+    "SUBSET_SEED",
+    "decode_image",
+    "deterministic_subset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +99,9 @@ def _image_folder(root: Path, transform):
     try:
         ds = ImageFolder(str(root), transform=transform, loader=decode_image, allow_empty=True)
     except (FileNotFoundError, OSError) as e:
-        raise DatasetError(f"{root} is not an image-folder dataset (one sub-folder of images per class): "
-                           f"{_short(e)}") from e
+        raise DatasetError(
+            f"{root} is not an image-folder dataset (one sub-folder of images per class): {_short(e)}"
+        ) from e
     if len(ds) == 0:
         raise DatasetError(f"{root} has {len(ds.classes)} class folders but no images")
     return ds
@@ -141,8 +151,10 @@ def _load_cifar100(split: str, data_root: Optional[str], transform, download: bo
     root = _require_root("cifar100", data_root)
     folder = root / CIFAR100.base_folder
     if not download and not folder.is_dir():
-        raise DatasetError(f"CIFAR-100 not found: no {folder}; pass --download on an online machine or point "
-                           f"--data-root at the folder that contains the extracted {CIFAR100.base_folder}/")
+        raise DatasetError(
+            f"CIFAR-100 not found: no {folder}; pass --download on an online machine or point "
+            f"--data-root at the folder that contains the extracted {CIFAR100.base_folder}/"
+        )
     try:
         ds = CIFAR100(root=str(root), train=split in _TRAIN_SPLITS, download=download, transform=transform)
     except (RuntimeError, OSError, ValueError, EOFError, KeyError) as e:
@@ -151,8 +163,10 @@ def _load_cifar100(split: str, data_root: Optional[str], transform, download: bo
         raise DatasetError(f"cannot load CIFAR-100 from {folder}: {_short(e)}{hint}") from e
     found = [c.replace("_", " ") for c in ds.classes]
     if found != list(CIFAR100_CLASSNAMES):
-        raise DatasetError(f"{folder}/meta does not list the 100 CIFAR-100 fine labels in torchvision's order "
-                           f"(first names: {found[:3]})")
+        raise DatasetError(
+            f"{folder}/meta does not list the 100 CIFAR-100 fine labels in torchvision's order "
+            f"(first names: {found[:3]})"
+        )
     return ZeroShotData(deterministic_subset(ds, size), list(CIFAR100_CLASSNAMES), CIFAR_TEMPLATES, "cifar100")
 
 
@@ -164,14 +178,20 @@ def _load_imagenet(split: str, data_root: Optional[str], transform, download: bo
     sub = "train" if split in _TRAIN_SPLITS else "val"
     folder = root / sub
     if not folder.is_dir():
-        raise DatasetError(f"ImageNet {sub} folder not found: {folder} (expected {sub}/<wnid>/*.JPEG, with the "
-                           "validation images sorted into class folders)")
+        raise DatasetError(
+            f"ImageNet {sub} folder not found: {folder} (expected {sub}/<wnid>/*.JPEG, with the "
+            "validation images sorted into class folders)"
+        )
     ds = _image_folder(folder, transform)
     if len(ds.classes) == len(IMAGENET_CLASSNAMES):
         names = list(IMAGENET_CLASSNAMES)  # sorted wnid order == open_clip's (OpenAI's) class order
     else:
-        log.warning("%s has %d class folders, not 1000: using %s or folder names as class names",
-                    folder, len(ds.classes), CLASSNAMES_FILE)
+        log.warning(
+            "%s has %d class folders, not 1000: using %s or folder names as class names",
+            folder,
+            len(ds.classes),
+            CLASSNAMES_FILE,
+        )
         names = _folder_classnames(root, ds.classes)
     return ZeroShotData(deterministic_subset(ds, size), names, IMAGENET_TEMPLATES, "imagenet")
 
@@ -182,8 +202,9 @@ def _load_imagefolder(split: str, data_root: Optional[str], transform, download:
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
     ds = _image_folder(_split_dir(root, split), transform)
-    return ZeroShotData(deterministic_subset(ds, size), _folder_classnames(root, ds.classes), DEFAULT_TEMPLATES,
-                        "imagefolder")
+    return ZeroShotData(
+        deterministic_subset(ds, size), _folder_classnames(root, ds.classes), DEFAULT_TEMPLATES, "imagefolder"
+    )
 
 
 def _load_reference(split: str, data_root: Optional[str], transform, download: bool, size: Optional[int]):
@@ -196,8 +217,9 @@ def _load_reference(split: str, data_root: Optional[str], transform, download: b
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "reference": _Entry(_load_reference, ("train", "calib", "test", "test_seen", "adapt", "adapt_test"),
-                        ("adapt", "adapt_test")),
+    "reference": _Entry(
+        _load_reference, ("train", "calib", "test", "test_seen", "adapt", "adapt_test"), ("adapt", "adapt_test")
+    ),
     "cifar100": _Entry(_load_cifar100, ("train", "calib", "test")),
     "imagenet": _Entry(_load_imagenet, ("train", "calib", "test")),
     "imagefolder": _Entry(_load_imagefolder, ("train", "calib", "test")),
@@ -216,8 +238,14 @@ def adaptation_splits(name: str) -> tuple[str, str]:
     return entry.adapt
 
 
-def load_dataset(name: str, split: str = "test", data_root: Optional[str] = None, transform=None,
-                 download: bool = False, size: Optional[int] = None) -> ZeroShotData:
+def load_dataset(
+    name: str,
+    split: str = "test",
+    data_root: Optional[str] = None,
+    transform=None,
+    download: bool = False,
+    size: Optional[int] = None,
+) -> ZeroShotData:
     """Load split ``split`` of dataset ``name`` (one of :data:`DATASETS`).
 
     ``data_root`` is required for the on-disk datasets; ``download`` only applies to CIFAR-100; ``size`` selects a

@@ -12,6 +12,7 @@ and is scored as 100-way classification, so zero-shot accuracy there measures co
 CLIP that saw every colour and every shape but never that pairing. ``test_seen`` draws from the 80 seen classes
 with its own image seeds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,20 +28,60 @@ from PIL import Image, ImageDraw
 from p4q_engine.errors import ConfigError, DatasetError
 
 __all__ = [
-    "SHAPES", "COLOURS", "COLOUR_RGB", "BACKGROUNDS", "REFERENCE_CLASSNAMES", "REFERENCE_TEMPLATES",
-    "HELD_OUT_CLASSES", "SEEN_CLASSES", "SPLITS", "DEFAULT_SPLIT_SIZES", "REFERENCE_MEAN", "REFERENCE_STD",
-    "REFERENCE_IMAGE_SIZE", "RENDER_VERSION", "class_label", "class_name", "split_classes", "split_label",
-    "render", "render_array", "render_tensor_batch", "cached_split", "cache_dir", "reference_transform",
-    "normalize_uint8", "vocabulary_words", "ReferenceDataset",
+    "SHAPES",
+    "COLOURS",
+    "COLOUR_RGB",
+    "BACKGROUNDS",
+    "REFERENCE_CLASSNAMES",
+    "REFERENCE_TEMPLATES",
+    "HELD_OUT_CLASSES",
+    "SEEN_CLASSES",
+    "SPLITS",
+    "DEFAULT_SPLIT_SIZES",
+    "REFERENCE_MEAN",
+    "REFERENCE_STD",
+    "REFERENCE_IMAGE_SIZE",
+    "RENDER_VERSION",
+    "class_label",
+    "class_name",
+    "split_classes",
+    "split_label",
+    "render",
+    "render_array",
+    "render_tensor_batch",
+    "cached_split",
+    "cache_dir",
+    "reference_transform",
+    "normalize_uint8",
+    "vocabulary_words",
+    "ReferenceDataset",
 ]
 
 RENDER_VERSION = "v2"  # bump when rendering changes: it is part of every image seed and of the cache key
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "diamond", "cross", "star", "ring", "moon", "arrow", "bar",
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "cross",
+    "star",
+    "ring",
+    "moon",
+    "arrow",
+    "bar",
 )
 COLOURS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "white",
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "cyan",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "white",
 )
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -79,20 +120,30 @@ REFERENCE_TEMPLATES: tuple[str, ...] = (
 
 # Latin square: shape s never co-occurs with colours (s + 3) % 10 and (s + 7) % 10 in train/calib.
 _HELD_OUT_OFFSETS = (3, 7)
-HELD_OUT_CLASSES: tuple[int, ...] = tuple(sorted(
-    s * len(COLOURS) + (s + o) % len(COLOURS) for s in range(len(SHAPES)) for o in _HELD_OUT_OFFSETS
-))
+HELD_OUT_CLASSES: tuple[int, ...] = tuple(
+    sorted(s * len(COLOURS) + (s + o) % len(COLOURS) for s in range(len(SHAPES)) for o in _HELD_OUT_OFFSETS)
+)
 SEEN_CLASSES: tuple[int, ...] = tuple(i for i in range(len(REFERENCE_CLASSNAMES)) if i not in set(HELD_OUT_CLASSES))
 
 ALL_CLASSES: tuple[int, ...] = tuple(range(len(REFERENCE_CLASSNAMES)))
 # ``adapt`` / ``adapt_test``: the P4Q (downstream adaptation) task - labelled images of all 100 classes, as
 # ImageNet's train/val are for the paper. They are new splits (own seeds), so adding them changed no other image.
 SPLITS: tuple[str, ...] = ("train", "calib", "test", "test_seen", "adapt", "adapt_test")
-DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 60000, "calib": 1024, "test": 2000, "test_seen": 2000,
-                                       "adapt": 2000, "adapt_test": 2000}
+DEFAULT_SPLIT_SIZES: dict[str, int] = {
+    "train": 60000,
+    "calib": 1024,
+    "test": 2000,
+    "test_seen": 2000,
+    "adapt": 2000,
+    "adapt_test": 2000,
+}
 _SPLIT_CLASSES: dict[str, tuple[int, ...]] = {
-    "train": SEEN_CLASSES, "calib": SEEN_CLASSES, "test": HELD_OUT_CLASSES, "test_seen": SEEN_CLASSES,
-    "adapt": ALL_CLASSES, "adapt_test": ALL_CLASSES,
+    "train": SEEN_CLASSES,
+    "calib": SEEN_CLASSES,
+    "test": HELD_OUT_CLASSES,
+    "test_seen": SEEN_CLASSES,
+    "adapt": ALL_CLASSES,
+    "adapt_test": ALL_CLASSES,
 }
 
 # open_clip's default (OpenAI) normalisation, so open_clip.create_model_and_transforms("P4Q-Ref-Tiny") gives
@@ -107,13 +158,27 @@ _MAX_ROT = 0.4  # radians
 # ---------------------------------------------------------------- captions
 _SIZE_WORDS = ("small", "medium", "large")
 _POS_PHRASES = {
-    (0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
-    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-    (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right",
+    (0, 0): "in the top left",
+    (0, 1): "at the top",
+    (0, 2): "in the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the center",
+    (1, 2): "on the right",
+    (2, 0): "in the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "in the bottom right",
 }
 _CAPTION_PREFIXES = (
-    "a photo of a", "a picture of a", "an image showing a", "a drawing of a", "a rendering of a", "a",
-    "there is a", "this is a", "a close up of a", "",
+    "a photo of a",
+    "a picture of a",
+    "an image showing a",
+    "a drawing of a",
+    "a rendering of a",
+    "a",
+    "there is a",
+    "this is a",
+    "a close up of a",
+    "",
 )
 
 
@@ -187,8 +252,7 @@ def _star() -> np.ndarray:
     return np.stack([outer, inner], axis=1).reshape(-1, 2)
 
 
-_ARROW = np.array([[-1.0, -0.22], [0.15, -0.22], [0.15, -0.6], [1.0, 0.0], [0.15, 0.6], [0.15, 0.22],
-                   [-1.0, 0.22]])
+_ARROW = np.array([[-1.0, -0.22], [0.15, -0.22], [0.15, -0.6], [1.0, 0.0], [0.15, 0.6], [0.15, 0.22], [-1.0, 0.22]])
 
 # shape -> list of (polygon, fill) drawn in order onto the mask (fill 0 cuts holes)
 _SHAPE_POLYS: dict[str, list[tuple[np.ndarray, int]]] = {
@@ -232,7 +296,7 @@ def _background(rng: np.random.Generator, base: np.ndarray, n: int) -> np.ndarra
             g = int(rng.integers(3, 7))
             coarse = rng.normal(0, 1, (g, g, 3)).astype(np.float32)
             img = Image.fromarray(((coarse + 4) * 32).clip(0, 255).astype(np.uint8)).resize((n, n), Image.BILINEAR)
-            tex = (np.asarray(img, np.float32) / 32 - 4)
+            tex = np.asarray(img, np.float32) / 32 - 4
             bg = base[None, None] + tex * rng.uniform(10, 22)
         else:
             ang, freq = rng.uniform(0, math.pi), rng.uniform(3, 9)
@@ -253,8 +317,11 @@ def render_array(index: int, split: str) -> tuple[np.ndarray, int, str]:
     rgb = np.array(COLOUR_RGB[colour], np.float32)
     rgb = np.clip(rgb * rng.uniform(0.85, 1.1) + rng.normal(0, 10, 3), 0, 255)
     # background base colour with enough contrast to the object
-    names = [b for b, v in BACKGROUNDS.items()
-             if np.linalg.norm(np.array(COLOUR_RGB[colour], np.float32) - v) > _MIN_BG_CONTRAST]
+    names = [
+        b
+        for b, v in BACKGROUNDS.items()
+        if np.linalg.norm(np.array(COLOUR_RGB[colour], np.float32) - v) > _MIN_BG_CONTRAST
+    ]
     bg_name = names[int(rng.integers(len(names)))]
     base = np.clip(np.array(BACKGROUNDS[bg_name], np.float32) + rng.normal(0, 10, 3), 0, 255)
 
@@ -280,7 +347,7 @@ def render_array(index: int, split: str) -> tuple[np.ndarray, int, str]:
     for _ in range(int(rng.integers(0, 4))):
         x0, y0 = rng.integers(0, n - 2, 2)
         w, h = rng.integers(1, 4, 2)
-        bg[y0:y0 + h, x0:x0 + w] += rng.normal(0, 18, 3)
+        bg[y0 : y0 + h, x0 : x0 + w] += rng.normal(0, 18, 3)
     img = bg * (1 - alpha) + rgb[None, None] * alpha
     img += rng.normal(0, rng.uniform(2.0, 10.0), img.shape)
     arr = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -317,8 +384,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("P4Q_CACHE") or Path.home() / ".cache" / "p4q_engine")
 
 
-def cached_split(split: str, count: int, use_cache: bool = True,
-                 progress: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def cached_split(
+    split: str, count: int, use_cache: bool = True, progress: Optional[Callable[[int], None]] = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Like ``render_tensor_batch(split, 0, count)`` but cached on disk (``cache_dir()/reference``), keyed by
     render version, split and count. A corrupt cache file is re-rendered."""
     path = cache_dir() / "reference" / f"{RENDER_VERSION}_{split}_{count}.npz"
@@ -373,8 +441,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
     ``with_captions``); ``image`` is ``transform(pil)`` if a transform is given, else the normalised float
     tensor ``[3, 32, 32]``. ``classnames`` always lists all 100 classes (zero-shot is 100-way)."""
 
-    def __init__(self, split: str = "test", size: Optional[int] = None, transform=None,
-                 with_captions: bool = False):
+    def __init__(self, split: str = "test", size: Optional[int] = None, transform=None, with_captions: bool = False):
         _check_split(split)
         size = DEFAULT_SPLIT_SIZES[split] if size is None else int(size)
         if size < 0:

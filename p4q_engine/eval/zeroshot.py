@@ -1,4 +1,5 @@
 """Zero-shot classification: class-name x template text classifiers and top-k accuracy (Eq. 7)."""
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence

@@ -5,6 +5,7 @@ Both Linear layers are :class:`QuantLinear` with per-channel weights (8 bits as 
 re-quantized from their current values every step, so the straight-through estimator trains them as they will be
 executed.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -40,7 +41,7 @@ class QAdapter(nn.Module):
         fc1 = nn.Linear(dim, self.hidden)
         fc2 = nn.Linear(self.hidden, dim)
         for lin in (fc1, fc2):  # deterministic init given the seed
-            bound = lin.in_features ** -0.5
+            bound = lin.in_features**-0.5
             with torch.no_grad():
                 lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
                 lin.bias.zero_()

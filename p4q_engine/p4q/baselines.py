@@ -8,6 +8,7 @@
 * CoOp (FP + learnable prompt) is :func:`p4q_engine.p4q.trainer.train` on an fp32 model with no adapter and
   ``loss="ce"``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -44,8 +45,7 @@ def _fit_logreg(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float, iters
     torch.manual_seed(0)
     lin = torch.nn.Linear(x.shape[1], classes)
     torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -66,8 +66,12 @@ def _quantized_logits(lin: torch.nn.Linear, x: torch.Tensor, bits: Optional[int]
     return x @ w.T + lin.bias.detach()
 
 
-def linear_probe(data: AdaptationData, quantized: bool, classifier_bits: Optional[int] = 8,
-                 weight_decays: Sequence[float] = LP_WEIGHT_DECAYS) -> dict:
+def linear_probe(
+    data: AdaptationData,
+    quantized: bool,
+    classifier_bits: Optional[int] = 8,
+    weight_decays: Sequence[float] = LP_WEIGHT_DECAYS,
+) -> dict:
     """Linear-probe accuracy on the test features (FP teacher features, or quantized student features with an
     8-bit classifier)."""
     pick = (lambda fs: fs.student) if quantized else (lambda fs: fs.teacher)
@@ -85,5 +89,8 @@ def linear_probe(data: AdaptationData, quantized: bool, classifier_bits: Optiona
         scores[wd] = _accuracy(_quantized_logits(lin, x[val], bits), y[val])["top1"]
     best = max(weight_decays, key=lambda w: (scores[w], -w))
     lin = _fit_logreg(x, y, classes, best)
-    return {**_accuracy(_quantized_logits(lin, xt, bits), data.test.labels), "weight_decay": best,
-            "classifier_bits": bits}
+    return {
+        **_accuracy(_quantized_logits(lin, xt, bits), data.test.labels),
+        "weight_decay": best,
+        "classifier_bits": bits,
+    }

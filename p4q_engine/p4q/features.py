@@ -6,13 +6,13 @@ them once turns an epoch into "text tower + adapter" only. The cache key is a ha
 depend on - the student's weights and calibrated quantizer parameters, the teacher's weights, the dataset, split,
 size and preprocessing - so a stale cache cannot be read by mistake. Files are safetensors (no pickle).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,19 +87,37 @@ def _encode(encode, dataset, batch_size: int, device: str, desc: str, progress: 
     return torch.cat(feats), torch.cat(labels).long()
 
 
-def compute_features(student: QuantCLIP, teacher: QuantCLIP, dataset, batch_size: int = 256, device: str = "cpu",
-                     progress: bool = True, desc: str = "features") -> FeatureSet:
+def compute_features(
+    student: QuantCLIP,
+    teacher: QuantCLIP,
+    dataset,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "features",
+) -> FeatureSet:
     """Encode ``dataset`` with both image towers (no cache)."""
     s, labels = _encode(student.encode_image, dataset, batch_size, device, f"{desc} (student)", progress)
     same = student is teacher
-    t = s.clone() if same else _encode(teacher.encode_image, dataset, batch_size, device, f"{desc} (teacher)",
-                                       progress)[0]
+    t = (
+        s.clone()
+        if same
+        else _encode(teacher.encode_image, dataset, batch_size, device, f"{desc} (teacher)", progress)[0]
+    )
     return FeatureSet(s, t, labels)
 
 
-def cached_features(student: QuantCLIP, teacher: QuantCLIP, dataset, key: str, batch_size: int = 256,
-                    device: str = "cpu", progress: bool = True, use_cache: bool = True,
-                    desc: str = "features") -> FeatureSet:
+def cached_features(
+    student: QuantCLIP,
+    teacher: QuantCLIP,
+    dataset,
+    key: str,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    use_cache: bool = True,
+    desc: str = "features",
+) -> FeatureSet:
     """:func:`compute_features`, read from / written to ``cache_root()/<hash>.safetensors``."""
     path = cache_root() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
     if use_cache and path.is_file():
@@ -114,31 +132,56 @@ def cached_features(student: QuantCLIP, teacher: QuantCLIP, dataset, key: str, b
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            save_file({"student": fs.student.contiguous(), "teacher": fs.teacher.contiguous(),
-                       "labels": fs.labels.contiguous()}, str(tmp))
+            save_file(
+                {
+                    "student": fs.student.contiguous(),
+                    "teacher": fs.teacher.contiguous(),
+                    "labels": fs.labels.contiguous(),
+                },
+                str(tmp),
+            )
             os.replace(tmp, path)
         except OSError:
             pass
     return fs
 
 
-def build_adaptation_data(student: QuantCLIP, teacher: QuantCLIP, tokenizer, train_data, test_data,
-                          device: str = "cpu", batch_size: int = 256, progress: bool = True,
-                          use_cache: bool = True, cache_tag: str = "") -> AdaptationData:
+def build_adaptation_data(
+    student: QuantCLIP,
+    teacher: QuantCLIP,
+    tokenizer,
+    train_data,
+    test_data,
+    device: str = "cpu",
+    batch_size: int = 256,
+    progress: bool = True,
+    use_cache: bool = True,
+    cache_tag: str = "",
+) -> AdaptationData:
     """Features of both splits plus the FP and quantized template-ensemble class features.
 
     ``train_data``/``test_data`` are :class:`~p4q_engine.data.datasets.ZeroShotData`. The cache key includes
     ``cache_tag`` (e.g. dataset name, split and size) and fingerprints of both models."""
-    models_fp = (fingerprint(student, extra=student.recipe.name + weight_quant_fingerprint(student))
-                 + fingerprint(teacher)) if use_cache else ""
+    models_fp = (
+        (fingerprint(student, extra=student.recipe.name + weight_quant_fingerprint(student)) + fingerprint(teacher))
+        if use_cache
+        else ""
+    )
     feats = {}
     for name, data in (("train", train_data), ("test", test_data)):
         key = f"{cache_tag}|{name}|{len(data.dataset)}|{models_fp}|{getattr(data.dataset, 'transform', None)!r}"
-        feats[name] = cached_features(student, teacher, data.dataset, key, batch_size, device, progress,
-                                      use_cache, desc=f"{name} features")
+        feats[name] = cached_features(
+            student, teacher, data.dataset, key, batch_size, device, progress, use_cache, desc=f"{name} features"
+        )
     with torch.no_grad():
         t_text = text_classifier(teacher.encode_text, tokenizer, test_data.classnames, test_data.templates, device)
         s_text = text_classifier(student.encode_text, tokenizer, test_data.classnames, test_data.templates, device)
-    return AdaptationData(list(test_data.classnames), tuple(test_data.templates), feats["train"], feats["test"],
-                          F.normalize(t_text.float().cpu(), dim=-1), F.normalize(s_text.float().cpu(), dim=-1),
-                          float(student.logit_scale.exp()))
+    return AdaptationData(
+        list(test_data.classnames),
+        tuple(test_data.templates),
+        feats["train"],
+        feats["test"],
+        F.normalize(t_text.float().cpu(), dim=-1),
+        F.normalize(s_text.float().cpu(), dim=-1),
+        float(student.logit_scale.exp()),
+    )

@@ -13,6 +13,7 @@
   yet another form. We minimise the KL because it is zero exactly when the student matches the teacher, which makes
   the loss value readable.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ConfigError(f"distillation temperature must be positive, got {temperature}")
     log_ps = F.log_softmax(student_logits / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
-    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * temperature**2
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from ``p4q.pt`` (which stores only the source of the weights, the recipe, the ca
 prompt and the adapter - not a copy of the CLIP), and :func:`export_trained` folds it into a ``.p4q`` artifact with
 the learned prompt's class features precomputed.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -50,12 +51,12 @@ class Prepared:
 def load_source_model(src: Source, device: str = "cpu"):
     from p4q_engine.clip.loading import load_clip
 
-    return load_clip(src.model, pretrained=src.pretrained, checkpoint=src.checkpoint, quick_gelu=src.quick_gelu,
-                     device=device)
+    return load_clip(
+        src.model, pretrained=src.pretrained, checkpoint=src.checkpoint, quick_gelu=src.quick_gelu, device=device
+    )
 
 
-def prepare(src: Source, recipe: QuantRecipe, settings: PTQSettings, use_cache: bool = True,
-            loaded=None) -> Prepared:
+def prepare(src: Source, recipe: QuantRecipe, settings: PTQSettings, use_cache: bool = True, loaded=None) -> Prepared:
     """Load, calibrate (PTQ) and cache features for training on ``src.dataset``."""
     from p4q_engine.data.datasets import adaptation_splits, load_dataset
 
@@ -63,15 +64,23 @@ def prepare(src: Source, recipe: QuantRecipe, settings: PTQSettings, use_cache: 
     train_split, eval_split = adaptation_splits(src.dataset)
 
     def data(split, size=None):
-        return load_dataset(src.dataset, split=split, data_root=src.data_root, transform=loaded.preprocess,
-                            size=size)
+        return load_dataset(src.dataset, split=split, data_root=src.data_root, transform=loaded.preprocess, size=size)
 
     calib, train, test = data("calib"), data(train_split, src.train_size), data(eval_split, src.eval_size)
     student = build_quantized(loaded.model, loaded.tokenizer, recipe, calib, settings)
     teacher = quantize_clip(loaded.model, QuantRecipe("fp32")).to(settings.device)
     tag = f"{src.model}|{src.pretrained}|{src.checkpoint}|{src.dataset}|{train_split}|{eval_split}|{settings.seed}"
-    ad = build_adaptation_data(student, teacher, loaded.tokenizer, train, test, settings.device,
-                               progress=settings.progress, use_cache=use_cache, cache_tag=tag)
+    ad = build_adaptation_data(
+        student,
+        teacher,
+        loaded.tokenizer,
+        train,
+        test,
+        settings.device,
+        progress=settings.progress,
+        use_cache=use_cache,
+        cache_tag=tag,
+    )
     return Prepared(loaded, student.cpu(), teacher.cpu(), ad)
 
 
@@ -121,8 +130,15 @@ def load_trained(path: str | Path, device: str = "cpu") -> Trained:
     install_act_qparams(qmodel, ck["act_qparams"])
     prompt = None
     if ck["prompt"] is not None:
-        prompt = PromptLearner(qmodel, loaded.tokenizer, ck["classnames"], ck["prompt"]["ctx"].shape[-2],
-                               None, cfg.class_position, cfg.class_specific)
+        prompt = PromptLearner(
+            qmodel,
+            loaded.tokenizer,
+            ck["classnames"],
+            ck["prompt"]["ctx"].shape[-2],
+            None,
+            cfg.class_position,
+            cfg.class_specific,
+        )
         with torch.no_grad():
             prompt.ctx.copy_(ck["prompt"]["ctx"])
     adapter = None
@@ -133,8 +149,17 @@ def load_trained(path: str | Path, device: str = "cpu") -> Trained:
         adapter = QAdapter(dim, cfg.reduction, cfg.alpha, w, a, observer="minmax")
         adapter.load_state_dict(ck["adapter"])
         adapter.eval()
-    return Trained(qmodel.eval(), prompt, adapter, cfg, src, list(ck["classnames"]), list(ck["templates"]), loaded,
-                   ck.get("metrics", {}))
+    return Trained(
+        qmodel.eval(),
+        prompt,
+        adapter,
+        cfg,
+        src,
+        list(ck["classnames"]),
+        list(ck["templates"]),
+        loaded,
+        ck.get("metrics", {}),
+    )
 
 
 @torch.no_grad()
@@ -156,8 +181,23 @@ def export_trained(path: str | Path, meta: Optional[dict] = None):
     if t.qmodel.is_float:
         raise ConfigError("a full-precision run (e.g. CoOp) cannot be exported to the integer format")
     feats = trained_class_features(t)
-    return fold(t.qmodel, feats, t.classnames, preprocess_config(t.loaded.model), adapter=t.adapter,
-                meta={**(meta or {}), "source": "p4q", "name": t.source.model, "pretrained": t.source.pretrained,
-                      "checkpoint": t.source.checkpoint, "dataset": t.source.dataset,
-                      "p4q": {k: v for k, v in asdict(t.config).items()
-                              if k in ("n_ctx", "alpha", "adapter_bits", "loss", "lam", "epochs")}})
+    return fold(
+        t.qmodel,
+        feats,
+        t.classnames,
+        preprocess_config(t.loaded.model),
+        adapter=t.adapter,
+        meta={
+            **(meta or {}),
+            "source": "p4q",
+            "name": t.source.model,
+            "pretrained": t.source.pretrained,
+            "checkpoint": t.source.checkpoint,
+            "dataset": t.source.dataset,
+            "p4q": {
+                k: v
+                for k, v in asdict(t.config).items()
+                if k in ("n_ctx", "alpha", "adapter_bits", "loss", "lam", "epochs")
+            },
+        },
+    )

@@ -4,13 +4,15 @@ Each class's input sequence is assembled from token embeddings: ``[SOT] ctx_1 ..
 (class token at the end; ``middle`` and ``front`` are options). The full stop is left out when the sequence
 would not otherwise fit the text tower's context (the reference model's 20 tokens at M = 16). The class-name,
 period, SOT and EOT embeddings come from the frozen quantized token-embedding table and are computed once; the M
-context vectors are the only parameters. The assembled embeddings go through :meth:`QuantCLIP.encode_text_embeddings`, whose first step adds
+context vectors are the only parameters. The assembled embeddings go through
+:meth:`QuantCLIP.encode_text_embeddings`, whose first step adds
 the positional embedding and quantizes the sum (``text_input_quant``, Eq. 9) before the first block, and the
 features are pooled at the EOT token.
 
 Gradients reach the context through every fake-quant site by the straight-through estimator (the authors'
 released code rounds without one, so its prompt never trains; ``tests/p4q/test_prompt.py`` checks ours does).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -52,8 +54,9 @@ class PromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if class_position not in CLASS_POSITIONS:
-            raise ConfigError(f"unknown class token position {class_position!r}; choose from "
-                              f"{', '.join(CLASS_POSITIONS)}")
+            raise ConfigError(
+                f"unknown class token position {class_position!r}; choose from {', '.join(CLASS_POSITIONS)}"
+            )
         if not classnames:
             raise ConfigError("a prompt learner needs at least one class name")
         dim = qmodel.token_embedding.embedding_dim
@@ -109,11 +112,13 @@ class PromptLearner(nn.Module):
                 else:
                     seq += val
             seq.append(eot)
-            if len(seq) > length and period and seq[-2 - len(period) + 1: -1] == period:
+            if len(seq) > length and period and seq[-2 - len(period) + 1 : -1] == period:
                 seq = seq[: -1 - len(period)] + [eot]  # drop the full stop rather than fail (as truncation would)
             if len(seq) > length:
-                raise ConfigError(f"prompt for {name!r} needs {len(seq)} tokens (M={m} context + class name) but "
-                                  f"the text tower's context length is {length}; use a smaller --n-ctx")
+                raise ConfigError(
+                    f"prompt for {name!r} needs {len(seq)} tokens (M={m} context + class name) but "
+                    f"the text tower's context length is {length}; use a smaller --n-ctx"
+                )
             rows.append(seq + [0] * (length - len(seq)))
             positions.append(pos)
         tokens = torch.tensor(rows, dtype=torch.long)

@@ -7,6 +7,7 @@ plus the adapter on a batch of features. Data order is a pure function of ``(see
 initialisation of ``seed``, so a run resumed from its per-epoch checkpoint computes exactly what an uninterrupted
 run computes.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from p4q_engine.clip.qmodel import QuantCLIP
@@ -91,8 +91,9 @@ def make_adapter(qmodel: QuantCLIP, data: AdaptationData, cfg: P4QConfig, quanti
         w, a = None, None
     else:
         w, a = (8, 8) if cfg.adapter_bits == "8" else (bits.w_bits, bits.a_bits)
-    adapter = QAdapter(data.train.student.shape[1], cfg.reduction, cfg.alpha, w, a, observer="minmax",
-                       seed=cfg.seed).to(data.train.student.device)
+    adapter = QAdapter(
+        data.train.student.shape[1], cfg.reduction, cfg.alpha, w, a, observer="minmax", seed=cfg.seed
+    ).to(data.train.student.device)
     calibrate_adapter(adapter, data.train.student)
     return adapter
 
@@ -128,8 +129,9 @@ def image_features(adapter: Optional[QAdapter], z: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_features(qmodel: QuantCLIP, prompt, adapter, feats: FeatureSet, data: AdaptationData,
-                      batch_size: int = 1024) -> dict:
+def evaluate_features(
+    qmodel: QuantCLIP, prompt, adapter, feats: FeatureSet, data: AdaptationData, batch_size: int = 1024
+) -> dict:
     """Top-1/top-5 of the (adapted) student features against the (prompted) class features."""
     text = class_features(qmodel, prompt, data)
     correct, n = {1: 0, 5: 0}, 0
@@ -143,10 +145,15 @@ def evaluate_features(qmodel: QuantCLIP, prompt, adapter, feats: FeatureSet, dat
 
 # ---------------------------------------------------------------- checkpoints
 def _state(epoch, prompt, adapter, optims, history, cfg) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": asdict(cfg), "history": history,
-            "prompt": None if prompt is None else {"ctx": prompt.ctx.detach().clone()},
-            "adapter": None if adapter is None else adapter.state_dict(),
-            "optimizers": [o.state_dict() for o in optims]}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "config": asdict(cfg),
+        "history": history,
+        "prompt": None if prompt is None else {"ctx": prompt.ctx.detach().clone()},
+        "adapter": None if adapter is None else adapter.state_dict(),
+        "optimizers": [o.state_dict() for o in optims],
+    }
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -202,8 +209,20 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     qmodel.cpu().eval()  # build and calibrate on the CPU, then move everything to ``device``
-    prompt = PromptLearner(qmodel, tokenizer, data.classnames, cfg.n_ctx, cfg.ctx_init, cfg.class_position,
-                           cfg.class_specific, seed=cfg.seed) if cfg.prompt else None
+    prompt = (
+        PromptLearner(
+            qmodel,
+            tokenizer,
+            data.classnames,
+            cfg.n_ctx,
+            cfg.ctx_init,
+            cfg.class_position,
+            cfg.class_specific,
+            seed=cfg.seed,
+        )
+        if cfg.prompt
+        else None
+    )
     adapter = make_adapter(qmodel, data, cfg, quantized=cfg.adapter_qat) if cfg.adapter else None
     qmodel.to(device)
     data = _data_to(data, device)
@@ -211,12 +230,16 @@ def train(
     adapter = adapter.to(device) if adapter is not None else None
     optims, lrs = [], []
     if prompt is not None:
-        optims.append(torch.optim.SGD([prompt.ctx], lr=cfg.prompt_lr, momentum=cfg.prompt_momentum,
-                                      weight_decay=cfg.weight_decay))
+        optims.append(
+            torch.optim.SGD([prompt.ctx], lr=cfg.prompt_lr, momentum=cfg.prompt_momentum, weight_decay=cfg.weight_decay)
+        )
         lrs.append(cfg.prompt_lr)
     if adapter is not None:
-        optims.append(torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=cfg.adapter_lr,
-                                        weight_decay=cfg.weight_decay))
+        optims.append(
+            torch.optim.AdamW(
+                [p for p in adapter.parameters() if p.requires_grad], lr=cfg.adapter_lr, weight_decay=cfg.weight_decay
+            )
+        )
         lrs.append(cfg.adapter_lr)
     start, history = _try_resume(out, cfg, prompt, adapter, optims)
     loss_fn = P4QLoss(cfg.loss, cfg.lam, cfg.temperature)
@@ -248,8 +271,10 @@ def train(
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if log:
-            log(f"epoch {epoch + 1}/{cfg.epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                              if k != "epoch"))
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}: "
+                + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+            )
         if out is not None:
             _save_atomic(_state(epoch + 1, prompt, adapter, optims, history, cfg), out / STATE_FILE)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
@@ -258,21 +283,35 @@ def train(
         adapter = _quantize_float_adapter(qmodel, data, cfg, adapter)
     with torch.no_grad():
         text = class_features(qmodel, prompt, data).detach()
-    metrics = {"test": evaluate_features(qmodel, prompt, adapter, data.test, data),
-               "train": evaluate_features(qmodel, prompt, adapter, data.train, data),
-               "train_seconds": round(time.perf_counter() - t0, 2), "epochs_run": len(history),
-               "device": str(device)}
+    metrics = {
+        "test": evaluate_features(qmodel, prompt, adapter, data.test, data),
+        "train": evaluate_features(qmodel, prompt, adapter, data.train, data),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "epochs_run": len(history),
+        "device": str(device),
+    }
     qmodel.cpu()
-    return TrainResult(cfg, None if prompt is None else prompt.cpu(), None if adapter is None else adapter.cpu(),
-                       text.cpu(), metrics, history)
+    return TrainResult(
+        cfg,
+        None if prompt is None else prompt.cpu(),
+        None if adapter is None else adapter.cpu(),
+        text.cpu(),
+        metrics,
+        history,
+    )
 
 
 def _data_to(data: AdaptationData, device: str) -> AdaptationData:
     def fs(f: FeatureSet) -> FeatureSet:
         return FeatureSet(f.student.to(device), f.teacher.to(device), f.labels.to(device))
 
-    return replace(data, train=fs(data.train), test=fs(data.test), teacher_text=data.teacher_text.to(device),
-                   student_text=data.student_text.to(device))
+    return replace(
+        data,
+        train=fs(data.train),
+        test=fs(data.test),
+        teacher_text=data.teacher_text.to(device),
+        student_text=data.student_text.to(device),
+    )
 
 
 def _quantize_float_adapter(qmodel, data, cfg, float_adapter: QAdapter) -> QAdapter:
@@ -296,8 +335,9 @@ def act_qparams(qmodel: QuantCLIP) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_trained(result: TrainResult, qmodel: QuantCLIP, data: AdaptationData, out_dir: str | Path,
-                 source: dict) -> Path:
+def save_trained(
+    result: TrainResult, qmodel: QuantCLIP, data: AdaptationData, out_dir: str | Path, source: dict
+) -> Path:
     """Write ``p4q.pt`` (everything :func:`p4q_engine.p4q.pipeline.load_trained` needs to rebuild the model
     from its source weights) and ``metrics.json``. Loads with ``torch.load(weights_only=True)``."""
     out = Path(out_dir)
@@ -306,8 +346,13 @@ def save_trained(result: TrainResult, qmodel: QuantCLIP, data: AdaptationData, o
     obj = {
         "format": CHECKPOINT_FORMAT,
         "config": asdict(result.config),
-        "recipe": {"bits": r.bits.name, "scope": r.scope, "observer": r.observer, "edge_bits": r.edge_bits,
-                   "observer_kwargs": dict(r.observer_kwargs)},
+        "recipe": {
+            "bits": r.bits.name,
+            "scope": r.scope,
+            "observer": r.observer,
+            "edge_bits": r.edge_bits,
+            "observer_kwargs": dict(r.observer_kwargs),
+        },
         "source": source,
         "act_qparams": act_qparams(qmodel),
         "prompt": None if result.prompt is None else {"ctx": result.prompt.ctx.detach().cpu().clone()},
@@ -317,7 +362,17 @@ def save_trained(result: TrainResult, qmodel: QuantCLIP, data: AdaptationData, o
         "metrics": result.metrics,
     }
     _save_atomic(obj, out / MODEL_FILE)
-    (out / METRICS_FILE).write_text(json.dumps({"config": obj["config"], "recipe": obj["recipe"],
-                                                "source": source, "metrics": result.metrics,
-                                                "history": result.history}, indent=2) + "\n")
+    (out / METRICS_FILE).write_text(
+        json.dumps(
+            {
+                "config": obj["config"],
+                "recipe": obj["recipe"],
+                "source": source,
+                "metrics": result.metrics,
+                "history": result.history,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return out / MODEL_FILE

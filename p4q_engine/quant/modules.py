@@ -3,6 +3,7 @@
 Every quantized site owns its :class:`QuantSpec` and, once calibrated, its :class:`QParams`; the packer and the integer
 engine read those same objects, so a site's grid is defined exactly once.
 """
+
 from __future__ import annotations
 
 from enum import Enum

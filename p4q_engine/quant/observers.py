@@ -4,6 +4,7 @@ Each observer accumulates statistics with :meth:`Observer.observe` and turns the
 :meth:`Observer.compute_range`; :meth:`Observer.qparams` maps the range onto a :class:`QuantSpec`. Per-channel specs
 reduce over every axis but ``spec.ch_axis``. Observers are looked up by name in :data:`OBSERVERS`.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

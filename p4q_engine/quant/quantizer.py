@@ -7,6 +7,7 @@ the integer kernels therefore agree bit for bit on the codes. Two conventions ar
   backend we target (Triton, C++, numpy), so integer kernels can reproduce the reference exactly.
 * **Division, not multiplication by the reciprocal**: ``x / scale``. The integer engine must do the same.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 One :class:`QuantSpec` describes a quantized tensor completely (bit width, signedness, granularity). The fake-quant
 path, the packer and the integer kernels all read the same spec, so they cannot disagree about ``qmin``/``qmax``.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,11 +28,13 @@ def check_bits(bits: int) -> int:
 #: bits ternary). The value is ``QuantSpec.narrow_range``.
 SIGNED_GRIDS: dict[str, bool] = {"full": False, "restricted": True}
 
-#: The grid every weight is quantized on (fake-quant, OMSE's objective, packer, both engines, kernels): ``full``,
-#: chosen on measurements (benchmarks/results/weight_grid.md): PTQ and P4Q on the reference task are as good or
-#: better with the extra level (2-bit OMSE weights use the code -2 for 6% of their values), it is the paper's Eq. 2,
-#: and every artifact written before the grid was recorded holds it. Scales stay ``max|w| / (2^(b-1) - 1)`` either
-#: way, so the extra negative level is reached only where the calibrated clipping range is narrower than ``max|w|``.
+#: The grid every weight is quantized on (fake-quant, OMSE's objective, packer, both engines, kernels): ``full``.
+#: Measured first (benchmarks/results/weight_grid.md, reference task): neither grid is consistently better - over
+#: the 16 percentile/OMSE PTQ rows the differences are -1.45..+2.80 points and average +0.01 for ``full``; it wins
+#: the largest one (2-2-8 OMSE full scope, 19.20 vs 16.40: 6% of its weights use the extra level) and P4Q 4-4-8 (72.60
+#: vs 72.10). So the tie-breakers decide: it is the paper's Eq. 2, and every artifact written before the grid was
+#: recorded holds it. Scales stay ``max|w| / (2^(b-1) - 1)`` either way, so the extra negative level is reached only
+#: where the calibrated clipping range is narrower than ``max|w|``.
 WEIGHT_GRID = "full"
 
 

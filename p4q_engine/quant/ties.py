@@ -6,6 +6,7 @@ float32 ulps, so a ``v`` that lies that close to a ``.5`` boundary may round eit
 apart and nothing is wrong; any other difference is a bug. Parity tests and the divergence tracer
 (:mod:`p4q_engine.runtime.divergence`) decide with the functions below, so "a tie" means one thing everywhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def untied_mismatches(out: torch.Tensor, ref: torch.Tensor, v: torch.Tensor, eps
     return (d > 1) | ((d == 1) & ~tie)
 
 
-def assert_codes_equal_or_ties(out: torch.Tensor, ref: torch.Tensor, v: torch.Tensor, eps: float = TIE_EPS,
-                               what: str = "codes") -> int:
+def assert_codes_equal_or_ties(
+    out: torch.Tensor, ref: torch.Tensor, v: torch.Tensor, eps: float = TIE_EPS, what: str = "codes"
+) -> int:
     """Raise ``AssertionError`` unless every differing code is a float tie; return how many codes were ties."""
     bad = untied_mismatches(out, ref, v, eps)
     if bool(bad.any()):
@@ -40,5 +42,6 @@ def assert_codes_equal_or_ties(out: torch.Tensor, ref: torch.Tensor, v: torch.Te
         dist = boundary_distance(v).expand_as(d)
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {d.numel()} codes differ without a float tie (max step {int(d.max())}, "
-            f"boundary distance of the worst {float(dist[bad].max()):.3g} > eps {eps})")
+            f"boundary distance of the worst {float(dist[bad].max()):.3g} > eps {eps})"
+        )
     return int((out != ref).sum())

@@ -1,5 +1,6 @@
 """The embedded reference task: closed-vocabulary tokenizer, the tiny "P4Q-Ref-Tiny" open_clip CLIP, and its
 training script. See ``docs/reference_task.md``."""
+
 from p4q_engine.reference.tokenizer import ReferenceTokenizer
 
 __all__ = ["ReferenceTokenizer", "REFERENCE_MODEL_NAME", "load_reference_model", "register_reference_config"]

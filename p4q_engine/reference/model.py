@@ -2,6 +2,7 @@
 ``TextTransformer``, stock ``ResidualAttentionBlock`` with ``nn.MultiheadAttention``), registered with open_clip
 from ``p4q_engine/assets/model_configs/P4Q-Ref-Tiny.json`` and trained by :mod:`p4q_engine.reference.train`.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,17 @@ from p4q_engine.errors import ModelLoadError
 from p4q_engine.reference.tokenizer import ReferenceTokenizer
 
 __all__ = [
-    "REFERENCE_MODEL_NAME", "ASSETS_DIR", "MODEL_CONFIG_DIR", "MODEL_CONFIG_PATH", "DEFAULT_CHECKPOINT",
-    "DEFAULT_METRICS", "register_reference_config", "reference_model_config", "build_reference_model",
-    "load_reference_model", "save_reference_checkpoint",
+    "REFERENCE_MODEL_NAME",
+    "ASSETS_DIR",
+    "MODEL_CONFIG_DIR",
+    "MODEL_CONFIG_PATH",
+    "DEFAULT_CHECKPOINT",
+    "DEFAULT_METRICS",
+    "register_reference_config",
+    "reference_model_config",
+    "build_reference_model",
+    "load_reference_model",
+    "save_reference_checkpoint",
 ]
 
 REFERENCE_MODEL_NAME = "P4Q-Ref-Tiny"
@@ -65,8 +74,10 @@ def build_reference_model(device: Union[str, torch.device] = "cpu"):
     cfg = reference_model_config()
     tok_vocab = ReferenceTokenizer().vocab_size
     if cfg["text_cfg"]["vocab_size"] != tok_vocab:
-        raise ModelLoadError(f"{MODEL_CONFIG_PATH.name} has vocab_size {cfg['text_cfg']['vocab_size']} but the "
-                             f"ReferenceTokenizer has {tok_vocab} tokens")
+        raise ModelLoadError(
+            f"{MODEL_CONFIG_PATH.name} has vocab_size {cfg['text_cfg']['vocab_size']} but the "
+            f"ReferenceTokenizer has {tok_vocab} tokens"
+        )
     import logging
 
     class _Quiet(logging.Filter):  # the "No pretrained weights loaded" warning is expected here
@@ -81,15 +92,18 @@ def build_reference_model(device: Union[str, torch.device] = "cpu"):
         root.removeFilter(quiet)
 
 
-def save_reference_checkpoint(model: torch.nn.Module, path: Union[str, Path], metadata: Optional[dict] = None,
-                              dtype: torch.dtype = torch.float32) -> Path:
+def save_reference_checkpoint(
+    model: torch.nn.Module, path: Union[str, Path], metadata: Optional[dict] = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write the model's state dict as safetensors (``metadata``: str -> str)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     meta = {"model": REFERENCE_MODEL_NAME, **{str(k): str(v) for k, v in (metadata or {}).items()}}
     save_file(sd, str(path), metadata=meta)
     return path

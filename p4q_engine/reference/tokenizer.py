@@ -5,6 +5,7 @@ Ids: ``0`` = ``<pad>``, ``1`` = ``<unk>``, then the sorted vocabulary words, the
 (as with OpenAI CLIP's BPE tokenizer). Sequences are ``sot + tokens + eot``, zero padded to ``context_length``;
 truncation keeps the eot as the last token.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union

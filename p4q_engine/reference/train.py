@@ -11,6 +11,7 @@ top-1/top-5 on the held-out ``test`` split and on ``test_seen``, the command, wa
 Runs in well under 10 minutes on 2 CPU cores (the train images are rendered once and cached under
 ``$P4Q_CACHE`` / ``~/.cache/p4q_engine``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ __all__ = ["train_reference", "zero_shot_eval", "text_classifier", "clip_label_l
 
 CHECKPOINT_NAME = "p4q_ref_tiny.safetensors"
 METRICS_NAME = "p4q_ref_tiny.json"
-DEFAULTS = dict(steps=600, batch_size=256, lr=1e-3, weight_decay=0.1, warmup=60, train_size=60000,
-                eval_size=2000)
+DEFAULTS = dict(steps=600, batch_size=256, lr=1e-3, weight_decay=0.1, warmup=60, train_size=60000, eval_size=2000)
 
 
 def clip_label_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor):
@@ -51,8 +51,9 @@ def clip_label_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, 
 
 
 @torch.no_grad()
-def text_classifier(model, tokenizer, classnames=ref.REFERENCE_CLASSNAMES,
-                    templates=ref.REFERENCE_TEMPLATES) -> torch.Tensor:
+def text_classifier(
+    model, tokenizer, classnames=ref.REFERENCE_CLASSNAMES, templates=ref.REFERENCE_TEMPLATES
+) -> torch.Tensor:
     """``[C, D]``: per class, the mean of the normalised template embeddings, renormalised."""
     texts = [t.format(c) for c in classnames for t in templates]
     device = next(model.parameters()).device
@@ -61,8 +62,14 @@ def text_classifier(model, tokenizer, classnames=ref.REFERENCE_CLASSNAMES,
 
 
 @torch.no_grad()
-def zero_shot_eval(model, tokenizer, split: str = "test", size: int = 2000, batch_size: int = 500,
-                   images: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+def zero_shot_eval(
+    model,
+    tokenizer,
+    split: str = "test",
+    size: int = 2000,
+    batch_size: int = 500,
+    images: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> dict[str, float]:
     """100-way zero-shot top-1 / top-5 (%) of ``model`` on ``split`` with the template ensemble."""
     was_training = model.training
     model.eval()
@@ -74,9 +81,9 @@ def zero_shot_eval(model, tokenizer, split: str = "test", size: int = 2000, batc
         x, y = images
     top1 = top5 = 0
     for s in range(0, len(y), batch_size):
-        f = F.normalize(model.encode_image(ref.normalize_uint8(x[s:s + batch_size]).to(device)).float(), dim=-1)
+        f = F.normalize(model.encode_image(ref.normalize_uint8(x[s : s + batch_size]).to(device)).float(), dim=-1)
         top = (f @ cls.T).topk(5, dim=1).indices.cpu()
-        hit = top == y[s:s + batch_size, None]
+        hit = top == y[s : s + batch_size, None]
         top1 += int(hit[:, 0].sum())
         top5 += int(hit.any(dim=1).sum())
     model.train(was_training)
@@ -111,8 +118,12 @@ def train_reference(
 ) -> dict:
     """Train P4Q-Ref-Tiny from scratch; write ``out/p4q_ref_tiny.safetensors`` + ``out/p4q_ref_tiny.json``;
     return the metrics dict (also the JSON's content)."""
-    from p4q_engine.reference.model import (REFERENCE_MODEL_NAME, build_reference_model,
-                                            reference_model_config, save_reference_checkpoint)
+    from p4q_engine.reference.model import (
+        REFERENCE_MODEL_NAME,
+        build_reference_model,
+        reference_model_config,
+        save_reference_checkpoint,
+    )
     from p4q_engine.reference.tokenizer import ReferenceTokenizer
 
     if steps <= 0 or batch_size <= 1 or train_size < batch_size:
@@ -172,12 +183,15 @@ def train_reference(
     held = zero_shot_eval(model, tokenizer, "test", eval_size)
     seen = zero_shot_eval(model, tokenizer, "test_seen", eval_size)
     wall = time.time() - t_start
-    log(f"zero-shot top-1: held-out test {held['top1']:.2f}%  test_seen {seen['top1']:.2f}%  "
-        f"(top-5 {held['top5']:.2f}% / {seen['top5']:.2f}%)  wall {wall:.0f}s")
+    log(
+        f"zero-shot top-1: held-out test {held['top1']:.2f}%  test_seen {seen['top1']:.2f}%  "
+        f"(top-5 {held['top5']:.2f}% / {seen['top5']:.2f}%)  wall {wall:.0f}s"
+    )
 
     model = model.cpu()
-    ckpt = save_reference_checkpoint(model, out_dir / CHECKPOINT_NAME,
-                                     metadata={"seed": seed, "steps": steps, "render_version": ref.RENDER_VERSION})
+    ckpt = save_reference_checkpoint(
+        model, out_dir / CHECKPOINT_NAME, metadata={"seed": seed, "steps": steps, "render_version": ref.RENDER_VERSION}
+    )
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     metrics = {
         "model": REFERENCE_MODEL_NAME,
@@ -186,17 +200,29 @@ def train_reference(
         "checkpoint_bytes": ckpt.stat().st_size,
         "params": n_params,
         "zero_shot": {"test": held, "test_seen": seen},
-        "test_top1": held["top1"], "test_top5": held["top5"],
-        "test_seen_top1": seen["top1"], "test_seen_top5": seen["top5"],
+        "test_top1": held["top1"],
+        "test_top5": held["top5"],
+        "test_seen_top1": seen["top1"],
+        "test_seen_top5": seen["top5"],
         "final_train_loss_ema": loss_ema,
-        "hparams": {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                    "warmup": warmup, "train_size": train_size, "eval_size": eval_size, "seed": seed,
-                    "threads": threads},
+        "hparams": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup": warmup,
+            "train_size": train_size,
+            "eval_size": eval_size,
+            "seed": seed,
+            "threads": threads,
+        },
         "model_config": reference_model_config(),
         "render_version": ref.RENDER_VERSION,
         "held_out_classes": list(ref.HELD_OUT_CLASSES),
         "command": command or f"python -m p4q_engine.reference.train --out {shlex.quote(str(out))} --seed {seed}",
-        "wall_time_s": round(wall, 1), "data_time_s": round(t_data, 1), "train_time_s": round(t_train, 1),
+        "wall_time_s": round(wall, 1),
+        "data_time_s": round(t_data, 1),
+        "train_time_s": round(t_train, 1),
         "device": str(device),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -231,11 +257,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     a = p.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
-    train_reference(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_size=a.train_size,
-                    eval_size=a.eval_size, seed=a.seed, threads=a.threads, use_cache=not a.no_cache,
-                    progress=not a.no_progress, device=a.device, warmup=a.warmup, weight_decay=a.weight_decay,
-                    log=lambda m: print(m, flush=True),
-                    command="python -m p4q_engine.reference.train " + " ".join(shlex.quote(x) for x in argv_used))
+    train_reference(
+        a.out,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        train_size=a.train_size,
+        eval_size=a.eval_size,
+        seed=a.seed,
+        threads=a.threads,
+        use_cache=not a.no_cache,
+        progress=not a.no_progress,
+        device=a.device,
+        warmup=a.warmup,
+        weight_decay=a.weight_decay,
+        log=lambda m: print(m, flush=True),
+        command="python -m p4q_engine.reference.train " + " ".join(shlex.quote(x) for x in argv_used),
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ it is a float tie (a correct implementation may produce it) or a real difference
 "every disagreement is a traced tie" with :func:`untied_disagreements`; ``benchmarks/engine_parity_reference.py``
 reports the traces.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -94,15 +95,24 @@ def first_divergence(engine: Engine, encode: Callable, image: torch.Tensor) -> d
         if diff.any():
             dv = (vf - ve).abs()
             boundary = boundary_distance(vf)  # of the fake-quant value from its .5 boundary
-            return {"aligned": True, "site": n, "sites": len(pairs), "shape": list(vf.shape),
-                    "codes_differ": int(diff.sum()), "codes": int(diff.numel()),
-                    "max_boundary_distance_of_flipped": float(boundary[diff].max()),
-                    "max_abs_input_diff_of_flipped": float(dv[diff].max()),
-                    "max_abs_input_diff_before_rounding": float(dv.max()),
-                    # a tie: each flipped value is nearer the boundary than the two paths' float difference there,
-                    # that difference is float noise (< TIE_EPS code units everywhere at this site), and one step
-                    "float_tie": bool((boundary[diff] <= dv[diff] + 1e-12).all() and float(dv.max()) < TIE_EPS
-                                      and bool(((_codes(vf, zp, lo, hi) - _codes(ve, zp, lo, hi)).abs() <= 1).all()))}
+            return {
+                "aligned": True,
+                "site": n,
+                "sites": len(pairs),
+                "shape": list(vf.shape),
+                "codes_differ": int(diff.sum()),
+                "codes": int(diff.numel()),
+                "max_boundary_distance_of_flipped": float(boundary[diff].max()),
+                "max_abs_input_diff_of_flipped": float(dv[diff].max()),
+                "max_abs_input_diff_before_rounding": float(dv.max()),
+                # a tie: each flipped value is nearer the boundary than the two paths' float difference there,
+                # that difference is float noise (< TIE_EPS code units everywhere at this site), and one step
+                "float_tie": bool(
+                    (boundary[diff] <= dv[diff] + 1e-12).all()
+                    and float(dv.max()) < TIE_EPS
+                    and bool(((_codes(vf, zp, lo, hi) - _codes(ve, zp, lo, hi)).abs() <= 1).all())
+                ),
+            }
     return {"aligned": True, "site": None, "sites": len(pairs)}
 
 
@@ -111,8 +121,14 @@ def _margins(ref: torch.Tensor) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
-def trace_disagreements(engine: Engine, encode: Callable, images: torch.Tensor, out: torch.Tensor,
-                        ref: torch.Tensor, noise: float | None = None) -> list[dict]:
+def trace_disagreements(
+    engine: Engine,
+    encode: Callable,
+    images: torch.Tensor,
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    noise: float | None = None,
+) -> list[dict]:
     """:func:`first_divergence` of every image whose engine top-1 (``out``) differs from the reference's (``ref``) -
     and, with ``noise``, of every image whose logits differ by more than that - with the image's index and reference
     top-1/top-2 margin. ``tie`` says whether a correct engine may produce the difference."""
@@ -123,8 +139,12 @@ def trace_disagreements(engine: Engine, encode: Callable, images: torch.Tensor, 
     traces = []
     for i in torch.nonzero(suspect).flatten().tolist():
         t = first_divergence(engine, encode, images[i])
-        t.update(index=i, margin=float(margins[i]), max_logit_diff=float((out[i] - ref[i]).abs().max()),
-                 top1_differs=bool(suspect[i] and out[i].argmax() != ref[i].argmax()))
+        t.update(
+            index=i,
+            margin=float(margins[i]),
+            max_logit_diff=float((out[i] - ref[i]).abs().max()),
+            top1_differs=bool(suspect[i] and out[i].argmax() != ref[i].argmax()),
+        )
         if t["aligned"] and t["site"] is None:  # same codes everywhere: only the float logits differ
             t["tie"] = t["margin"] <= LOGIT_TIE and (noise is None or t["max_logit_diff"] <= noise)
         else:
@@ -133,8 +153,14 @@ def trace_disagreements(engine: Engine, encode: Callable, images: torch.Tensor, 
     return traces
 
 
-def untied_disagreements(engine: Engine, encode: Callable, images: torch.Tensor, out: torch.Tensor,
-                         ref: torch.Tensor, noise: float | None = None) -> list[dict]:
+def untied_disagreements(
+    engine: Engine,
+    encode: Callable,
+    images: torch.Tensor,
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    noise: float | None = None,
+) -> list[dict]:
     """The differences that are *not* traced float ties (empty for a correct engine): see
     :func:`trace_disagreements`."""
     return [t for t in trace_disagreements(engine, encode, images, out, ref, noise) if not t["tie"]]

@@ -7,6 +7,7 @@ dequantizes with ``acc * (s_act * s_weight[n]) + bias``. Attention does the same
 softmax, GELU and residual adds run in float32. The result matches the fake-quant reference up to float rounding of
 the dequantization (tested: top-1 agreement on the reference task).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,13 @@ class Site:
         site = parse_site(name, d)
         if site is None:
             return None
-        return cls(QParams(torch.tensor(site.scale), torch.tensor(site.zero_point, dtype=torch.int32),
-                           QuantSpec(site.bits, signed=False)))
+        return cls(
+            QParams(
+                torch.tensor(site.scale),
+                torch.tensor(site.zero_point, dtype=torch.int32),
+                QuantSpec(site.bits, signed=False),
+            )
+        )
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-point-corrected integer codes as float64 (exact)."""
@@ -58,12 +64,14 @@ def _packed_spec(name: str, layout: dict[str, Any]) -> QuantSpec:
         raise ArtifactError(f"tensor {name}.p0: packed weights must be signed (layout says {layout.get('signed')!r})")
     grid = layout.get("grid", "full")
     if grid not in SIGNED_GRIDS:
-        raise ArtifactError(f"tensor {name}.p0: unknown weight grid {grid!r}; this engine reads "
-                            f"{', '.join(SIGNED_GRIDS)}")
+        raise ArtifactError(
+            f"tensor {name}.p0: unknown weight grid {grid!r}; this engine reads {', '.join(SIGNED_GRIDS)}"
+        )
     spec = QuantSpec(int(layout["bits"]), signed=True, per_channel=True, narrow_range=SIGNED_GRIDS[grid])
     if layout.get("offset", spec.storage_offset) != spec.storage_offset:
-        raise ArtifactError(f"tensor {name}.p0: stored-code offset {layout.get('offset')!r} is not "
-                            f"{spec.storage_offset} (2^(bits-1))")
+        raise ArtifactError(
+            f"tensor {name}.p0: stored-code offset {layout.get('offset')!r} is not {spec.storage_offset} (2^(bits-1))"
+        )
     return spec
 
 
@@ -77,8 +85,10 @@ def unpack_weight(art: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor]
     planes = [art.tensors[f"{name}.p{i}"] for i in range(len(layout["planes"]))]
     codes = from_unsigned(unpack(planes, spec.bits, k), spec)
     if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
-        raise ArtifactError(f"tensor {name}: codes [{int(codes.min())}, {int(codes.max())}] lie outside its "
-                            f"{spec.grid} {spec.bits}-bit grid [{spec.qmin}, {spec.qmax}]")
+        raise ArtifactError(
+            f"tensor {name}: codes [{int(codes.min())}, {int(codes.max())}] lie outside its "
+            f"{spec.grid} {spec.bits}-bit grid [{spec.qmin}, {spec.qmax}]"
+        )
     scale = art.tensors[f"{name}_scale"]
     if codes.shape != (rows, k) or scale.shape != (rows,):
         raise ArtifactError(f"tensor {name}: packed shape does not match its logical shape")
@@ -103,8 +113,10 @@ class IntLinear:
         self.bias = art.tensors.get(f"{prefix}.bias") if d["bias"] else None
         self.in_features, self.out_features = d["in_features"], d["out_features"]
         if tuple(self.w_float.shape) != (self.in_features, self.out_features):
-            raise ArtifactError(f"{prefix}: weight shape {tuple(self.w_float.shape[::-1])} does not match the layer "
-                                f"table ({self.out_features}, {self.in_features})")
+            raise ArtifactError(
+                f"{prefix}: weight shape {tuple(self.w_float.shape[::-1])} does not match the layer "
+                f"table ({self.out_features}, {self.in_features})"
+            )
         if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
             raise ArtifactError(f"{prefix}: bias shape does not match out_features")
 
@@ -133,8 +145,11 @@ def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
 
 
 def _act(name: str):
-    acts = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-            "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+    acts = {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    }
     if name not in acts:
         raise ArtifactError(f"unknown activation {name!r}")
     return acts[name]
@@ -182,8 +197,19 @@ class _Block:
         return x + (m if self.ls_2 is None else m * self.ls_2)
 
 
-_VISION_KEYS = ("image_size", "patch_size", "grid_size", "width", "layers", "heads", "pool_type",
-                "final_ln_after_pool", "ln_pre", "act", "ln_eps")
+_VISION_KEYS = (
+    "image_size",
+    "patch_size",
+    "grid_size",
+    "width",
+    "layers",
+    "heads",
+    "pool_type",
+    "final_ln_after_pool",
+    "ln_pre",
+    "act",
+    "ln_eps",
+)
 _POOL_TYPES = ("tok", "avg")
 
 
@@ -236,11 +262,13 @@ def validate_vision_config(art: Artifact) -> dict[str, Any]:
     if any(i % p for i, p in zip(image, patch)):
         raise ArtifactError(f"vision config: patch_size {list(patch)} does not tile image_size {list(image)}")
     if tuple(i // p for i, p in zip(image, patch)) != grid:
-        raise ArtifactError(f"vision config: grid_size {list(grid)} is not image_size {list(image)} / patch_size "
-                            f"{list(patch)}")
+        raise ArtifactError(
+            f"vision config: grid_size {list(grid)} is not image_size {list(image)} / patch_size {list(patch)}"
+        )
     if cfg["pool_type"] not in _POOL_TYPES:
-        raise ArtifactError(f"vision config: unsupported pool_type {cfg['pool_type']!r} "
-                            f"(the engine pools {' or '.join(_POOL_TYPES)})")
+        raise ArtifactError(
+            f"vision config: unsupported pool_type {cfg['pool_type']!r} (the engine pools {' or '.join(_POOL_TYPES)})"
+        )
     _act(cfg["act"])
     eps = cfg["ln_eps"]
     if type(eps) not in (int, float) or not 0.0 < eps < 1.0:
@@ -255,8 +283,10 @@ def validate_vision_config(art: Artifact) -> dict[str, Any]:
         found = _block_indices(names)
         if len(found) != layers or found != set(range(layers)):
             have = sorted(found)
-            raise ArtifactError(f"vision config says {layers} layers but the {what} hold blocks "
-                                f"{have if len(have) <= 8 else have[:4] + ['...'] + have[-2:]}")
+            raise ArtifactError(
+                f"vision config says {layers} layers but the {what} hold blocks "
+                f"{have if len(have) <= 8 else have[:4] + ['...'] + have[-2:]}"
+            )
 
     def lin(prefix: str, fin: int, fout: Optional[int]) -> dict[str, Any]:
         d = linears.get(prefix)
@@ -265,8 +295,9 @@ def validate_vision_config(art: Artifact) -> dict[str, Any]:
         got = (d.get("in_features"), d.get("out_features"))
         if got[0] != fin or (fout is not None and got[1] != fout):
             want = f"({fin} -> {fout if fout is not None else 'any'})"
-            raise ArtifactError(f"{prefix} is {got[0]} -> {got[1]} features, the vision config (width {width}) "
-                                f"implies {want}")
+            raise ArtifactError(
+                f"{prefix} is {got[0]} -> {got[1]} features, the vision config (width {width}) implies {want}"
+            )
         return d
 
     lin("visual.conv", 3 * patch[0] * patch[1], width)
@@ -288,8 +319,11 @@ def validate_vision_config(art: Artifact) -> dict[str, Any]:
             if ls is not None and tuple(ls.shape) != (width,):
                 raise ArtifactError(f"{p}.ls_{j} has shape {list(ls.shape)}, expected [{width}]")
     out_dim = lin("visual.proj", width, cfg.get("output_dim"))["out_features"]
-    norms = ["visual.ln_post", *(["visual.ln_pre"] if cfg["ln_pre"] else []),
-             *(f"visual.blocks.{i}.ln_{j}" for i in range(layers) for j in (1, 2))]
+    norms = [
+        "visual.ln_post",
+        *(["visual.ln_pre"] if cfg["ln_pre"] else []),
+        *(f"visual.blocks.{i}.ln_{j}" for i in range(layers) for j in (1, 2)),
+    ]
     for name in ["visual.class_embedding", *(f"{n}.{wb}" for n in norms for wb in ("weight", "bias"))]:
         if name not in t:
             raise ArtifactError(f"missing tensor {name}")
@@ -327,8 +361,16 @@ class Engine:
             self._build_tower(art)
         except ArtifactError:
             raise
-        except (P4QError, LookupError, TypeError, ValueError, RuntimeError, AttributeError, ArithmeticError,
-                AssertionError) as e:  # P4QError: e.g. ConfigError("unsupported bit width 5") from a layout;
+        except (
+            P4QError,
+            LookupError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+            AttributeError,
+            ArithmeticError,
+            AssertionError,
+        ) as e:  # P4QError: e.g. ConfigError("unsupported bit width 5") from a layout;
             # ArithmeticError: OverflowError, ZeroDivisionError; ValueError: UnicodeError too
             raise ArtifactError(f"inconsistent artifact: {e.__class__.__name__}: {e}") from None
         self.manifest = art.manifest
@@ -373,12 +415,15 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             raise
         except (P4QError, LookupError, TypeError, ValueError, RuntimeError, ArithmeticError, AssertionError) as e:
-            raise ArtifactError(f"self-test: a synthetic image fails in this artifact: {e.__class__.__name__}: "
-                                f"{e}") from None
+            raise ArtifactError(
+                f"self-test: a synthetic image fails in this artifact: {e.__class__.__name__}: {e}"
+            ) from None
         for what, v in (("image features", z), ("logits", logits)):
             if not bool(torch.isfinite(v).all()):
-                raise ArtifactError(f"self-test: a synthetic image gets non-finite {what} ({v.flatten()[:4].tolist()}"
-                                    f" ...); the artifact's parameters are corrupt")
+                raise ArtifactError(
+                    f"self-test: a synthetic image gets non-finite {what} ({v.flatten()[:4].tolist()}"
+                    f" ...); the artifact's parameters are corrupt"
+                )
 
     def _build_common(self, art: Artifact) -> None:
         """Configuration, embeddings, LayerNorms, class features and preprocessing - shared by all engines.
@@ -410,15 +455,25 @@ class Engine:
         if self.text.shape[0] != len(self.classnames):
             raise ArtifactError("class feature rows do not match the class names")
         if self.text.shape[1] != self.proj_dim:
-            raise ArtifactError(f"class features have dimension {self.text.shape[1]}, the image tower outputs "
-                                f"{self.proj_dim}")
+            raise ArtifactError(
+                f"class features have dimension {self.text.shape[1]}, the image tower outputs {self.proj_dim}"
+            )
         if tuple(self.pos.shape) != (math.prod(cfg["grid_size"]) + 1, int(cfg["width"])):
-            raise ArtifactError(f"tensors['visual.positional_embedding'] has shape {list(self.pos.shape)}, the patch "
-                                f"grid {cfg['grid_size']} and width {cfg['width']} need "
-                                f"[{math.prod(cfg['grid_size']) + 1}, {cfg['width']}]")
+            raise ArtifactError(
+                f"tensors['visual.positional_embedding'] has shape {list(self.pos.shape)}, the patch "
+                f"grid {cfg['grid_size']} and width {cfg['width']} need "
+                f"[{math.prod(cfg['grid_size']) + 1}, {cfg['width']}]"
+            )
         pre = spec.preprocess  # validated: known modes, finite statistics, size == the tower's input
-        self.transform = build_transform({"size": list(pre.size), "mean": list(pre.mean), "std": list(pre.std),
-                                          "interpolation": pre.interpolation, "resize_mode": pre.resize_mode})
+        self.transform = build_transform(
+            {
+                "size": list(pre.size),
+                "mean": list(pre.mean),
+                "std": list(pre.std),
+                "interpolation": pre.interpolation,
+                "resize_mode": pre.resize_mode,
+            }
+        )
 
     def _build_tower(self, art: Artifact) -> None:
         self.conv = IntLinear(art, "visual.conv")
@@ -434,8 +489,9 @@ class Engine:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (before normalisation) of preprocessed pixels ``[B, 3, H, W]``."""
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, *self.image_size):
-            raise ConfigError(f"expected images of shape [B, 3, {self.image_size[0]}, {self.image_size[1]}], "
-                              f"got {list(pixels.shape)}")
+            raise ConfigError(
+                f"expected images of shape [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {list(pixels.shape)}"
+            )
         if not torch.isfinite(pixels).all():
             raise ConfigError("images contain NaN or inf values")
         return self._forward(pixels)
@@ -482,8 +538,9 @@ class Engine:
     def logits(self, images: torch.Tensor | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         return self.logit_scale * self.embed(images, batch_size) @ self.text.T
 
-    def classify(self, images: torch.Tensor | Sequence[ImageInput], top_k: int = 5,
-                 labels: Optional[Sequence[str]] = None) -> list[Prediction]:
+    def classify(
+        self, images: torch.Tensor | Sequence[ImageInput], top_k: int = 5, labels: Optional[Sequence[str]] = None
+    ) -> list[Prediction]:
         """Top-k labels and softmax probabilities per image (optionally over a subset of the labels)."""
         logits = self.logits(images)
         idx = list(range(len(self.classnames)))
@@ -496,5 +553,7 @@ class Engine:
         probs = logits.softmax(dim=-1)
         k = max(1, min(top_k, probs.shape[1]))
         top = probs.topk(k, dim=-1)
-        return [Prediction([self.classnames[idx[i]] for i in ii.tolist()], pp.tolist(), [idx[i] for i in ii.tolist()])
-                for pp, ii in zip(top.values, top.indices)]
+        return [
+            Prediction([self.classnames[idx[i]] for i in ii.tolist()], pp.tolist(), [idx[i] for i in ii.tolist()])
+            for pp, ii in zip(top.values, top.indices)
+        ]

@@ -17,6 +17,7 @@ header; ``load()`` decodes):
   would otherwise be resized to 32x9600000), and no side may exceed :data:`MAX_SIDE`: checked by
   :class:`Preprocess` from the header, before resizing.
 """
+
 from __future__ import annotations
 
 import io
@@ -95,13 +96,26 @@ def _check_declared(img: Image.Image, label: str, max_pixels: int, draft_size: O
         img._p4q_declared = (w, h)  # type: ignore[attr-defined]
         img.draft("RGB", draft_size)  # sets libjpeg's scale; the mode request only matters for YCbCr/L output
     if img.width * img.height > max_pixels:
-        raise ImageError(f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit even at {img.width}x{img.height} "
-                         "(reduced-scale decoding)")
+        raise ImageError(
+            f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit even at {img.width}x{img.height} "
+            "(reduced-scale decoding)"
+        )
 
 
 #: What Pillow raises on bad or hostile image data (besides ImageError's own checks).
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError,
-                  IndexError, KeyError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    MemoryError,
+    IndexError,
+    KeyError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 def _label(src: Any, name: Optional[str]) -> str:
@@ -109,8 +123,9 @@ def _label(src: Any, name: Optional[str]) -> str:
 
 
 @contextmanager
-def _opened(src: ImageInput, label: str, max_pixels: int,
-            draft_size: Optional[tuple[int, int]]) -> Iterator[Image.Image]:
+def _opened(
+    src: ImageInput, label: str, max_pixels: int, draft_size: Optional[tuple[int, int]]
+) -> Iterator[Image.Image]:
     """``src`` opened and checked from its header alone (JPEG scale reduced); a file this opened is closed at the
     end of the block. A PIL image passes through (checked against the cap, used as given)."""
     if isinstance(src, Image.Image):
@@ -147,8 +162,9 @@ def _to_rgb(img: Image.Image, label: str, owned: bool) -> Image.Image:
     return out
 
 
-def decode_image(src: ImageInput, name: str | None = None, max_pixels: int = MAX_PIXELS,
-                 draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
+def decode_image(
+    src: ImageInput, name: str | None = None, max_pixels: int = MAX_PIXELS, draft_size: Optional[tuple[int, int]] = None
+) -> Image.Image:
     """Open ``src`` (path, bytes or PIL image) as RGB; raise :class:`ImageError` naming it if unusable.
 
     ``draft_size``: the smallest ``(width, height)`` the caller needs; a larger JPEG is decoded at a reduced scale
@@ -254,8 +270,10 @@ class Preprocess:
         cap = max(self.max_pixels if max_pixels is None else max_pixels, RESIZE_FLOOR * self.size[0] * self.size[1])
         w, h = self.resized_size(width, height)
         if w < 1 or h < 1 or self.resize_cost(width, height) > cap:
-            raise ImageError(f"{label}: {width}x{height} has too extreme an aspect ratio (resizing it to {w}x{h} "
-                             f"would exceed the {cap}-pixel limit)")
+            raise ImageError(
+                f"{label}: {width}x{height} has too extreme an aspect ratio (resizing it to {w}x{h} "
+                f"would exceed the {cap}-pixel limit)"
+            )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         label = type(img).__name__
@@ -263,8 +281,13 @@ class Preprocess:
         self.check(img.width, img.height, label)
         return self.transform(img)
 
-    def load(self, src: ImageInput, name: Optional[str] = None, max_pixels: Optional[int] = None,
-             reserve: Optional[Callable[[int], ContextManager[Any]]] = None) -> torch.Tensor:
+    def load(
+        self,
+        src: ImageInput,
+        name: Optional[str] = None,
+        max_pixels: Optional[int] = None,
+        reserve: Optional[Callable[[int], ContextManager[Any]]] = None,
+    ) -> torch.Tensor:
         """Decode ``src`` (reduced-scale where possible), check the resize, transform -> ``[3, H, W]``; every
         failure is an :class:`ImageError` naming the input. ``reserve(nbytes)`` is entered with the decode's memory
         bound from the header, before decoding, until the decoded image is freed (the server's decode budget).

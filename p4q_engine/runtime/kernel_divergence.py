@@ -14,6 +14,7 @@ At the first site where a code differs, every differing code must be a float tie
 a *probability* code flipped at a tie inside the kernel (probabilities never leave it), so a differing attention
 output is a tie when its (image, head, query row) has a probability within ``TIE_EPS`` of a rounding boundary.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -71,9 +72,14 @@ def _compare(gpu: torch.Tensor, cpu_call: tuple, layout) -> dict | None:
         return None
     steps = (g - codes).abs()
     dist = boundary_distance(v)
-    return {"codes_differ": int(diff.sum()), "codes": int(diff.numel()), "max_step": int(steps.max()),
-            "max_boundary_distance_of_flipped": float(dist[diff].max()), "diff": diff,
-            "tie": bool((steps <= 1).all() and (dist[diff] <= TIE_EPS).all())}
+    return {
+        "codes_differ": int(diff.sum()),
+        "codes": int(diff.numel()),
+        "max_step": int(steps.max()),
+        "max_boundary_distance_of_flipped": float(dist[diff].max()),
+        "diff": diff,
+        "tie": bool((steps <= 1).all() and (dist[diff] <= TIE_EPS).all()),
+    }
 
 
 def kernel_first_divergence(kernel_engine, cpu_engine, image: torch.Tensor) -> dict:
@@ -97,17 +103,19 @@ def kernel_first_divergence(kernel_engine, cpu_engine, image: torch.Tensor) -> d
 
     pairs = [("patches", gk[0], cpu[0], flat)]
     for i in range(layers):
-        g, c = gk[1 + 5 * i: 6 + 5 * i], cpu[1 + _CPU_PER_BLOCK * i: 1 + _CPU_PER_BLOCK * (i + 1)]
+        g, c = gk[1 + 5 * i : 6 + 5 * i], cpu[1 + _CPU_PER_BLOCK * i : 1 + _CPU_PER_BLOCK * (i + 1)]
         n = c[0][0].shape[1]
         d = c[0][0].shape[2]
         qkv = g[1].reshape(b, n, 3 * d)
-        pairs += [(f"block {i} in_proj input", g[0], c[0], flat),
-                  (f"block {i} q", qkv[..., :d], c[1], heads_to_tokens),
-                  (f"block {i} k", qkv[..., d:2 * d], c[2], lambda t: heads_to_tokens(t.transpose(-1, -2))),
-                  (f"block {i} v", qkv[..., 2 * d:], c[4], heads_to_tokens),
-                  (f"block {i} attention output", g[2], c[5], flat),
-                  (f"block {i} c_fc input", g[3], c[6], flat),
-                  (f"block {i} c_proj input", g[4], c[7], flat)]
+        pairs += [
+            (f"block {i} in_proj input", g[0], c[0], flat),
+            (f"block {i} q", qkv[..., :d], c[1], heads_to_tokens),
+            (f"block {i} k", qkv[..., d : 2 * d], c[2], lambda t: heads_to_tokens(t.transpose(-1, -2))),
+            (f"block {i} v", qkv[..., 2 * d :], c[4], heads_to_tokens),
+            (f"block {i} attention output", g[2], c[5], flat),
+            (f"block {i} c_fc input", g[3], c[6], flat),
+            (f"block {i} c_proj input", g[4], c[7], flat),
+        ]
     pairs.append(("projection input", gk[1 + 5 * layers], cpu[1 + _CPU_PER_BLOCK * layers], flat))
     for k, (name, g, c, layout) in enumerate(pairs):
         r = _compare(g, c, layout)

@@ -9,6 +9,7 @@ Per residual block (``full`` scope) the data stays in integer codes between kern
 Sites the artifact leaves in float (the ``release`` scope's attention) fall back to torch ops on dequantized values.
 The same class also runs on the CPU under ``TRITON_INTERPRET=1``, which is how CI checks it against the CPU engine.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,11 +70,19 @@ class KernelEngine(Engine):
             return KLinear(None, art.tensors[f"{prefix}.weight"].t().contiguous().to(self.device), bias, site)
         codes, scale = unpack_weight(art, f"{prefix}.w")
         bits = int(d["weight_bits"])
-        planes = [art.tensors[f"{prefix}.w.p{i}"].to(self.device).contiguous()
-                  for i in range(len(art.layout(f"{prefix}.w.p0")["planes"]))]
-        pw = PackedWeight(planes, scale.float().to(self.device), codes.to(torch.int32).sum(1).to(torch.int32)
-                          .to(self.device), bits, codes.shape[0], codes.shape[1],
-                          direct=codes.to(self.device).contiguous() if bits == 8 else None)
+        planes = [
+            art.tensors[f"{prefix}.w.p{i}"].to(self.device).contiguous()
+            for i in range(len(art.layout(f"{prefix}.w.p0")["planes"]))
+        ]
+        pw = PackedWeight(
+            planes,
+            scale.float().to(self.device),
+            codes.to(torch.int32).sum(1).to(torch.int32).to(self.device),
+            bits,
+            codes.shape[0],
+            codes.shape[1],
+            direct=codes.to(self.device).contiguous() if bits == 8 else None,
+        )
         return KLinear(pw, None, bias, site)
 
     def _build_tower(self, art: Artifact) -> None:
@@ -116,14 +125,22 @@ class KernelEngine(Engine):
     def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], ln[0], ln[1], self.eps)
 
-    def _apply(self, lin: KLinear, x: torch.Tensor, ln=None, act: str = "none", residual=None,
-               requant: Optional[Requant] = None) -> torch.Tensor:
+    def _apply(
+        self,
+        lin: KLinear,
+        x: torch.Tensor,
+        ln=None,
+        act: str = "none",
+        residual=None,
+        requant: Optional[Requant] = None,
+    ) -> torch.Tensor:
         """One Linear: fused kernels when both sides are quantized, torch otherwise."""
         if lin.quantized:
             codes = self._codes(x, lin.site, ln)
             s, z = _site_tuple(lin.site)
-            return qgemm(codes.reshape(-1, codes.shape[-1]), s, z, lin.w, lin.bias, act=act, residual=residual,
-                         requant=requant)
+            return qgemm(
+                codes.reshape(-1, codes.shape[-1]), s, z, lin.w, lin.bias, act=act, residual=residual, requant=requant
+            )
         xin = self._ln(x, ln) if ln is not None else x
         xin = xin.reshape(-1, xin.shape[-1])
         if lin.site is not None:
@@ -171,9 +188,19 @@ class KernelEngine(Engine):
                 blk["_rq"] = Requant(rq.scale.to(x.device), rq.zero_point.to(x.device), rq.bits)
             rq = blk["_rq"]
             qkv = self._apply(inp, x, ln=blk["ln_1"], requant=rq)
-            ao = qattention(qkv.view(b, n, 3 * d), self.heads, AttnSites(
-                _site_tuple(st["q"]), _site_tuple(st["k"]), _site_tuple(st["v"]), _site_tuple(st["p"]),
-                _site_tuple(outp.site), st["p"].qp.spec.bits, outp.site.qp.spec.bits))
+            ao = qattention(
+                qkv.view(b, n, 3 * d),
+                self.heads,
+                AttnSites(
+                    _site_tuple(st["q"]),
+                    _site_tuple(st["k"]),
+                    _site_tuple(st["v"]),
+                    _site_tuple(st["p"]),
+                    _site_tuple(outp.site),
+                    st["p"].qp.spec.bits,
+                    outp.site.qp.spec.bits,
+                ),
+            )
             s, z = _site_tuple(outp.site)
             if blk["ls_1"] is None:
                 return qgemm(ao.view(b * n, d), s, z, outp.w, outp.bias, residual=x)
@@ -207,9 +234,11 @@ class KernelEngine(Engine):
         if fc.quantized and pr.quantized:
             s, z = _site_tuple(pr.site)
             if "_rq_mlp" not in blk:
-                blk["_rq_mlp"] = Requant(torch.full((fc.w.n,), s, device=x.device),
-                                         torch.full((fc.w.n,), z, dtype=torch.int32, device=x.device),
-                                         pr.site.qp.spec.bits)
+                blk["_rq_mlp"] = Requant(
+                    torch.full((fc.w.n,), s, device=x.device),
+                    torch.full((fc.w.n,), z, dtype=torch.int32, device=x.device),
+                    pr.site.qp.spec.bits,
+                )
             rq = blk["_rq_mlp"]
             h = self._apply(fc, x, ln=blk["ln_2"], act=act, requant=rq)
             if blk["ls_2"] is None:

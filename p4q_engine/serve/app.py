@@ -21,6 +21,7 @@ bounded decode pool (:class:`p4q_engine.serve.inputs.DecodePool`: one thread per
 the request's deadline enforced between images), and only then queues the pixels for the batch worker
 (:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -109,8 +110,9 @@ async def read_body(request: Request, cap: int) -> bytes:
         except ValueError:
             raise ServeError("bad_request", "invalid Content-Length header") from None
         if declared_n > cap + DRAIN_LIMIT:  # answer at once; uvicorn closes the connection
-            raise ServeError("payload_too_large", f"body of {declared_n} bytes exceeds the {cap}-byte limit "
-                             "(--max-body-bytes)")
+            raise ServeError(
+                "payload_too_large", f"body of {declared_n} bytes exceeds the {cap}-byte limit (--max-body-bytes)"
+            )
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -129,12 +131,18 @@ async def read_body(request: Request, cap: int) -> bytes:
 async def parse_body(request: Request, body: bytes, classify: bool, config: ServeConfig) -> ParsedRequest:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+
         async def replay() -> AsyncIterator[bytes]:
             yield body
 
         try:
-            form = await MultiPartParser(request.headers, replay(), max_files=config.max_queue + 1,
-                                         max_fields=1000, max_part_size=config.max_body_bytes).parse()
+            form = await MultiPartParser(
+                request.headers,
+                replay(),
+                max_files=config.max_queue + 1,
+                max_fields=1000,
+                max_part_size=config.max_body_bytes,
+            ).parse()
         except MultiPartException as e:
             kind = "too_many_images" if "Too many files" in e.message else "bad_request"
             raise ServeError(kind, f"malformed multipart body: {e.message}") from None
@@ -152,10 +160,14 @@ async def parse_body(request: Request, body: bytes, classify: bool, config: Serv
         try:
             return await run_in_threadpool(parse_json, body, classify)
         except ValueError as e:  # json.loads past sys.get_int_max_str_digits() (4300-digit int literals)
-            raise ServeError("bad_json", f"body is not valid JSON ({e.__class__.__name__}: "
-                             f"{str(e).split(';')[0][:120]})") from None
-    raise ServeError("unsupported_media_type", f"content type {ctype or 'none'!r}: send multipart/form-data image "
-                     "files or application/json with base64 images")
+            raise ServeError(
+                "bad_json", f"body is not valid JSON ({e.__class__.__name__}: {str(e).split(';')[0][:120]})"
+            ) from None
+    raise ServeError(
+        "unsupported_media_type",
+        f"content type {ctype or 'none'!r}: send multipart/form-data image "
+        "files or application/json with base64 images",
+    )
 
 
 # ---------------------------------------------------------------- inference routes
@@ -173,8 +185,11 @@ async def _infer(request: Request, classify: bool) -> Response:
             del body
             subset = check_labels(parsed.labels, engine.classnames) if classify else None
             if len(parsed.images) > cfg.max_queue:
-                raise ServeError("too_many_images", f"{len(parsed.images)} images in one request; this server "
-                                 f"queues at most {cfg.max_queue} (--max-queue)")
+                raise ServeError(
+                    "too_many_images",
+                    f"{len(parsed.images)} images in one request; this server "
+                    f"queues at most {cfg.max_queue} (--max-queue)",
+                )
             pixels = await state.decoder.prepare(engine, parsed, cfg.max_pixels, deadline, cfg.timeout_s)
             job = state.batcher.submit(pixels)
         state.metrics.images.labels(request.url.path).inc(job.n)
@@ -221,8 +236,14 @@ async def readyz(request: Request) -> Response:
         return error_response(state, ServeError("not_ready", "shutting down"))
     if state.engine is None or not state.batcher.alive:
         return error_response(state, ServeError("not_ready", "the batch worker is not running"))
-    return JSON({"status": "ready", "device": str(state.engine.device),
-                         "classes": len(state.engine.classnames), "max_batch": state.config.max_batch})
+    return JSON(
+        {
+            "status": "ready",
+            "device": str(state.engine.device),
+            "classes": len(state.engine.classnames),
+            "max_batch": state.config.max_batch,
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -234,7 +255,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own HTTP errors (unknown path, wrong method) in the same JSON shape."""
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-        exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
+        exc.status_code, "internal" if exc.status_code >= 500 else "bad_request"
+    )
     err = ServeError(kind, str(exc.detail), headers=dict(exc.headers or {}))
     resp = error_response(request.app.state.serve, err)
     resp.status_code = exc.status_code
@@ -291,8 +313,11 @@ class ShutdownGuard:
         child.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
         progress["ours"] = True
         if not progress["started"]:
-            err = ServeError("not_ready", "shutting down: no answer within the shutdown grace period "
-                             "(--shutdown-grace-s)", headers={"Retry-After": "1", "Connection": "close"})
+            err = ServeError(
+                "not_ready",
+                "shutting down: no answer within the shutdown grace period (--shutdown-grace-s)",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
             log.warning("answering 503 to %s %s: shutdown grace period over", scope.get("method"), scope.get("path"))
             await error_response(self.state, err)(scope, receive, send)
 
@@ -332,8 +357,14 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
     """The ASGI app; its lifespan starts the batch worker and, at shutdown, drains and joins it."""
     config = config or ServeConfig()
     m = Metrics()
-    batcher = Batcher(engine, config.max_batch, config.max_wait_s, config.max_queue, m,
-                      hooks if hooks is not None else FaultHooks.from_env())
+    batcher = Batcher(
+        engine,
+        config.max_batch,
+        config.max_wait_s,
+        config.max_queue,
+        m,
+        hooks if hooks is not None else FaultHooks.from_env(),
+    )
     state = ServeState(engine, config, batcher, m)
     state.decoder = DecodePool(config.decode_threads, config.decode_memory_mb * 2**20)
 
@@ -342,8 +373,12 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
         state.loop = asyncio.get_running_loop()
         state.grace_over = state.loop.create_future()
         batcher.start()
-        log.info("batch worker started (max batch %d, max wait %g ms, queue %d images)", config.max_batch,
-                 config.max_wait_ms, config.max_queue)
+        log.info(
+            "batch worker started (max batch %d, max wait %g ms, queue %d images)",
+            config.max_batch,
+            config.max_wait_ms,
+            config.max_queue,
+        )
         try:
             yield
         finally:
@@ -362,9 +397,12 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
     ]
     # Middleware order: Starlette's error middleware (-> internal_error) > metrics (counts the guard's 503s too) >
     # shutdown guard > exception middleware (-> http_error) > router.
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: internal_error},
-                    middleware=[Middleware(MetricsMiddleware, metrics=m), Middleware(ShutdownGuard, state=state)])
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        middleware=[Middleware(MetricsMiddleware, metrics=m), Middleware(ShutdownGuard, state=state)],
+    )
     app.router.redirect_slashes = False  # "/v1/labels/" is a 404, not a 307 whose Location trusts the Host header
     app.state.serve = state
     return app

@@ -25,6 +25,7 @@ Test hooks (environment, read once when the batcher is built; never set in produ
 ``P4Q_SERVE_TEST_FAIL_BATCH=N`` makes the engine call of the N-th batch raise (1-based),
 ``P4Q_SERVE_TEST_CRASH_AFTER=N`` ends the worker thread after N batches.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,11 @@ class FaultHooks:
             v = os.environ.get(name, "").strip()
             return int(v) if v else None
 
-        return cls((num("P4Q_SERVE_TEST_DELAY_MS") or 0) / 1000.0, num("P4Q_SERVE_TEST_FAIL_BATCH"),
-                   num("P4Q_SERVE_TEST_CRASH_AFTER"))
+        return cls(
+            (num("P4Q_SERVE_TEST_DELAY_MS") or 0) / 1000.0,
+            num("P4Q_SERVE_TEST_FAIL_BATCH"),
+            num("P4Q_SERVE_TEST_CRASH_AFTER"),
+        )
 
 
 class _WorkerCrash(BaseException):
@@ -127,8 +131,15 @@ class Job:
 class Batcher:
     """The queue and its worker thread; see the module docstring."""
 
-    def __init__(self, engine: Any, max_batch: int = 64, max_wait_s: float = 0.005, max_queue: int = 256,
-                 metrics: Optional[Metrics] = None, hooks: Optional[FaultHooks] = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        max_batch: int = 64,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+        metrics: Optional[Metrics] = None,
+        hooks: Optional[FaultHooks] = None,
+    ) -> None:
         self.engine = engine
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.metrics = metrics or Metrics()
@@ -181,14 +192,20 @@ class Batcher:
         job = Job(pixels, asyncio.get_running_loop())
         with self._cond:
             if self._thread is None or self._dead or self._stopping:
-                raise ServeError("not_ready", "the batch worker is not running", headers={
-                    "Retry-After": str(RETRY_AFTER_S)})
+                raise ServeError(
+                    "not_ready", "the batch worker is not running", headers={"Retry-After": str(RETRY_AFTER_S)}
+                )
             if job.n > self.max_queue:
-                raise ServeError("too_many_images", f"{job.n} images in one request; this server queues at most "
-                                 f"{self.max_queue} (--max-queue)")
+                raise ServeError(
+                    "too_many_images",
+                    f"{job.n} images in one request; this server queues at most {self.max_queue} (--max-queue)",
+                )
             if len(self._queue) + job.n > self.max_queue:
-                raise ServeError("overloaded", f"queue full ({len(self._queue)} of {self.max_queue} images "
-                                 "waiting); retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+                raise ServeError(
+                    "overloaded",
+                    f"queue full ({len(self._queue)} of {self.max_queue} images waiting); retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
             self._queue.extend((job, i) for i in range(job.n))
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()

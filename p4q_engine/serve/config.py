@@ -1,4 +1,5 @@
 """Settings of one ``p4q serve`` process, validated once (bad values are a :class:`ConfigError`: exit 2)."""
+
 from __future__ import annotations
 
 import os

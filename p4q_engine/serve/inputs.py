@@ -13,6 +13,7 @@ Two body forms (same fields, same answers):
 * ``application/json``: ``{"images": [base64, ...], "top_k": 5, "labels": [...]}``; an image may also be a
   ``data:image/...;base64,`` URL.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -69,8 +70,12 @@ def check_labels(labels: Any, classnames: Sequence[str]) -> Optional[list[int]]:
     lookup = {name: i for i, name in enumerate(classnames)}
     unknown = [l for l in labels if l not in lookup]
     if unknown:
-        raise ServeError("unknown_label", f"unknown labels: {', '.join(repr(u) for u in unknown[:5])}"
-                         + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "") + "; see GET /v1/labels")
+        raise ServeError(
+            "unknown_label",
+            f"unknown labels: {', '.join(repr(u) for u in unknown[:5])}"
+            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            + "; see GET /v1/labels",
+        )
     if len(set(labels)) != len(labels):
         raise ServeError("unknown_label", "labels repeats a class")
     return [lookup[l] for l in labels]
@@ -96,10 +101,10 @@ def parse_json(body: bytes, classify: bool) -> ParsedRequest:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ServeError("bad_json", f"body is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(obj, dict):
-        raise ServeError("bad_json", "body must be a JSON object with an \"images\" list")
+        raise ServeError("bad_json", 'body must be a JSON object with an "images" list')
     imgs = obj.get("images")
     if not isinstance(imgs, list) or not imgs:
-        raise ServeError("bad_request", "\"images\" must be a non-empty list of base64 strings")
+        raise ServeError("bad_request", '"images" must be a non-empty list of base64 strings')
     req = ParsedRequest([_b64(s, i) for i, s in enumerate(imgs)], names=[f"images[{i}]" for i in range(len(imgs))])
     if classify:
         if obj.get("top_k") is not None:
@@ -121,8 +126,11 @@ def parse_form(items: Sequence[tuple[str, Any]], classify: bool) -> ParsedReques
         elif key == "labels":
             labels.append(value)
         elif key == "images":
-            raise ServeError("bad_request", f"form field 'images' #{len(images)} is not a file part (use -F "
-                             "images=@file)", index=len(images))
+            raise ServeError(
+                "bad_request",
+                f"form field 'images' #{len(images)} is not a file part (use -F images=@file)",
+                index=len(images),
+            )
     if not images:
         raise ServeError("bad_request", "no image file parts in the form")
     req = ParsedRequest(images, names=names)
@@ -134,8 +142,14 @@ def parse_form(items: Sequence[tuple[str, Any]], classify: bool) -> ParsedReques
 
 
 # ---------------------------------------------------------------- images
-def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int, deadline: Optional[float] = None,
-                   cancel: Optional[threading.Event] = None, budget: Optional[DecodeBudget] = None) -> torch.Tensor:
+def prepare_images(
+    engine: Any,
+    req: ParsedRequest,
+    max_pixels: int,
+    deadline: Optional[float] = None,
+    cancel: Optional[threading.Event] = None,
+    budget: Optional[DecodeBudget] = None,
+) -> torch.Tensor:
     """Decode and preprocess every image of a request -> ``[n, 3, H, W]``; the first bad one raises
     ``bad_image`` with its index.
 
@@ -148,8 +162,9 @@ def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int, deadline: O
     out = []
     for i, data in enumerate(req.images):
         if (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline):
-            raise ServeError("timeout", f"images not decoded within the deadline (--timeout-s; {i} of "
-                             f"{len(req.images)} done)")
+            raise ServeError(
+                "timeout", f"images not decoded within the deadline (--timeout-s; {i} of {len(req.images)} done)"
+            )
         name = req.names[i] if i < len(req.names) else f"images[{i}]"
         if not data:
             raise ServeError("bad_image", f"{name}: empty image", index=i)
@@ -160,8 +175,9 @@ def prepare_images(engine: Any, req: ParsedRequest, max_pixels: int, deadline: O
         except DeadlineExceeded:
             raise ServeError("timeout", "images not decoded within the deadline (--timeout-s)") from None
         except Exception as e:  # any other failure on user data (odd modes, truncated frames) is still that image's
-            raise ServeError("bad_image", f"{name}: cannot preprocess image ({e.__class__.__name__})",
-                             index=i) from None
+            raise ServeError(
+                "bad_image", f"{name}: cannot preprocess image ({e.__class__.__name__})", index=i
+            ) from None
         if not torch.isfinite(pixels).all():
             raise ServeError("bad_image", f"{name}: preprocessing produced non-finite values", index=i)
         out.append(pixels)
@@ -180,12 +196,14 @@ class DecodePool:
         self.budget = DecodeBudget(budget_bytes)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p4q-decode")
 
-    async def prepare(self, engine: Any, req: ParsedRequest, max_pixels: int, deadline: float,
-                      timeout_s: float) -> torch.Tensor:
+    async def prepare(
+        self, engine: Any, req: ParsedRequest, max_pixels: int, deadline: float, timeout_s: float
+    ) -> torch.Tensor:
         """:func:`prepare_images` on a decode thread, answered by ``deadline`` (``timeout`` ServeError past it)."""
         cancel = threading.Event()
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, prepare_images, engine, req, max_pixels,
-                                                         deadline, cancel, self.budget)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, prepare_images, engine, req, max_pixels, deadline, cancel, self.budget
+        )
         try:
             return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -197,8 +215,9 @@ class DecodePool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def rank(logits: torch.Tensor, classnames: Sequence[str], top_k: int,
-         subset: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
+def rank(
+    logits: torch.Tensor, classnames: Sequence[str], top_k: int, subset: Optional[Sequence[int]] = None
+) -> list[dict[str, Any]]:
     """Top-k labels/probabilities of logits rows ``[n, C]`` - the same computation as :meth:`Engine.classify`
     after its ``logits`` call (softmax over the subset, k clamped to the class count)."""
     idx = list(range(len(classnames))) if subset is None else list(subset)
@@ -207,5 +226,11 @@ def rank(logits: torch.Tensor, classnames: Sequence[str], top_k: int,
     probs = logits.softmax(dim=-1)
     k = max(1, min(top_k, probs.shape[1]))
     top = probs.topk(k, dim=-1)
-    return [{"labels": [classnames[idx[i]] for i in ii.tolist()], "probs": pp.tolist(),
-             "indices": [idx[i] for i in ii.tolist()]} for pp, ii in zip(top.values, top.indices)]
+    return [
+        {
+            "labels": [classnames[idx[i]] for i in ii.tolist()],
+            "probs": pp.tolist(),
+            "indices": [idx[i] for i in ii.tolist()],
+        }
+        for pp, ii in zip(top.values, top.indices)
+    ]

@@ -5,6 +5,7 @@ the exposition format's escaping, cumulative ``le`` buckets with ``+Inf``, ``_su
 updates (the batch worker is a separate thread) right, and it is what scrapers are tested against.
 Each server owns a private registry, so several apps in one process (tests) never share counters.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,19 +21,31 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("p4q_serve_requests", "HTTP requests answered, by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "p4q_serve_requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.errors = Counter("p4q_serve_errors", "Error answers, by error kind", ["kind"], registry=r)
-        self.latency = Histogram("p4q_serve_request_latency_seconds", "Time from request start to response end",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.images = Counter("p4q_serve_images", "Images accepted into the queue, by endpoint", ["endpoint"],
-                              registry=r)
+        self.latency = Histogram(
+            "p4q_serve_request_latency_seconds",
+            "Time from request start to response end",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "p4q_serve_images", "Images accepted into the queue, by endpoint", ["endpoint"], registry=r
+        )
         self.queue_depth = Gauge("p4q_serve_queue_depth", "Images waiting for the batch worker", registry=r)
         self.inflight = Gauge("p4q_serve_inflight_requests", "Requests being handled", registry=r)
-        self.batch_size = Histogram("p4q_serve_batch_size", "Images per engine batch", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.batch_latency = Histogram("p4q_serve_batch_latency_seconds", "Engine time per batch",
-                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "p4q_serve_batch_size", "Images per engine batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "p4q_serve_batch_latency_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_failures = Counter("p4q_serve_batch_failures", "Batches whose engine call raised", registry=r)
         self.worker_alive = Gauge("p4q_serve_worker_alive", "1 while the batch worker thread runs", registry=r)
 

@@ -16,6 +16,7 @@ after ``--timeout-keep-alive``; heads over ``--max-header-bytes`` and malformed 
 than ``--limit-concurrency`` connections open a request gets a JSON 503 ``overloaded`` and its connection closes.
 Every such protocol-level answer is JSON and counted in ``/metrics`` (endpoint ``other``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -98,8 +99,11 @@ def _raw_error(kind: str, message: str, close: bool = True, extra: Optional[dict
     """A complete HTTP/1.1 error answer as bytes, for where no request (h11 cycle) exists to answer through."""
     body = render_json(ServeError(kind, message).body())
     status = KINDS[kind]
-    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
-            f"content-length: {len(body)}"] + [f"{k}: {v}" for k, v in (extra or {}).items()]
+    head = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+    ] + [f"{k}: {v}" for k, v in (extra or {}).items()]
     if close:
         head.append("connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
@@ -141,19 +145,26 @@ def protocol_class(metrics: Any, limits: ConnectionLimits) -> type:
                 if scope["type"] != "http":
                     pass
                 elif limit is not None and (len(self.connections) > limit or len(self.tasks) > limit):
-                    err = ServeError("overloaded", f"more than {limit} connections open (--limit-concurrency); "
-                                     "retry later", headers={"retry-after": "1"})
+                    err = ServeError(
+                        "overloaded",
+                        f"more than {limit} connections open (--limit-concurrency); retry later",
+                        headers={"retry-after": "1"},
+                    )
                 elif _head_bytes(scope) > limits.max_header_bytes:  # h11 bounds only a head that arrives in parts
-                    err = ServeError("bad_request", f"request head over {limits.max_header_bytes} bytes "
-                                     "(--max-header-bytes)")
+                    err = ServeError(
+                        "bad_request", f"request head over {limits.max_header_bytes} bytes (--max-header-bytes)"
+                    )
                 if err is None:
                     await inner(scope, receive, send)
                     return
                 path = scope.get("path", "")
                 count(path if path in ENDPOINTS else "other", err.kind)
                 body = render_json(err.body())
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           (b"connection", b"close")] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ] + [(k.encode(), v.encode()) for k, v in err.headers.items()]
                 await send({"type": "http.response.start", "status": err.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
 
@@ -198,8 +209,12 @@ def protocol_class(metrics: Any, limits: ConnectionLimits) -> type:
                 return
             if self.conn.trailing_data[0]:  # part of a head arrived: tell the client why
                 count("other", "request_timeout")
-                self.transport.write(_raw_error("request_timeout", "request head not received within "
-                                                f"{limits.header_timeout_s:g} s (--header-timeout-s)"))
+                self.transport.write(
+                    _raw_error(
+                        "request_timeout",
+                        f"request head not received within {limits.header_timeout_s:g} s (--header-timeout-s)",
+                    )
+                )
             self.transport.close()
 
         # ---------------------------------------------------------------- protocol errors
@@ -207,12 +222,27 @@ def protocol_class(metrics: Any, limits: ConnectionLimits) -> type:
             """Malformed request or a head over --max-header-bytes: JSON instead of uvicorn's plain text."""
             count("other", "bad_request")
             self._disarm()
-            body = render_json(ServeError("bad_request", f"invalid HTTP request (malformed, or a request head over "
-                                          f"{limits.max_header_bytes} bytes: --max-header-bytes)").body())
+            body = render_json(
+                ServeError(
+                    "bad_request",
+                    f"invalid HTTP request (malformed, or a request head over "
+                    f"{limits.max_header_bytes} bytes: --max-header-bytes)",
+                ).body()
+            )
             try:
-                for event in (h11.Response(status_code=400, reason=b"Bad Request", headers=[
-                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")]), h11.Data(data=body), h11.EndOfMessage()):
+                for event in (
+                    h11.Response(
+                        status_code=400,
+                        reason=b"Bad Request",
+                        headers=[
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    ),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                ):
                     self.transport.write(self.conn.send(event))
             except h11.LocalProtocolError:  # mid-answer already: nothing well-formed can be sent any more
                 pass
@@ -240,6 +270,7 @@ def _server_class():
 
 def serve(artifact: str | Path, config: ServeConfig, limits: Optional[ConnectionLimits] = None) -> int:
     """Load ``artifact`` and serve it until SIGTERM/SIGINT; return the exit status (0 after a graceful stop)."""
+    import torch
     import uvicorn
     from PIL import Image
     from prometheus_client import disable_created_metrics
@@ -247,8 +278,6 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
     from p4q_engine.runtime.engine import Engine
     from p4q_engine.runtime.images import JPEG_DECLARED_FACTOR
     from p4q_engine.serve.app import create_app
-
-    import torch
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -262,17 +291,27 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
     # JPEG may declare, decoded reduced) be the one cap.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, config.max_pixels * JPEG_DECLARED_FACTOR)
     app = create_app(engine, config)
-    log.info("loaded %s on %s: %d classes; warmed batch buckets %s", artifact, device, len(engine.classnames),
-             warmed or "-")
+    log.info(
+        "loaded %s on %s: %d classes; warmed batch buckets %s", artifact, device, len(engine.classnames), warmed or "-"
+    )
 
     limits = limits or ConnectionLimits()
     grace = limits.grace_s(config)
     # uvicorn's graceful limit is a backstop a little past ours: the app answers 503 first (ShutdownGuard).
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                        access_log=config.access_log, lifespan="on", timeout_graceful_shutdown=grace + 2,
-                        log_config=None, http=protocol_class(app.state.serve.metrics, limits), ws="none",
-                        timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]  # a float works
-                        h11_max_incomplete_event_size=limits.max_header_bytes)
+    uv = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=config.access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=grace + 2,
+        log_config=None,
+        http=protocol_class(app.state.serve.metrics, limits),
+        ws="none",
+        timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]  # a float works
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
     server = _server_class()(uv)
 
     def draining() -> None:

@@ -5,6 +5,7 @@ Everything expensive is cached per session (the model, each calibrated bit confi
 whole artifact/runtime suite builds each configuration once. ``tests/runtime`` imports these fixtures explicitly
 (a conftest in a sibling directory is not visible to it).
 """
+
 from __future__ import annotations
 
 import json
@@ -180,4 +181,3 @@ def artifact_path(folded) -> Path:
 @pytest.fixture(scope="module")
 def artifact_bytes(artifact_path) -> bytes:
     return artifact_path.read_bytes()
-

@@ -1,4 +1,5 @@
 """Bit packing: the C++ extension against the torch reference, the packed layout by hand, and every rejection."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,16 @@ import pytest
 import torch
 
 from p4q_engine.artifact import bitpack
-from p4q_engine.artifact.bitpack import (from_unsigned, pack, pack_reference, planes_for, to_unsigned, unpack,
-                                         unpack_reference, words_per_row)
+from p4q_engine.artifact.bitpack import (
+    from_unsigned,
+    pack,
+    pack_reference,
+    planes_for,
+    to_unsigned,
+    unpack,
+    unpack_reference,
+    words_per_row,
+)
 from p4q_engine.errors import ConfigError
 from p4q_engine.quant.spec import QuantSpec
 
@@ -102,8 +111,9 @@ def test_3bit_planes_by_hand():
     assert low == 0x23D and high == 0x15
     for planes in (pack(codes, 3), pack_reference(codes, 3)):
         assert [p.tolist() for p in planes] == [[[low]], [[high]]]
-    assert torch.equal(unpack([torch.tensor([[low]], dtype=torch.int32), torch.tensor([[high]], dtype=torch.int32)],
-                              3, 5), codes)
+    assert torch.equal(
+        unpack([torch.tensor([[low]], dtype=torch.int32), torch.tensor([[high]], dtype=torch.int32)], 3, 5), codes
+    )
 
 
 def test_3bit_word_boundaries():
@@ -116,8 +126,9 @@ def test_3bit_word_boundaries():
 
 def test_2bit_and_8bit_by_hand():
     assert pack(torch.tensor([[3, 0, 1, 2]], dtype=torch.uint8), 2)[0].tolist() == [[0b10_01_00_11]]
-    assert pack(torch.tensor([[0x01, 0x02, 0x03, 0xFF, 0x7F]], dtype=torch.uint8), 8)[0].tolist() == \
-        [[0xFF030201 - (1 << 32), 0x7F]]
+    assert pack(torch.tensor([[0x01, 0x02, 0x03, 0xFF, 0x7F]], dtype=torch.uint8), 8)[0].tolist() == [
+        [0xFF030201 - (1 << 32), 0x7F]
+    ]
 
 
 def test_plane_registry():

@@ -1,6 +1,7 @@
 """pytest-benchmark microbenchmarks of 4-bit pack/unpack on a ViT-B/32 MLP matrix (768 x 3072), each checking the
 benchmarked output. Few rounds, so a plain test run stays fast; ``--benchmark-only`` / ``--benchmark-disable``
 work as usual, and ``benchmarks/bench_bitpack.py`` is the full throughput sweep."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def planes(codes) -> list[torch.Tensor]:
 @pytest.mark.parametrize("threads", [1, 0], ids=["1thread", "allthreads"])
 def test_bench_pack_4bit(benchmark, codes, planes, threads):
     benchmark.extra_info.update(rows=ROWS, k=K, bits=BITS, threads=threads, unpacked_bytes=ROWS * K)
-    out = benchmark.pedantic(pack, args=(codes, BITS), kwargs={"threads": threads}, rounds=5, iterations=1,
-                             warmup_rounds=1)
+    out = benchmark.pedantic(
+        pack, args=(codes, BITS), kwargs={"threads": threads}, rounds=5, iterations=1, warmup_rounds=1
+    )
     assert len(out) == 1 and out[0].shape == (ROWS, K // 8) and out[0].dtype == torch.int32
     assert torch.equal(out[0], planes[0])
 
@@ -36,7 +38,8 @@ def test_bench_pack_4bit(benchmark, codes, planes, threads):
 @pytest.mark.parametrize("threads", [1, 0], ids=["1thread", "allthreads"])
 def test_bench_unpack_4bit(benchmark, codes, planes, threads):
     benchmark.extra_info.update(rows=ROWS, k=K, bits=BITS, threads=threads, unpacked_bytes=ROWS * K)
-    out = benchmark.pedantic(unpack, args=(planes, BITS, K), kwargs={"threads": threads}, rounds=5, iterations=1,
-                             warmup_rounds=1)
+    out = benchmark.pedantic(
+        unpack, args=(planes, BITS, K), kwargs={"threads": threads}, rounds=5, iterations=1, warmup_rounds=1
+    )
     assert out.dtype == torch.uint8 and out.shape == (ROWS, K)
     assert torch.equal(out, codes)

@@ -1,4 +1,5 @@
 """Folding refuses what the engines cannot execute."""
+
 import copy
 
 import pytest

@@ -1,4 +1,5 @@
 """The ``.p4q`` container: lossless save/load, and a typed, named :class:`ArtifactError` for every corruption."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from p4q_engine.artifact.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, Artifact, ArtifactError, load,
-                                        save, sha256)
+from p4q_engine.artifact.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_KEY,
+    Artifact,
+    ArtifactError,
+    load,
+    save,
+    sha256,
+)
 from p4q_engine.errors import P4QError
 
 
@@ -32,7 +41,7 @@ def mixed_artifact() -> Artifact:
     }
     manifest = {
         "model": {"name": "unit", "recipe": {"bits": "4-4-8"}, "unicode": "caf\u00e9 \u732b"},
-        "classes": {"names": ["a", "b \"quoted\"", "c\nnewline"], "logit_scale": 14.25},
+        "classes": {"names": ["a", 'b "quoted"', "c\nnewline"], "logit_scale": 14.25},
         "tensors": {"packed.p0": {"layout": {"kind": "packed", "bits": 4, "planes": [4], "logical_shape": [1, 8]}}},
     }
     return Artifact(manifest, tensors)
@@ -149,8 +158,14 @@ def test_save_rejects_unstorable(tmp_path):
 def test_truncated(saved, where):
     path, blob, _ = saved
     (n,) = struct.unpack("<Q", blob[:8])
-    cut = {"zero": 0, "four": 4, "header_middle": 8 + n // 2, "header_end": 8 + n,
-           "data_middle": 8 + n + (len(blob) - 8 - n) // 2, "last_byte": len(blob) - 1}[where]
+    cut = {
+        "zero": 0,
+        "four": 4,
+        "header_middle": 8 + n // 2,
+        "header_end": 8 + n,
+        "data_middle": 8 + n + (len(blob) - 8 - n) // 2,
+        "last_byte": len(blob) - 1,
+    }[where]
     path.write_bytes(blob[:cut])
     err = expect_error(path, "truncated")
     assert isinstance(err, P4QError)
@@ -341,8 +356,16 @@ def test_gap_between_tensors_rejected(saved):
     expect_error(path, "gap or overlap")
 
 
-@pytest.mark.parametrize("body", [b"[]", b'{"a":' + b"[" * 50000 + b"]" * 50000 + b"}",
-                                  b'{"a":' + b"9" * 5000 + b"}", b"\xff\xfe{}", b' {"__metadata__":{}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'{"a":' + b"[" * 50000 + b"]" * 50000 + b"}",
+        b'{"a":' + b"9" * 5000 + b"}",
+        b"\xff\xfe{}",
+        b' {"__metadata__":{}}',
+    ],
+)
 def test_hostile_headers(tmp_path, body):
     """Non-object headers, absurd nesting, huge integers, invalid UTF-8: all ArtifactError, no other exception."""
     body += b" " * (-len(body) % 8)

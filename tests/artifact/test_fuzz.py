@@ -4,6 +4,7 @@ are semantically wrong but carry valid checksums: ``Engine(...)`` must refuse th
 
 Hypothesis runs derandomized (the same examples on every run) with no example database, ~150 examples in all.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,13 @@ from hypothesis import strategies as st
 from p4q_engine.artifact.format import Artifact, ArtifactError, load, save
 from p4q_engine.runtime.engine import Engine
 
-FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +65,9 @@ def positions(blob_len: int, header_len: int):
 @settings(FUZZ, max_examples=40)
 @given(data=st.data())
 def test_byte_flips(artifact_bytes, header_len, fuzz_dir, data):
-    flips = data.draw(st.lists(st.tuples(positions(len(artifact_bytes), header_len), st.integers(1, 255)),
-                               min_size=1, max_size=4))
+    flips = data.draw(
+        st.lists(st.tuples(positions(len(artifact_bytes), header_len), st.integers(1, 255)), min_size=1, max_size=4)
+    )
     blob = bytearray(artifact_bytes)
     for pos, mask in flips:
         blob[pos] ^= mask
@@ -78,14 +85,13 @@ def test_truncations(artifact_bytes, header_len, fuzz_dir, data):
 @given(data=st.data())
 def test_insertions_and_deletions(artifact_bytes, header_len, fuzz_dir, data):
     edges = [0, 8, header_len, len(artifact_bytes)]  # before/after the length prefix, the header, the data
-    pos = data.draw(st.one_of(st.integers(0, len(artifact_bytes)), st.integers(0, header_len),
-                              st.sampled_from(edges)))
+    pos = data.draw(st.one_of(st.integers(0, len(artifact_bytes)), st.integers(0, header_len), st.sampled_from(edges)))
     if data.draw(st.booleans()):
         ins = data.draw(st.binary(min_size=1, max_size=16))
         blob = artifact_bytes[:pos] + ins + artifact_bytes[pos:]
     else:
         n = data.draw(st.integers(1, 16))
-        blob = artifact_bytes[:pos] + artifact_bytes[pos + n:]
+        blob = artifact_bytes[:pos] + artifact_bytes[pos + n :]
     check_load(fuzz_dir / "indel.p4q", blob, artifact_bytes)
 
 
@@ -94,11 +100,12 @@ def test_insertions_and_deletions(artifact_bytes, header_len, fuzz_dir, data):
 def test_header_overwrites(artifact_bytes, header_len, fuzz_dir, data):
     """Overwrite bytes of the header JSON with JSON-ish characters (more likely to stay parseable) or raw bytes."""
     pos = data.draw(st.integers(8, header_len - 1))
-    chars = st.one_of(st.binary(min_size=1, max_size=8),
-                      st.text(alphabet='{}[]":,0123456789 \t\n\\-.eEtrufalsn', min_size=1, max_size=8)
-                      .map(str.encode))
+    chars = st.one_of(
+        st.binary(min_size=1, max_size=8),
+        st.text(alphabet='{}[]":,0123456789 \t\n\\-.eEtrufalsn', min_size=1, max_size=8).map(str.encode),
+    )
     new = data.draw(chars)[: header_len - pos]
-    blob = artifact_bytes[:pos] + new + artifact_bytes[pos + len(new):]
+    blob = artifact_bytes[:pos] + new + artifact_bytes[pos + len(new) :]
     assert len(blob) == len(artifact_bytes)
     check_load(fuzz_dir / "over.p4q", blob, artifact_bytes)
 
@@ -109,6 +116,7 @@ def _set_layout(key: str, **kv):
         for name, desc in man["tensors"].items():
             if name.startswith(key + ".p"):
                 desc["layout"].update(kv)
+
     return mutate
 
 
@@ -118,6 +126,7 @@ def _del(path: tuple, where: str = "man"):
         for k in path[:-1]:
             d = d[k]
         del d[path[-1]]
+
     return mutate
 
 
@@ -127,6 +136,7 @@ def _set(path: tuple, value):
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value
+
     return mutate
 
 
@@ -185,8 +195,7 @@ def test_semantic_corruption_raises_artifact_error(artifact_path, case):
     pytest.fail(f"{case}: the inconsistent artifact was accepted")
 
 
-@pytest.mark.parametrize("case", ["in_features_disagree", "packed_bits_5", "vision_layers_too_many",
-                                  "missing_vision"])
+@pytest.mark.parametrize("case", ["in_features_disagree", "packed_bits_5", "vision_layers_too_many", "missing_vision"])
 def test_semantic_corruption_survives_save_and_is_caught_on_load(artifact_path, tmp_path, case):
     """The same corruptions written through ``save`` (valid checksums): the file loads, the engine refuses it."""
     art = load(artifact_path)

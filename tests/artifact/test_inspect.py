@@ -3,6 +3,7 @@
 It crashed with a traceback on artifacts the engine loaded (no ``model``, no ``classes.text_bits``) and on ones
 the engine loaded while ignoring the bad part (a string ``logit_scale``, an int in the layer table).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,15 +43,19 @@ LOADABLE = {
     "no_model": (lambda m: m.pop("model"), "model: (not recorded)"),
     "no_text_bits": (lambda m: m["classes"].pop("text_bits"), "(text features at 8 bits)"),
     "no_class_dim": (lambda m: m["classes"].pop("dim"), "visual.blocks.1.mlp.c_proj"),
-    "unicode_class_names": (lambda m: m["classes"]["names"].__setitem__(0, "caf\u00e9 \u732b \U0001f600"),
-                            "classes: 10"),
+    "unicode_class_names": (
+        lambda m: m["classes"]["names"].__setitem__(0, "caf\u00e9 \u732b \U0001f600"),
+        "classes: 10",
+    ),
 }
 REFUSED = {
     "string_logit_scale": (lambda m: m["classes"].update(logit_scale="100"), "classes.logit_scale"),
     "int_in_layer_table": (lambda m: m["linears"].update({"visual.extra": 5}), "linears['visual.extra']"),
     "int_layer_field": (lambda m: m["linears"]["visual.conv"].update(weight_bits=4.0), "weight_bits"),
-    "unknown_layer": (lambda m: m["linears"].update({"visual.extra": dict(m["linears"]["visual.proj"])}),
-                      "is not a layer of this model"),
+    "unknown_layer": (
+        lambda m: m["linears"].update({"visual.extra": dict(m["linears"]["visual.proj"])}),
+        "is not a layer of this model",
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 ``save`` or a re-checksummed header), so only the schema, the semantic checks or the load-time self-test can refuse
 it - and each must be an :class:`ArtifactError` naming the field.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,10 @@ def _join(header_text: str, data: bytes) -> bytes:
 
 def _header_with_manifest_text(header: dict, text: str) -> dict:
     header = dict(header)
-    header["__metadata__"] = {MANIFEST_KEY: text,
-                              MANIFEST_KEY + "_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass"))
-                              .hexdigest()}
+    header["__metadata__"] = {
+        MANIFEST_KEY: text,
+        MANIFEST_KEY + "_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+    }
     return header
 
 
@@ -68,8 +70,9 @@ def saved(tmp_path: Path, art: Artifact, literal: str | None = None) -> Path:
         header, data = _split(path.read_bytes())
         text = header["__metadata__"][MANIFEST_KEY]
         assert text.count(repr(PLACEHOLDER)) == 1
-        path.write_bytes(_join(json.dumps(_header_with_manifest_text(header, text.replace(repr(PLACEHOLDER),
-                                                                                         literal))), data))
+        path.write_bytes(
+            _join(json.dumps(_header_with_manifest_text(header, text.replace(repr(PLACEHOLDER), literal))), data)
+        )
     return path
 
 
@@ -84,6 +87,7 @@ def _field(section: str, **kv):
 def _tensor(name: str, index: int, value: float):
     def mutate(man, t):
         t[name].view(-1)[index] = value
+
     return mutate
 
 
@@ -111,16 +115,20 @@ LIES = {
     "signed_string_false": (_site(signed="false"), r"\.signed must be false .* got 'false'"),
     "signed_true": (_site(signed=True), r"\.signed must be false"),
     # embeddings and LayerNorm parameters
-    "pos_embedding_inf": (_tensor("visual.positional_embedding", 7, math.inf),
-                          r"tensors\['visual.positional_embedding'\] must be finite, holds inf"),
+    "pos_embedding_inf": (
+        _tensor("visual.positional_embedding", 7, math.inf),
+        r"tensors\['visual.positional_embedding'\] must be finite, holds inf",
+    ),
     "class_embedding_nan": (_tensor("visual.class_embedding", 0, math.nan), r"visual.class_embedding'\] must be fin"),
     "ln_weight_nan": (_tensor("visual.blocks.1.ln_2.weight", 0, math.nan), r"visual.blocks.1.ln_2.weight"),
     # class features: NaN logit scale (NaN probabilities), a negative one (inverted ranking)
     "logit_scale_nan": (_field("classes", logit_scale=PLACEHOLDER), "NaN", r"\['classes'\]\['logit_scale'\] is NaN"),
     "logit_scale_negative": (_field("classes", logit_scale=-14.0), r"classes.logit_scale must be a finite number"),
     # preprocessing that disagrees with the tower, or cannot normalise
-    "preprocess_size_33": (_field("preprocess", size=[33, 33]),
-                           r"preprocess.size \[33, 33\] must equal vision.image_size \[32, 32\]"),
+    "preprocess_size_33": (
+        _field("preprocess", size=[33, 33]),
+        r"preprocess.size \[33, 33\] must equal vision.image_size \[32, 32\]",
+    ),
     "preprocess_size_20000": (_field("preprocess", size=20000), r"preprocess.size"),
     "preprocess_std_zero": (_field("preprocess", std=[0.0, 0.0, 0.0]), r"preprocess.std must be a list of three"),
     "preprocess_mean_nan": (_field("preprocess", mean=[PLACEHOLDER, 0.5, 0.5]), "NaN", r"\['mean'\]\[0\] is NaN"),
@@ -158,21 +166,29 @@ STRICT = {
     "site_bits_string": (_site(bits="4"), r"\.bits must be a supported bit width .* got '4'"),
     "site_bits_true": (_site(bits=True), r"\.bits must be a supported bit width"),
     "site_bits_4.0": (_site(bits=4.0), r"\.bits must be a supported bit width"),
-    "weight_bits_string": (lambda man, t: man["linears"][W].update(weight_bits="4"),
-                           rf"linears\['{W}'\].weight_bits must be a supported bit width"),
-    "layout_bits_float": (lambda man, t: man["tensors"][f"{W}.w.p0"]["layout"].update(bits=4.0),
-                          rf"tensors\['{W}.w.p0'\].layout.bits must be a supported bit width"),
+    "weight_bits_string": (
+        lambda man, t: man["linears"][W].update(weight_bits="4"),
+        rf"linears\['{W}'\].weight_bits must be a supported bit width",
+    ),
+    "layout_bits_float": (
+        lambda man, t: man["tensors"][f"{W}.w.p0"]["layout"].update(bits=4.0),
+        rf"tensors\['{W}.w.p0'\].layout.bits must be a supported bit width",
+    ),
     "zero_point_float": (_site(zero_point=7.0), r"\.zero_point must be an integer"),
     "bias_string": (lambda man, t: man["linears"][W].update(bias="true"), r"\.bias must be true or false"),
     "ln_pre_int": (_field("vision", ln_pre=1), r"vision.ln_pre must be true or false"),
     "logit_scale_string": (_field("classes", logit_scale="14.3"), r"classes.logit_scale must be a finite number"),
     "unknown_site_field": (_site(per_channel=True), r"\.per_channel is not a field of this format"),
     "unknown_top_level_field": (lambda man, t: man.update(prompt="a photo"), r"prompt is not a field of this format"),
-    "class_name_not_a_string": (lambda man, t: man["classes"]["names"].__setitem__(2, 7),
-                                r"classes.names\[2\] must be a string"),
+    "class_name_not_a_string": (
+        lambda man, t: man["classes"]["names"].__setitem__(2, 7),
+        r"classes.names\[2\] must be a string",
+    ),
     "layer_table_entry_int": (lambda man, t: man["linears"].update({W: 5}), rf"linears\['{W}'\] must be a JSON obj"),
-    "unknown_layer": (lambda man, t: man["linears"].update({"visual.extra": dict(man["linears"][W])}),
-                      r"linears\['visual.extra'\] is not a layer of this model"),
+    "unknown_layer": (
+        lambda man, t: man["linears"].update({"visual.extra": dict(man["linears"][W])}),
+        r"linears\['visual.extra'\] is not a layer of this model",
+    ),
     "interpolation_unknown": (_field("preprocess", interpolation="lanczos"), r"preprocess.interpolation must be one"),
     "resize_mode_unknown": (_field("preprocess", resize_mode="crop"), r"preprocess.resize_mode must be one of"),
     "text_bits_disagree": (_field("classes", text_bits=4), r"classes.text_bits is 4, the class features' layout"),
@@ -187,14 +203,24 @@ def test_strict_types_and_known_fields(base, tmp_path, case):
 
 
 # ------------------------------------------------------------------ optional fields: valid and loaded
-@pytest.mark.parametrize("drop", [("model",), ("classes", "text_bits"), ("classes", "dim"), ("vision", "mlp_width"),
-                                  ("preprocess", "interpolation"), ("preprocess", "resize_mode")])
+@pytest.mark.parametrize(
+    "drop",
+    [
+        ("model",),
+        ("classes", "text_bits"),
+        ("classes", "dim"),
+        ("vision", "mlp_width"),
+        ("preprocess", "interpolation"),
+        ("preprocess", "resize_mode"),
+    ],
+)
 def test_optional_fields_may_be_absent(base, tmp_path, drop):
     def mutate(man, t):
         d = man
         for k in drop[:-1]:
             d = d[k]
         del d[drop[-1]]
+
     eng = Engine.load(saved(tmp_path, mutated(base, mutate)))
     assert eng.classnames
 
@@ -203,8 +229,10 @@ def test_optional_fields_may_be_absent(base, tmp_path, drop):
 def test_self_test_refuses_parameters_that_overflow_together(folded, tmp_path):
     """Every value finite and in range, but a LayerNorm gain of 3e38 overflows the (float) projection: NaN logits
     on every image. Only running an image finds it."""
+
     def mutate(man, t):
         t["visual.ln_post.weight"].fill_(3e38)
+
     art = mutated(load(folded("fp32", "full", adapter=False).path), mutate)
     validate_manifest(art.manifest, art.tensors)  # passes every field check
     with pytest.raises(ArtifactError, match=r"self-test: a synthetic image gets non-finite"):
@@ -236,18 +264,27 @@ def _with_text(parts, edit: Callable[[str], str]) -> bytes:
 RAW = {
     # OverflowError escaped: Infinity as site bits / zero point
     "bits_infinity": ('"bits": 4', '"bits": Infinity', r"\['bits'\] is Infinity, which is not a finite number"),
-    "zero_point_infinity": ('"zero_point": ', '"zero_point": -Infinity, "x": ',
-                            r"\['zero_point'\] is -Infinity, which is not a finite"),
+    "zero_point_infinity": (
+        '"zero_point": ',
+        '"zero_point": -Infinity, "x": ',
+        r"\['zero_point'\] is -Infinity, which is not a finite",
+    ),
     "nan_literal": ('"logit_scale": ', '"logit_scale": NaN, "y": ', r"\['classes'\]\['logit_scale'\] is NaN"),
     "float_overflow": ('"logit_scale": ', '"logit_scale": 1e400, "y": ', r"\['classes'\]\['logit_scale'\] is 1e400"),
     "huge_integer": ('"width": 64', '"width": 1' + "0" * 4000, r"integer literal of 4001 digits"),
     "huge_integer_beyond_the_digit_limit": ('"width": 64', '"width": 1' + "0" * 5000, r"integer literal of 5001"),
     # last-one-wins duplicates, which the safetensors library itself rejects
-    "duplicate_manifest_key": ('"logit_scale": ', '"logit_scale": 1.0, "logit_scale": ',
-                               r"corrupt manifest: duplicate key 'logit_scale'"),
+    "duplicate_manifest_key": (
+        '"logit_scale": ',
+        '"logit_scale": 1.0, "logit_scale": ',
+        r"corrupt manifest: duplicate key 'logit_scale'",
+    ),
     # UnicodeEncodeError escaped: a lone surrogate in a class name (escaped in the manifest JSON)
-    "lone_surrogate_class_name": ('"class 3"', '"class \\ud800"',
-                                  r"the string at \['classes'\]\['names'\]\[3\] holds a lone surrogate"),
+    "lone_surrogate_class_name": (
+        '"class 3"',
+        '"class \\ud800"',
+        r"the string at \['classes'\]\['names'\]\[3\] holds a lone surrogate",
+    ),
     "lone_surrogate_key": ('"model": {', '"model": {"\\udfff": 1, ', r"a key at \['model'\] holds a lone surrogate"),
 }
 
@@ -293,8 +330,12 @@ def test_absurd_empty_tensor_shapes(parts, tmp_path, shape):
     man = json.loads(text)
     header = dict(header)
     header["ghost"] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data)]}
-    man["tensors"]["ghost"] = {"dtype": "F32", "shape": shape, "sha256": hashlib.sha256(b"").hexdigest(),
-                               "layout": {"kind": "plain"}}
+    man["tensors"]["ghost"] = {
+        "dtype": "F32",
+        "shape": shape,
+        "sha256": hashlib.sha256(b"").hexdigest(),
+        "layout": {"kind": "plain"},
+    }
     path = tmp_path / "raw.p4q"
     path.write_bytes(_join(json.dumps(_header_with_manifest_text(header, json.dumps(man, sort_keys=True))), data))
     with pytest.raises(ArtifactError, match=r"tensor 'ghost': (malformed shape|shape .* is too large)"):

@@ -11,6 +11,7 @@ exception type, never a hang (a per-case wall-clock alarm and CPU-time bound).
 
 A fixed seed and a fixed number of cases: the same manifests every run, ~20 s on one core.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,13 +63,80 @@ def dump(v: Any) -> str:
     return json.dumps(v)  # ensure_ascii: a lone surrogate becomes a \\udXXX escape, as a hostile writer would emit
 
 
-TYPE_SWAPS: list[Any] = [None, True, False, 0, 1, -1, 4, 4.9, 1e-3, "4", "false", "", "RGB", [], {}, [1, 2],
-                         [32, 32], {"a": 1}, [None], {"bits": 4}]
-NUMBERS: list[Any] = [0, -1, -0.0, 1, 2, 3, 5, 7, 8, 15, 16, 255, 256, 1000, 2**31, 2**63, 2**64, -2**63, 10**30,
-                      1e-45, 1e-300, 1e300, 3.5e38, 0.5, -14.0, 1e39, Raw("NaN"), Raw("Infinity"), Raw("-Infinity"),
-                      Raw("1e400"), Raw("-1e400"), Raw("1" + "0" * 60), Raw("9" * 5000)]
-STRINGS: list[Any] = ["\ud800", "a\udfffb", "x" * 100_000, "\x00", "\U0001f600 cat", "\u202eevil", "   ", "",
-                      "class 0", "visual.blocks.0.attn.q", "bicubic", "squash", "tok", "quick_gelu", "full"]
+TYPE_SWAPS: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    4,
+    4.9,
+    1e-3,
+    "4",
+    "false",
+    "",
+    "RGB",
+    [],
+    {},
+    [1, 2],
+    [32, 32],
+    {"a": 1},
+    [None],
+    {"bits": 4},
+]
+NUMBERS: list[Any] = [
+    0,
+    -1,
+    -0.0,
+    1,
+    2,
+    3,
+    5,
+    7,
+    8,
+    15,
+    16,
+    255,
+    256,
+    1000,
+    2**31,
+    2**63,
+    2**64,
+    -(2**63),
+    10**30,
+    1e-45,
+    1e-300,
+    1e300,
+    3.5e38,
+    0.5,
+    -14.0,
+    1e39,
+    Raw("NaN"),
+    Raw("Infinity"),
+    Raw("-Infinity"),
+    Raw("1e400"),
+    Raw("-1e400"),
+    Raw("1" + "0" * 60),
+    Raw("9" * 5000),
+]
+STRINGS: list[Any] = [
+    "\ud800",
+    "a\udfffb",
+    "x" * 100_000,
+    "\x00",
+    "\U0001f600 cat",
+    "\u202eevil",
+    "   ",
+    "",
+    "class 0",
+    "visual.blocks.0.attn.q",
+    "bicubic",
+    "squash",
+    "tok",
+    "quick_gelu",
+    "full",
+]
 
 
 def nodes(v: Any, path: tuple = ()) -> list[tuple]:
@@ -108,8 +176,9 @@ def mutate(rng: random.Random, man: dict, tries: int = 50) -> str:
     path = pick_path(rng, man)
     parent, key = (get(man, path[:-1]), path[-1]) if path else (None, None)
     value = get(man, path)
-    op = rng.choice(["type", "range", "range", "delete", "add_key", "dup_key", "unicode", "unicode_key", "list",
-                     "copy"])
+    op = rng.choice(
+        ["type", "range", "range", "delete", "add_key", "dup_key", "unicode", "unicode_key", "list", "copy"]
+    )
     if op == "type" and parent is not None:
         parent[key] = rng.choice(TYPE_SWAPS)
     elif op == "range" and parent is not None:
@@ -122,8 +191,9 @@ def mutate(rng: random.Random, man: dict, tries: int = 50) -> str:
     elif op == "delete" and isinstance(parent, list):
         parent.pop(key)
     elif op == "add_key" and isinstance(value, dict):
-        value[rng.choice(["extra", "bits", "scale", "signed", "names", "layers", "\ud800", "x" * 5000])] = \
-            rng.choice(TYPE_SWAPS + NUMBERS[:8])
+        value[rng.choice(["extra", "bits", "scale", "signed", "names", "layers", "\ud800", "x" * 5000])] = rng.choice(
+            TYPE_SWAPS + NUMBERS[:8]
+        )
     elif op == "dup_key" and isinstance(value, dict) and value and parent is not None:
         k = rng.choice(list(value))
         other = rng.choice(TYPE_SWAPS + NUMBERS + [value[k]])

@@ -1,4 +1,5 @@
 """One weight grid everywhere: the quantizer, the packed layout, both engines' unpacking and old artifacts."""
+
 from __future__ import annotations
 
 import copy
@@ -88,11 +89,14 @@ def test_codes_outside_the_declared_grid_are_refused(folded):
         Engine(_with_layout(art, PREFIX, grid="restricted"))
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"grid": "ternary"}, "unknown weight grid 'ternary'"),
-    ({"offset": 1}, r"stored-code offset 1 is not 2"),
-    ({"signed": False}, "packed weights must be signed"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"grid": "ternary"}, "unknown weight grid 'ternary'"),
+        ({"offset": 1}, r"stored-code offset 1 is not 2"),
+        ({"signed": False}, "packed weights must be signed"),
+    ],
+)
 def test_bad_grid_layouts_are_refused(folded, changes, message):
     art = load(folded("2-2-8", "full").path)
     with pytest.raises(ArtifactError, match=message):

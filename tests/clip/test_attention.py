@@ -1,4 +1,5 @@
 """QuantMultiheadAttention: float equivalence with nn.MultiheadAttention, self-attention only, quantized accuracy."""
+
 import pytest
 import torch
 from torch import nn
@@ -70,7 +71,13 @@ def _masks(kind: str):
 
 
 MASK_KINDS = [
-    "none", "causal_float", "bool", "additive_float", "key_padding_bool", "causal_and_padding", "bool_and_padding",
+    "none",
+    "causal_float",
+    "bool",
+    "additive_float",
+    "key_padding_bool",
+    "causal_and_padding",
+    "bool_and_padding",
 ]
 
 

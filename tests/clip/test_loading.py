@@ -1,4 +1,5 @@
 """load_clip on tiny registered open_clip configs: checkpoint round trips, QuickGELU, errors (all offline)."""
+
 import json
 import warnings
 from pathlib import Path
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip import factory, pretrained as oc_pretrained  # noqa: E402
+from open_clip import factory  # noqa: E402
+from open_clip import pretrained as oc_pretrained  # noqa: E402
 from open_clip.transformer import QuickGELU  # noqa: E402
 
 from p4q_engine.clip import loading  # noqa: E402

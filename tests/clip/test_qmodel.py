@@ -1,4 +1,5 @@
 """QuantCLIP on a tiny randomly initialised open_clip ViT CLIP: float equivalence, scopes, calibration, gradients."""
+
 import copy
 import json
 
@@ -159,9 +160,11 @@ def test_quantized_forward_logits_consistent(tiny_model):
     images, tokens = _images(8, 4), _tokens(9, 5)
     with torch.no_grad():
         logits = q(images, tokens)
-        expected = q.logit_scale.exp() * F.normalize(q.encode_image(images), dim=-1) @ F.normalize(
-            q.encode_text(tokens), dim=-1
-        ).T
+        expected = (
+            q.logit_scale.exp()
+            * F.normalize(q.encode_image(images), dim=-1)
+            @ F.normalize(q.encode_text(tokens), dim=-1).T
+        )
     assert logits.shape == (4, 5)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -356,8 +359,8 @@ def test_observer_kwargs_reach_every_activation_quantizer(tiny_model):
         feats = q.encode_text(_tokens(300, 3))
     art = fold(q, feats, ["a", "b", "c"], {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
     assert art.manifest["model"]["recipe"]["observer_kwargs"] == {"percentile": 99.0}
-    assert "observer_kwargs" not in fold(default, feats, ["a", "b", "c"], {"size": [32, 32], "mean": [0.5] * 3,
-                                                                           "std": [0.5] * 3}).manifest["model"]["recipe"]
+    pre = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert "observer_kwargs" not in fold(default, feats, ["a", "b", "c"], pre).manifest["model"]["recipe"]
 
 
 def test_observer_kwargs_recipe_is_hashable_and_owns_its_dict():
@@ -374,10 +377,12 @@ def test_observer_kwargs_recipe_is_hashable_and_owns_its_dict():
 def test_recipe_name_tells_different_recipes_apart():
     """Defaults keep the short name; every non-default setting shows, so different recipes never share a name."""
     assert QuantRecipe("4-4-8", observer="omse").name == "4-4-8/full/omse"
-    names = {QuantRecipe("4-4-8", observer="percentile").name,
-             QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0}).name,
-             QuantRecipe("4-4-8", observer="percentile", edge_bits=4).name,
-             QuantRecipe("4-4-8", observer="percentile", per_channel_act=True).name}
+    names = {
+        QuantRecipe("4-4-8", observer="percentile").name,
+        QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0}).name,
+        QuantRecipe("4-4-8", observer="percentile", edge_bits=4).name,
+        QuantRecipe("4-4-8", observer="percentile", per_channel_act=True).name,
+    }
     assert len(names) == 4
     assert "percentile=99.0" in QuantRecipe("4-4-8", observer="percentile", observer_kwargs={"percentile": 99.0}).name
 

@@ -1,4 +1,5 @@
 """load_dataset: CIFAR-100 in torchvision's on-disk format, image folders, errors, subsets (all offline)."""
+
 import os
 import pickle
 
@@ -49,8 +50,13 @@ def _write_cifar(root, n_train=6, n_test=5, seed=0):
     for name, n in (("train", n_train), ("test", n_test)):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 100, size=n).tolist()
-        entry = {"filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": name,
-                 "fine_labels": labels, "coarse_labels": [x // 5 for x in labels], "data": data}
+        entry = {
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+            "batch_label": name,
+            "fine_labels": labels,
+            "coarse_labels": [x // 5 for x in labels],
+            "data": data,
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
         out[name] = (data, labels)
@@ -66,9 +72,13 @@ def no_md5(monkeypatch):
     import torchvision.datasets.cifar as cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-    monkeypatch.setattr(cifar.CIFAR100, "_check_integrity",
-                        lambda self: all(os.path.isfile(os.path.join(self.root, self.base_folder, f))
-                                         for f, _ in self.train_list + self.test_list))
+    monkeypatch.setattr(
+        cifar.CIFAR100,
+        "_check_integrity",
+        lambda self: all(
+            os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in self.train_list + self.test_list
+        ),
+    )
 
 
 @pytest.mark.parametrize("split", ["test", "train", "calib"])

@@ -1,11 +1,20 @@
 """The embedded reference dataset: determinism, class layout, held-out combinations, splits."""
+
 import numpy as np
 import pytest
 import torch
 
 from p4q_engine.data import reference as ref
-from p4q_engine.data.reference import (COLOURS, HELD_OUT_CLASSES, REFERENCE_CLASSNAMES, REFERENCE_TEMPLATES,
-                                       SHAPES, ReferenceDataset, render, render_tensor_batch)
+from p4q_engine.data.reference import (
+    COLOURS,
+    HELD_OUT_CLASSES,
+    REFERENCE_CLASSNAMES,
+    REFERENCE_TEMPLATES,
+    SHAPES,
+    ReferenceDataset,
+    render,
+    render_tensor_batch,
+)
 from p4q_engine.errors import ConfigError
 
 HELD = set(HELD_OUT_CLASSES)

@@ -1,4 +1,5 @@
 """Zero-shot evaluation: top-k counting, prompt-ensembled text classifier, accuracy over batches."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,6 +7,7 @@ conftest before the test modules beside it). The autouse guard then checks that 
 as interpreted functions - if something imported them earlier, every kernel test would otherwise die with an
 obscure "no GPU" driver error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,13 @@ def _interpreter_guard() -> None:
         return
     if not INTERPRET:
         pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run")
-    from triton.runtime.interpreter import InterpretedFunction
-
     from p4q_engine.kernels import layernorm, qattention, qgemm
+    from triton.runtime.interpreter import InterpretedFunction
 
     for kernel in (qgemm._qgemm_kernel, qattention._qattention_kernel, layernorm._ln_quant_kernel):
         assert isinstance(kernel, InterpretedFunction), (
-            "a Triton kernel was decorated before TRITON_INTERPRET=1 was set (imported before tests/conftest.py?)")
+            "a Triton kernel was decorated before TRITON_INTERPRET=1 was set (imported before tests/conftest.py?)"
+        )
 
 
 @pytest.fixture(scope="session")

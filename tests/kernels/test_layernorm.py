@@ -6,6 +6,7 @@ moves a code only where ``y / s`` is within those ulps of a rounding boundary. C
 everywhere except at float ties (``p4q_engine.quant.ties``: within ``TIE_EPS`` code units of a ``.5`` boundary),
 where they may differ by one.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -13,11 +14,10 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from p4q_engine.quant.ties import assert_codes_equal_or_ties
-
 from p4q_engine.kernels import layernorm as ln_mod
 from p4q_engine.kernels.layernorm import layernorm_quant, layernorm_quant_reference, quantize_rows
+
+from p4q_engine.quant.ties import assert_codes_equal_or_ties
 
 HAS_CUDA = torch.cuda.is_available()
 EPS = 1e-5
@@ -64,8 +64,9 @@ def test_layernorm_quant(poison, device, d, bits, zp):
     u = ref.to(torch.int32) + 128
     assert int(u.min()) == 0 or int(u.max()) == qmax  # clamping is exercised at the extreme zero points
     sentinels = (77,) if bits < 8 else (77, -5)  # a 4-bit code is u in [0, 15]: 77 (u = 205) is impossible
-    for out in run_poisoned(poison, layernorm_quant, sentinels, x.to(device), w.to(device), b.to(device), EPS,
-                            scale, zp, bits):
+    for out in run_poisoned(
+        poison, layernorm_quant, sentinels, x.to(device), w.to(device), b.to(device), EPS, scale, zp, bits
+    ):
         assert out.dtype == torch.int8 and out.shape == x.shape
         assert int((out.to(torch.int32) + 128).max()) <= qmax
         assert_codes_match(out, ref, y)
@@ -90,8 +91,9 @@ def test_layernorm_quant_keeps_leading_dims(poison, device):
     x, w, b = make_rows(2 * 5, 100, g)
     x3 = x.view(2, 5, 100)
     ref = layernorm_quant_reference(x3, w, b, EPS, 0.05, 131)
-    (out,) = run_poisoned(poison, layernorm_quant, (77, ), x3.to(device), w.to(device), b.to(device), EPS, 0.05, 131,
-                          pad=0)
+    (out,) = run_poisoned(
+        poison, layernorm_quant, (77,), x3.to(device), w.to(device), b.to(device), EPS, 0.05, 131, pad=0
+    )
     assert out.shape == (2, 5, 100)
     y = F.layer_norm(x3, (100,), w, b, EPS) / torch.tensor(0.05, dtype=torch.float32)
     assert_codes_match(out, ref, y)
@@ -108,5 +110,7 @@ def test_gpu_vit_b32_rows(bits, zp):
     out = layernorm_quant(x.cuda(), w.cuda(), b.cuda(), EPS, scale, zp, bits)
     ref = layernorm_quant_reference(x, w, b, EPS, scale, zp, bits)
     assert_codes_match(out, ref, F.layer_norm(x, (768,), w, b, EPS) / torch.tensor(scale, dtype=torch.float32))
-    assert torch.equal(quantize_rows(x.cuda(), scale, zp, bits).cpu(),
-                       layernorm_quant_reference(x, w, b, EPS, scale, zp, bits, norm=False))
+    assert torch.equal(
+        quantize_rows(x.cuda(), scale, zp, bits).cpu(),
+        layernorm_quant_reference(x, w, b, EPS, scale, zp, bits, norm=False),
+    )

@@ -12,6 +12,7 @@ a row with near ties differs by at most that bound. ``TIE_EPS`` is the project's
 approximation on a GPU and the tiled kernel multiplies by one reciprocal where the reference divides twice. Near-tie
 rows are a small fraction (asserted < 10% where rows are short), so the exact check covers almost everything.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,6 @@ import zlib
 
 import pytest
 import torch
-
 from p4q_engine.kernels import qattention as qatt_mod
 from p4q_engine.kernels.qattention import AttnSites, qattention, qattention_reference
 
@@ -72,7 +72,7 @@ def near_tie_rows(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool,
     def split(t, zp):
         return (t - zp).view(b, length, heads, hd).transpose(1, 2)
 
-    q, k = split(x[..., :d], sites.q[1]), split(x[..., d:2 * d], sites.k[1])
+    q, k = split(x[..., :d], sites.q[1]), split(x[..., d : 2 * d], sites.k[1])
     sq, sk, sp = (torch.tensor(s[0], dtype=torch.float32) for s in (sites.q, sites.k, sites.p))
     logits = (q @ k.transpose(-2, -1)).float() * (sq * sk) * (1.0 / math.sqrt(hd))
     if causal:
@@ -82,8 +82,15 @@ def near_tie_rows(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool,
     return near.sum(-1).transpose(1, 2)  # [B, L, heads]
 
 
-def check_attention(out: torch.Tensor, ref: torch.Tensor, qkv: torch.Tensor, heads: int, sites: AttnSites,
-                    causal: bool, max_tie_rows: float = 0.1) -> None:
+def check_attention(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    qkv: torch.Tensor,
+    heads: int,
+    sites: AttnSites,
+    causal: bool,
+    max_tie_rows: float = 0.1,
+) -> None:
     """``max_tie_rows``: the largest fraction of query rows allowed a near tie (else the exact check would be
     vacuous); with hundreds of keys per row most rows hold one somewhere, and the per-row bound carries the check."""
     b, length, d = ref.shape
@@ -93,7 +100,8 @@ def check_attention(out: torch.Tensor, ref: torch.Tensor, qkv: torch.Tensor, hea
     diff = (out.cpu().to(torch.int32) - ref.to(torch.int32)).abs().view(b, length, heads, hd).amax(-1)  # [B, L, H]
     exact_rows = ties == 0
     assert int((diff[exact_rows] > 0).sum()) == 0, (
-        f"{int((diff[exact_rows] > 0).sum())} query rows without near ties differ")
+        f"{int((diff[exact_rows] > 0).sum())} query rows without near ties differ"
+    )
     v_span = max(sites.v[1], 255 - sites.v[1])
     per_flip = math.ceil(sites.p[0] * sites.v[0] * v_span / sites.out[0])
     bound = ties * per_flip + 1
@@ -131,8 +139,9 @@ def test_qattention_matches_reference(poison, device, length, causal, heads, hd,
 TILED = ((197, False, 1, 80), (150, False, 3, 16), (77, True, 2, 32), (130, True, 1, 104), (65, False, 5, 64))
 
 
-@pytest.mark.parametrize("length,causal,heads,hd", TILED, ids=[f"L{n}{'-causal' if c else ''}-{h}x{d}"
-                                                             for n, c, h, d in TILED])
+@pytest.mark.parametrize(
+    "length,causal,heads,hd", TILED, ids=[f"L{n}{'-causal' if c else ''}-{h}x{d}" for n, c, h, d in TILED]
+)
 @pytest.mark.parametrize("site", range(len(P_SITES)), ids=[f"p{p}zp{z}-out{o}" for p, z, o in P_SITES])
 def test_tiled_qattention_matches_reference(poison, device, length, causal, heads, hd, site):
     """The two-pass tiled kernel (small 32 x 32 tiles so every case spans several query and key blocks) gives the
@@ -164,9 +173,9 @@ def test_output_rounding_tie_is_exact(device):
     heads, hd, length = 1, 16, 4
     u = torch.zeros(1, length, 3 * hd, dtype=torch.int32)
     u[..., :hd] = 255  # q - 128 = 127 everywhere
-    u[0, 0, hd:2 * hd] = 255  # key 0: logit 127 * 127 * 16 / 4; every other key: 127 * -128 * 16 / 4
-    u[0, 0, 2 * hd:] = 80  # v of key 0 (z_v = 0): the output is exactly 252 * 80 * s_p * s_v
-    u[0, 1:, 2 * hd:] = torch.arange(3 * hd).view(3, hd)
+    u[0, 0, hd : 2 * hd] = 255  # key 0: logit 127 * 127 * 16 / 4; every other key: 127 * -128 * 16 / 4
+    u[0, 0, 2 * hd :] = 80  # v of key 0 (z_v = 0): the output is exactly 252 * 80 * s_p * s_v
+    u[0, 1:, 2 * hd :] = torch.arange(3 * hd).view(3, hd)
     qkv = (u - 128).to(torch.int8).to(device)
     sites = AttnSites((1.0, 128), (1.0, 128), (0.01, 0), (1.0 / 252, 3), (0.006274509803921569, 0))
     ref = qattention_reference(qkv, heads, sites)
@@ -180,8 +189,7 @@ def test_causal_rows_ignore_later_tokens(device):
     qkv, sites = make_case(1, 20, 2, 16, ZPS[0], P_SITES[0], g, device)
     out = qattention(qkv, 2, sites, causal=True).cpu()
     qkv2 = qkv.clone()
-    qkv2[:, 12:, 32:] = torch.randint(-128, 128, (1, 8, 64), generator=g, dtype=torch.int16).to(torch.int8).to(
-        device)
+    qkv2[:, 12:, 32:] = torch.randint(-128, 128, (1, 8, 64), generator=g, dtype=torch.int16).to(torch.int8).to(device)
     out2 = qattention(qkv2, 2, sites, causal=True).cpu()
     assert torch.equal(out[:, :12], out2[:, :12])
     assert not torch.equal(out[:, 12:], out2[:, 12:])
@@ -229,5 +237,6 @@ def test_gpu_tiled_full_shapes(b, length, heads, hd):
     out = qattention(qkv, heads, sites)
     torch.cuda.synchronize()
     rows = slice(0, min(b, 8))  # the float64 reference on the CPU: a sample of images
-    check_attention(out[rows], qattention_reference(qkv[rows], heads, sites), qkv[rows], heads, sites, False,
-                    max_tie_rows=1.01)
+    check_attention(
+        out[rows], qattention_reference(qkv[rows], heads, sites), qkv[rows], heads, sites, False, max_tie_rows=1.01
+    )

@@ -12,6 +12,7 @@ Tolerances (stated once, used below):
   ``TIE_EPS`` code units of a ``.5`` boundary (a float tie, ``p4q_engine.quant.ties``): ``erf``/``exp`` of the
   interpreter's numpy, of the GPU and of torch may differ by an ulp. Anything else fails, interpreter and GPU alike.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -19,12 +20,11 @@ import zlib
 import pytest
 import torch
 import triton
-
-from p4q_engine.quant.ties import assert_codes_equal_or_ties
-
 from p4q_engine.kernels import qgemm as qgemm_mod
 from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm, qgemm_reference, tma_eligible
 from p4q_engine.kernels.tuning import GPU_CANDIDATES, TileConfig
+
+from p4q_engine.quant.ties import assert_codes_equal_or_ties
 
 HAS_CUDA = torch.cuda.is_available()
 #: QuickGELU's sigmoid overflows exp() for very negative inputs in the numpy interpreter (correctly giving 0).
@@ -43,8 +43,9 @@ def gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def make_weight(bits: int, n: int, k: int, g: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                         PackedWeight]:
+def make_weight(
+    bits: int, n: int, k: int, g: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor, PackedWeight]:
     """Signed codes over the whole stored range ``[-2^(b-1), 2^(b-1))``, first row at the minimum and second at the
     maximum (worst-case accumulator magnitude), per-channel scales, and their packed form."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -118,7 +119,7 @@ def test_packed_weight_layout_matches_artifact_packer():
         assert all(torch.equal(p, q) for p, q in zip(w.artifact_planes(), pack(stored, bits)))
         assert torch.equal(unpack_reference(w.artifact_planes(), bits, 100), stored)
         for p, q in zip(w.planes, pack(stored, bits)):  # device copy: rows padded with zero words to 16 bytes
-            assert p.shape[1] % 4 == 0 and p.shape[1] - q.shape[1] < 4 and not p[:, q.shape[1]:].any()
+            assert p.shape[1] % 4 == 0 and p.shape[1] - q.shape[1] < 4 and not p[:, q.shape[1] :].any()
         assert torch.equal(w.colsum, codes.to(torch.int32).sum(1))
         assert (w.direct is not None) == (bits == 8)
         if bits == 8:
@@ -166,8 +167,9 @@ def _a_scale_for(a, a_zp, codes, scale) -> float:
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("case", range(len(EPILOGUES)),
-                         ids=[("-".join(f"{k}={v}" for k, v in e.items()) or "plain") for e in EPILOGUES])
+@pytest.mark.parametrize(
+    "case", range(len(EPILOGUES)), ids=[("-".join(f"{k}={v}" for k, v in e.items()) or "plain") for e in EPILOGUES]
+)
 def test_float_epilogue(poison, device, bits, case):
     """Each (bits, epilogue) runs on one of the odd shapes, cycling, so every bit width sees every shape."""
     ep = EPILOGUES[case]
@@ -192,8 +194,9 @@ def test_half_output(poison, device, out_dtype):
     a = make_acts(m, k, g, device)
     bias = torch.randn(n, generator=g).to(device)
     ref = qgemm_reference(a, 0.02, 99, codes, scale, bias=bias, act="gelu").to(out_dtype)
-    (out,) = run_poisoned(poison, (float("nan"),), a=a, a_scale=0.02, a_zp=99, w=w, bias=bias, act="gelu",
-                          out_dtype=out_dtype)
+    (out,) = run_poisoned(
+        poison, (float("nan"),), a=a, a_scale=0.02, a_zp=99, w=w, bias=bias, act="gelu", out_dtype=out_dtype
+    )
     assert out.dtype == out_dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
@@ -213,14 +216,19 @@ def _requant_for(ref_float: torch.Tensor, g: torch.Generator, bits: int, device:
     return Requant(scale.float().to(device), zp.to(device), bits)
 
 
-REQUANT_EPILOGUES = [dict(bias=True), dict(bias=True, act="gelu"), dict(bias=True, act="quick_gelu"),
-                     dict(residual=True)]
+REQUANT_EPILOGUES = [
+    dict(bias=True),
+    dict(bias=True, act="gelu"),
+    dict(bias=True, act="quick_gelu"),
+    dict(residual=True),
+]
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("out_bits", [8, 4])
-@pytest.mark.parametrize("case", range(len(REQUANT_EPILOGUES)),
-                         ids=["-".join(f"{k}={v}" for k, v in e.items()) for e in REQUANT_EPILOGUES])
+@pytest.mark.parametrize(
+    "case", range(len(REQUANT_EPILOGUES)), ids=["-".join(f"{k}={v}" for k, v in e.items()) for e in REQUANT_EPILOGUES]
+)
 def test_requant_codes(poison, device, bits, out_bits, case):
     """Requantization to per-column output sites (extreme zero points 0 and 2^b - 1 on the first and last column),
     8-bit and 4-bit. A 4-bit site's codes are ``[0, 15]``, so its sentinel (77 -> u = 205) can never be a result;
@@ -293,8 +301,9 @@ def test_tma_kernel_raw_and_requant(poison, device, bits, shape):
     y = qgemm_reference(a, a_scale, 200, codes, scale, **args)
     rq = _requant_for(y, g, 8, device)
     ref = qgemm_reference(a, a_scale, 200, codes, scale, requant=rq, **args)
-    for out in run_poisoned(poison, (77, -5), a=a, a_scale=a_scale, a_zp=200, w=w, requant=rq, config=TMA_CONFIG,
-                            **args):
+    for out in run_poisoned(
+        poison, (77, -5), a=a, a_scale=a_scale, a_zp=200, w=w, requant=rq, config=TMA_CONFIG, **args
+    ):
         assert_codes_match(out, ref, y, rq)
 
 
@@ -334,8 +343,16 @@ def test_bad_inputs_raise(device):
 
 
 # ---------------------------------------------------------------------------------------------- GPU, full shapes
-VIT_B32 = [(51200, 2304, 768), (51200, 768, 768), (51200, 3072, 768), (51200, 768, 3072),
-           (50, 2304, 768), (50, 768, 768), (50, 3072, 768), (50, 768, 3072)]
+VIT_B32 = [
+    (51200, 2304, 768),
+    (51200, 768, 768),
+    (51200, 3072, 768),
+    (51200, 768, 3072),
+    (50, 2304, 768),
+    (50, 768, 768),
+    (50, 3072, 768),
+    (50, 768, 3072),
+]
 
 
 def gpu_raw_reference(a: torch.Tensor, a_zp: int, codes: torch.Tensor) -> torch.Tensor:
@@ -383,8 +400,11 @@ def test_gpu_full_shape_epilogues(bits, m):
     residual, float) GEMMs at ViT-B/32 shapes against the CPU reference on a row sample."""
     g = torch.Generator().manual_seed(zlib.crc32(repr(("gpu-ep", bits, m)).encode()))
     rows = torch.randperm(m, generator=g)[:256].sort().values
-    for n, k, act, res, out_bits in ((2304, 768, "none", False, 8), (3072, 768, "gelu", False, 4),
-                                     (768, 3072, "none", True, None)):
+    for n, k, act, res, out_bits in (
+        (2304, 768, "none", False, 8),
+        (3072, 768, "gelu", False, 4),
+        (768, 3072, "none", True, None),
+    ):
         codes, scale, w = make_weight(bits, n, k, g, "cuda")
         a = make_acts(m, k, g, "cuda")
         bias = (torch.randn(n, generator=g) * 0.5).cuda()
@@ -415,8 +435,11 @@ def test_tie_rule_catches_a_wrong_requant_site(device, mutation):
     y = qgemm_reference(a, a_scale, 128, codes, scale, **args)
     rq = _requant_for(y, g, 8, device)
     ref = qgemm_reference(a, a_scale, 128, codes, scale, requant=rq, **args)
-    bad = (Requant(rq.scale * 1.01, rq.zero_point, 8) if mutation == "scale+1%"
-           else Requant(rq.scale, rq.zero_point + 1, 8))
+    bad = (
+        Requant(rq.scale * 1.01, rq.zero_point, 8)
+        if mutation == "scale+1%"
+        else Requant(rq.scale, rq.zero_point + 1, 8)
+    )
     out = qgemm(a, a_scale, 128, w, requant=bad, **args)
     with pytest.raises(AssertionError, match="without a float tie"):
         assert_codes_match(out, ref, y, rq)

@@ -4,6 +4,7 @@ No GPU is needed: the GPU branch of ``pick_config`` is driven with a ``cuda`` de
 and a fake ``triton.testing.do_bench`` that returns a chosen time per configuration. Module state (the in-memory
 table and its "file loaded" flag) is replaced per test so nothing leaks into the kernel tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import json
 import pytest
 import torch
 import triton.testing
-
 from p4q_engine.kernels import tuning
 from p4q_engine.kernels.tuning import GPU_CANDIDATES, INTERPRET_CONFIG, TileConfig, pick_config
 
@@ -64,8 +64,15 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
     tuning._memory.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
     tuning._save_file()  # creates the parent directory
     data = json.loads(fresh_cache.read_text())
-    assert data["Fake GPU|qgemm|m64|n768|k768|b4"] == {"block_m": 128, "block_n": 64, "block_k": 128, "group_m": 8,
-                                                       "num_warps": 4, "num_stages": 4, "kernel": "ptr"}
+    assert data["Fake GPU|qgemm|m64|n768|k768|b4"] == {
+        "block_m": 128,
+        "block_n": 64,
+        "block_k": 128,
+        "group_m": 8,
+        "num_warps": 4,
+        "num_stages": 4,
+        "kernel": "ptr",
+    }
     assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process
@@ -80,8 +87,20 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
 def test_cache_file_from_before_the_kernel_field(fresh_cache):
     """Entries written before ``TileConfig.kernel`` existed still load, as pointer-kernel configurations."""
     fresh_cache.parent.mkdir(parents=True)
-    fresh_cache.write_text(json.dumps({"G|qgemm|m64|n768|k768|b4": {"block_m": 32, "block_n": 64, "block_k": 128,
-                                                                     "group_m": 8, "num_warps": 4, "num_stages": 4}}))
+    fresh_cache.write_text(
+        json.dumps(
+            {
+                "G|qgemm|m64|n768|k768|b4": {
+                    "block_m": 32,
+                    "block_n": 64,
+                    "block_k": 128,
+                    "group_m": 8,
+                    "num_warps": 4,
+                    "num_stages": 4,
+                }
+            }
+        )
+    )
     tuning._load_file()
     assert tuning._memory == {"G|qgemm|m64|n768|k768|b4": TileConfig(32, 64, 128, 8, 4, 4, "ptr")}
 
@@ -129,8 +148,17 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
     assert all(c.block_m <= 64 for c in benched)
     n = len(benched)
     assert pick_config("qgemm", 60, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n  # same bucket
-    assert json.loads(fresh_cache.read_text()) == {"Fake GPU|qgemm|m64|n768|k768|b4": {
-        "block_m": 32, "block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4, "kernel": "ptr"}}
+    assert json.loads(fresh_cache.read_text()) == {
+        "Fake GPU|qgemm|m64|n768|k768|b4": {
+            "block_m": 32,
+            "block_n": 64,
+            "block_k": 128,
+            "group_m": 8,
+            "num_warps": 4,
+            "num_stages": 4,
+            "kernel": "ptr",
+        }
+    }
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: the file answers, no benchmark
     monkeypatch.setattr(tuning, "_loaded", False)

@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded reference CLIP, PTQ-calibrated at 4-4-8 on one small batch, with small cached
 feature sets (so every P4Q test runs in seconds on a CPU)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """L_c and L_dist on hand-computed cases."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """A trained P4Q model on disk: reload gives the same accuracy; its artifact runs in the integer engine with the
 fake-quant model's predictions; baselines."""
+
 import dataclasses
 
 import torch
@@ -18,10 +19,12 @@ def test_save_load_export_and_engine_parity(prepared, tmp_path):
 
     t = prepared.data.train
     data = dataclasses.replace(prepared.data, train=FeatureSet(t.student[:64], t.teacher[:64], t.labels[:64]))
-    r = train(prepared.student, prepared.loaded.tokenizer, data, P4QConfig(n_ctx=4, epochs=2, batch_size=32),
-              progress=False)
-    src = dataclasses.replace(__import__("p4q_engine.p4q.pipeline", fromlist=["Source"]).Source(),
-                              train_size=200, eval_size=100)
+    r = train(
+        prepared.student, prepared.loaded.tokenizer, data, P4QConfig(n_ctx=4, epochs=2, batch_size=32), progress=False
+    )
+    src = dataclasses.replace(
+        __import__("p4q_engine.p4q.pipeline", fromlist=["Source"]).Source(), train_size=200, eval_size=100
+    )
     save_trained(r, prepared.student, data, tmp_path, asdict(src))
     loaded = load_trained(tmp_path)
     with torch.no_grad():
@@ -40,8 +43,14 @@ def test_save_load_export_and_engine_parity(prepared, tmp_path):
         feats = torch.nn.functional.normalize(loaded.adapter(loaded.qmodel.encode_image(images)), dim=-1)
     ref = eng.logit_scale * feats @ eng.text.T  # same stored 8-bit class features, fake-quant image path
     out = eng.logits(images)
-    assert bool((out.argmax(1) == ref.argmax(1)).all())
-    assert float((out - ref).abs().max()) < 0.05 * eng.logit_scale
+    # every image whose top-1 or logits differ beyond float noise traces to a float tie (tests/runtime/test_engine.py)
+    from p4q_engine.runtime.divergence import untied_disagreements
+
+    def encode(x):
+        return loaded.adapter(loaded.qmodel.encode_image(x))
+
+    assert untied_disagreements(eng, encode, images, out, ref, noise=1e-3) == []
+    assert float(ref.std()) > 0.1  # the logits are not degenerate (the comparison means something)
 
 
 def test_baselines_are_sane(prepared):

@@ -1,4 +1,5 @@
 """The prompt learner: sequence assembly, gradient through the fake-quant text tower, bad configurations."""
+
 import pytest
 import torch
 
@@ -62,8 +63,7 @@ def test_class_specific_context(prepared):
     with torch.no_grad():
         pl.ctx[1] += 1.0
     e = pl.embeddings()
-    assert torch.equal(e[1, pl.ctx_positions[1]], pl.ctx[1]) and not torch.equal(e[0, pl.ctx_positions[0]],
-                                                                                   pl.ctx[1])
+    assert torch.equal(e[1, pl.ctx_positions[1]], pl.ctx[1]) and not torch.equal(e[0, pl.ctx_positions[0]], pl.ctx[1])
 
 
 def test_too_long_prompt_is_rejected(prepared):

@@ -1,4 +1,5 @@
 """P4Q training: gradient flow, overfitting, resume determinism, cached features, save/load/export parity."""
+
 import dataclasses
 
 import pytest
@@ -36,8 +37,14 @@ def test_adapter_gradient_and_formula():
 def test_prompt_and_adapter_change_during_training(prepared):
     data = _subset(prepared.data, 64)
     cfg = P4QConfig(n_ctx=4, epochs=1, batch_size=32)
-    r0 = train(prepared.student, prepared.loaded.tokenizer, data, dataclasses.replace(cfg, epochs=1),
-               progress=False, stop_after_epoch=None)
+    r0 = train(
+        prepared.student,
+        prepared.loaded.tokenizer,
+        data,
+        dataclasses.replace(cfg, epochs=1),
+        progress=False,
+        stop_after_epoch=None,
+    )
     from p4q_engine.p4q.prompt import PromptLearner
 
     init = PromptLearner(prepared.student, prepared.loaded.tokenizer, data.classnames, 4, seed=0).ctx
@@ -57,8 +64,15 @@ def test_resume_equals_uninterrupted(prepared, tmp_path):
     data = _subset(prepared.data, 64)
     cfg = P4QConfig(n_ctx=4, epochs=3, batch_size=32)
     full = train(prepared.student, prepared.loaded.tokenizer, data, cfg, out_dir=tmp_path / "a", progress=False)
-    part = train(prepared.student, prepared.loaded.tokenizer, data, cfg, out_dir=tmp_path / "b", progress=False,
-                 stop_after_epoch=1)
+    part = train(
+        prepared.student,
+        prepared.loaded.tokenizer,
+        data,
+        cfg,
+        out_dir=tmp_path / "b",
+        progress=False,
+        stop_after_epoch=1,
+    )
     assert len(part.history) == 1
     resumed = train(prepared.student, prepared.loaded.tokenizer, data, cfg, out_dir=tmp_path / "b", progress=False)
     assert torch.equal(full.prompt.ctx, resumed.prompt.ctx)
@@ -67,8 +81,14 @@ def test_resume_equals_uninterrupted(prepared, tmp_path):
     assert full.history == resumed.history
     assert full.metrics["test"] == resumed.metrics["test"]
     with pytest.raises(ConfigError, match="different configuration"):
-        train(prepared.student, prepared.loaded.tokenizer, data, dataclasses.replace(cfg, alpha=0.5),
-              out_dir=tmp_path / "b", progress=False)
+        train(
+            prepared.student,
+            prepared.loaded.tokenizer,
+            data,
+            dataclasses.replace(cfg, alpha=0.5),
+            out_dir=tmp_path / "b",
+            progress=False,
+        )
 
 
 def test_cached_features_equal_recomputed(prepared, tmp_path, monkeypatch):
@@ -92,22 +112,31 @@ def test_cached_features_equal_recomputed(prepared, tmp_path, monkeypatch):
 
 def test_no_prompt_no_adapter_is_rejected(prepared):
     with pytest.raises(ConfigError):
-        train(prepared.student, prepared.loaded.tokenizer, prepared.data, P4QConfig(prompt=False, adapter=False),
-              progress=False)
+        train(
+            prepared.student,
+            prepared.loaded.tokenizer,
+            prepared.data,
+            P4QConfig(prompt=False, adapter=False),
+            progress=False,
+        )
 
 
 def test_adapter_only_uses_template_text(prepared):
     data = _subset(prepared.data, 32)
-    r = train(prepared.student, prepared.loaded.tokenizer, data, P4QConfig(prompt=False, epochs=1),
-              progress=False)
+    r = train(prepared.student, prepared.loaded.tokenizer, data, P4QConfig(prompt=False, epochs=1), progress=False)
     assert r.prompt is None and torch.equal(r.text_features, data.student_text)
     assert r.metrics["test"] == evaluate_features(prepared.student, None, r.adapter, data.test, data)
 
 
 def test_adapter_ptq_ablation_quantizes_after_float_training(prepared):
     data = _subset(prepared.data, 32)
-    r = train(prepared.student, prepared.loaded.tokenizer, data, P4QConfig(prompt=False, epochs=1,
-                                                                          adapter_qat=False), progress=False)
+    r = train(
+        prepared.student,
+        prepared.loaded.tokenizer,
+        data,
+        P4QConfig(prompt=False, epochs=1, adapter_qat=False),
+        progress=False,
+    )
     assert r.adapter.fc1.w_spec is not None and r.adapter.fc1.w_spec.bits == 8
     assert r.adapter.in_quant.calibrated and r.adapter.fc2.input_quant.calibrated
 

@@ -1,4 +1,5 @@
 """Fake-quant modules: ActQuantizer modes, QuantLinear / QuantConv2d / QuantEmbedding."""
+
 import pytest
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ def test_act_quantizer_modes(observer, bits):
     out = q(x)
     assert out.shape == x.shape
     n_distinct = out.unique().numel()
-    assert 2 <= n_distinct <= 2 ** bits
+    assert 2 <= n_distinct <= 2**bits
     assert not torch.equal(out, x)
     if bits == 8:
         assert _rel_err(out, x) < 0.05
@@ -159,7 +160,7 @@ def test_weight_codes_in_range_and_dequantize_to_quantized_weight(bits, observer
     assert torch.allclose(dequantize(codes, qp), q.quantized_weight(), rtol=0, atol=1e-7)
     # Per-row distinct values: at most 2^bits levels per output channel.
     wq = q.quantized_weight()
-    assert max(row.unique().numel() for row in wq) <= 2 ** bits
+    assert max(row.unique().numel() for row in wq) <= 2**bits
     # Weight-only quantization: forward uses exactly the quantized weight.
     x = torch.randn(3, 48, generator=_gen(8))
     with torch.no_grad():

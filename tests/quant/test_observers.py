@@ -1,4 +1,5 @@
 """Observers: known answers for min/max, EMA and percentile ranges, and OMSE optimality."""
+
 from dataclasses import replace
 
 import pytest
@@ -400,8 +401,15 @@ def _halfup_discriminating_data() -> torch.Tensor:
     included): a = 1 wins by 2^-25 with half-up, a = 0.5 by 2^-25 with half-even. 1000 each of -2, -1 and 1
     (exact at both candidates) make every other candidate on the grid clearly worse.
     """
-    atoms = [(3.0, 1), (89 / 64, 16), (0.25 + 2.0**-25, 1), (0.25 - 2.0**-26, 8), (-2.0, 1000), (-1.0, 1000),
-             (1.0, 1000)]
+    atoms = [
+        (3.0, 1),
+        (89 / 64, 16),
+        (0.25 + 2.0**-25, 1),
+        (0.25 - 2.0**-26, 8),
+        (-2.0, 1000),
+        (-1.0, 1000),
+        (1.0, 1000),
+    ]
     x = torch.cat([torch.full((count,), value) for value, count in atoms])
     return x[torch.randperm(x.numel(), generator=_gen(17))]
 
@@ -473,7 +481,7 @@ def test_omse_per_channel_activations_bounded_and_accurate():
     full = torch.stack([_sample(d, 8 * 3200, 30 + i) for i, d in enumerate(_OMSE_DISTS)])  # [4 channels, N]
     obs = make_observer("omse", spec, max_samples=4 * 4096)
     for b in range(8):
-        obs.observe(full[:, b * 3200:(b + 1) * 3200].t().reshape(64, 50, 4))
+        obs.observe(full[:, b * 3200 : (b + 1) * 3200].t().reshape(64, 50, 4))
         assert sum(v.shape[1] for v, _ in obs._chunks) <= 4096
     lo, hi = obs.compute_range()
     qp = qparams_from_range(lo, hi, _rows_spec(spec))

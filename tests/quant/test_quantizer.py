@@ -1,4 +1,5 @@
 """The affine quantizer: codes, rounding, dequantization error, per-channel scales and the clipped STE."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -65,8 +66,13 @@ def test_quantize_uses_half_up_on_exact_ties():
 
 # ----------------------------------------------------------------------------------------------- codes
 @HYP
-@given(seed=st.integers(0, 10_000), bits=BITS, signed=st.booleans(), per_channel=st.booleans(),
-       scale_factor=st.sampled_from([1.0, 0.2, 3.0]))
+@given(
+    seed=st.integers(0, 10_000),
+    bits=BITS,
+    signed=st.booleans(),
+    per_channel=st.booleans(),
+    scale_factor=st.sampled_from([1.0, 0.2, 3.0]),
+)
 def test_codes_in_range_and_dtype(seed, bits, signed, per_channel, scale_factor):
     spec = _spec(bits, signed, per_channel)
     x = _data(seed)
@@ -84,8 +90,13 @@ def test_codes_in_range_and_dtype(seed, bits, signed, per_channel, scale_factor)
 
 
 @HYP
-@given(seed=st.integers(0, 10_000), bits=BITS, signed=st.booleans(), per_channel=st.booleans(),
-       offset=st.sampled_from([0.0, 2.0, -5.0]))
+@given(
+    seed=st.integers(0, 10_000),
+    bits=BITS,
+    signed=st.booleans(),
+    per_channel=st.booleans(),
+    offset=st.sampled_from([0.0, 2.0, -5.0]),
+)
 def test_dequantization_error_at_most_half_step_inside_range(seed, bits, signed, per_channel, offset):
     spec = _spec(bits, signed, per_channel)
     x = _data(seed, offset=offset)
@@ -138,7 +149,7 @@ def test_unsigned_zero_exactly_representable(bits, lo, hi):
     qp = qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
     assert qp.zero_point.dtype == torch.int32
     assert spec.qmin <= int(qp.zero_point) <= spec.qmax
-    assert float(qp.scale) == pytest.approx((max(hi, 0.0) - min(lo, 0.0)) / (2 ** bits - 1))
+    assert float(qp.scale) == pytest.approx((max(hi, 0.0) - min(lo, 0.0)) / (2**bits - 1))
     zero = torch.zeros(5)
     assert torch.equal(quantize(zero, qp).int(), torch.full((5,), int(qp.zero_point), dtype=torch.int32))
     assert torch.equal(dequantize(quantize(zero, qp), qp), zero)

@@ -1,4 +1,5 @@
 """QuantSpec integer grids and W-A-Attention bit-config parsing."""
+
 import pytest
 
 from p4q_engine.errors import ConfigError
@@ -21,14 +22,14 @@ UNSIGNED_RANGES = {2: (0, 3), 3: (0, 7), 4: (0, 15), 8: (0, 255)}
 def test_signed_grid(bits):
     spec = QuantSpec(bits, signed=True)
     assert (spec.qmin, spec.qmax) == SIGNED_RANGES[bits]
-    assert spec.qmax - spec.qmin + 1 == spec.levels == 2 ** bits
+    assert spec.qmax - spec.qmin + 1 == spec.levels == 2**bits
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_unsigned_grid(bits):
     spec = QuantSpec(bits, signed=False)
     assert (spec.qmin, spec.qmax) == UNSIGNED_RANGES[bits]
-    assert spec.qmax - spec.qmin + 1 == spec.levels == 2 ** bits
+    assert spec.qmax - spec.qmin + 1 == spec.levels == 2**bits
 
 
 def test_supported_bits_are_exactly_2_3_4_8():

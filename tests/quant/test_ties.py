@@ -1,4 +1,5 @@
 """The float-tie rule every code-parity test uses (``p4q_engine.quant.ties``)."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ def _codes(v: torch.Tensor) -> torch.Tensor:
 
 def test_boundary_distance():
     v = torch.tensor([2.5, 2.4999, 3.0, -1.5, -1.2])
-    assert torch.allclose(boundary_distance(v), torch.tensor([0.0, 1e-4, 0.5, 0.0, 0.3], dtype=torch.float64),
-                          atol=1e-6)
+    assert torch.allclose(
+        boundary_distance(v), torch.tensor([0.0, 1e-4, 0.5, 0.0, 0.3], dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_identical_codes_pass():

@@ -1,4 +1,5 @@
 """The committed P4Q-Ref-Tiny checkpoint: loads, is a stock open_clip CLIP, and is accurate zero-shot."""
+
 import json
 
 import pytest
@@ -7,8 +8,13 @@ import torch.nn.functional as F
 
 from p4q_engine.data.reference import REFERENCE_CLASSNAMES, REFERENCE_TEMPLATES, normalize_uint8, render_tensor_batch
 from p4q_engine.errors import ModelLoadError
-from p4q_engine.reference.model import (DEFAULT_CHECKPOINT, DEFAULT_METRICS, REFERENCE_MODEL_NAME,
-                                        load_reference_model, register_reference_config)
+from p4q_engine.reference.model import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_METRICS,
+    REFERENCE_MODEL_NAME,
+    load_reference_model,
+    register_reference_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """ReferenceTokenizer: closed vocabulary, open_clip-compatible layout (eot = highest id, zero padding)."""
+
 import torch
 
 from p4q_engine.data.reference import REFERENCE_CLASSNAMES, REFERENCE_TEMPLATES, render_tensor_batch

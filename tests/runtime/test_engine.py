@@ -8,6 +8,7 @@ perturbation propagates. So every image whose top-1 differs, or whose logits dif
 (``NOISE``), is traced to its first differing activation code (``p4q_engine.runtime.divergence``), and that code must
 be a float tie. A real bug (a 1% scale error, a wrong zero point) fails it: see the mutation tests at the end.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +19,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from p4q_engine.artifact.format import Artifact
@@ -31,7 +31,7 @@ from p4q_engine.runtime.engine import Engine, IntLinear, unpack_weight
 
 def _shared_fixtures():
     """tests/artifact/conftest.py (the module pytest already imported, if any, so session caches are shared)."""
-    path = (Path(__file__).resolve().parents[1] / "artifact" / "conftest.py")
+    path = Path(__file__).resolve().parents[1] / "artifact" / "conftest.py"
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
         if f and Path(f).resolve() == path:
@@ -173,8 +173,14 @@ def png_paths(tmp_path_factory) -> list[Path]:
 
 def test_classify_paths_equals_preprocessed_tensor(engine, png_paths, tiny_preprocess_cfg):
     cfg = tiny_preprocess_cfg
-    transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
-                                          resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+    transform = open_clip.image_transform(
+        cfg["size"],
+        is_train=False,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        resize_mode=cfg["resize_mode"],
+        interpolation=cfg["interpolation"],
+    )
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in png_paths])
     assert torch.equal(engine.preprocess(png_paths), pixels)
     assert torch.equal(engine.logits(png_paths), engine.logits(pixels))
@@ -259,8 +265,16 @@ def _check_int_linear(lin: IntLinear, x: torch.Tensor, w_codes: torch.Tensor) ->
     return acc_int
 
 
-@pytest.mark.parametrize("prefix", ["visual.blocks.0.mlp.c_fc", "visual.blocks.1.mlp.c_proj",
-                                    "visual.blocks.0.attn.in_proj", "visual.proj", "adapter.fc2"])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "visual.blocks.0.mlp.c_fc",
+        "visual.blocks.1.mlp.c_proj",
+        "visual.blocks.0.attn.in_proj",
+        "visual.proj",
+        "adapter.fc2",
+    ],
+)
 def test_int_linear_accumulation_is_exact_on_the_artifact(bundle, engine, prefix):
     art = bundle.artifact
     lin = IntLinear(art, prefix)
@@ -308,19 +322,22 @@ def _with_vision(bundle, **changes) -> Artifact:
     return Artifact(man, dict(art.tensors))
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"heads": 3}, r"heads \(3\) does not divide width \(64\)"),
-    ({"heads": 0}, r"heads must be an integer >= 1"),
-    ({"heads": True}, r"heads must be an integer"),
-    ({"layers": 1}, r"says 1 layers but the tensors hold blocks \[0, 1\]"),
-    ({"layers": 3}, r"says 3 layers but the tensors hold blocks \[0, 1\]"),
-    ({"width": 32, "heads": 2}, r"visual.conv is 192 -> 64 features, the vision config \(width 32\)"),
-    ({"patch_size": [7, 7]}, r"patch_size \[7, 7\] does not tile image_size \[32, 32\]"),
-    ({"grid_size": [3, 3]}, r"grid_size \[3, 3\] is not image_size"),
-    ({"pool_type": "none"}, r"unsupported pool_type 'none'"),
-    ({"mlp_width": 128}, r"visual.blocks.0.mlp.c_fc is 64 -> 256 features"),
-    ({"ln_eps": -1.0}, r"ln_eps must be a small positive number"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"heads": 3}, r"heads \(3\) does not divide width \(64\)"),
+        ({"heads": 0}, r"heads must be an integer >= 1"),
+        ({"heads": True}, r"heads must be an integer"),
+        ({"layers": 1}, r"says 1 layers but the tensors hold blocks \[0, 1\]"),
+        ({"layers": 3}, r"says 3 layers but the tensors hold blocks \[0, 1\]"),
+        ({"width": 32, "heads": 2}, r"visual.conv is 192 -> 64 features, the vision config \(width 32\)"),
+        ({"patch_size": [7, 7]}, r"patch_size \[7, 7\] does not tile image_size \[32, 32\]"),
+        ({"grid_size": [3, 3]}, r"grid_size \[3, 3\] is not image_size"),
+        ({"pool_type": "none"}, r"unsupported pool_type 'none'"),
+        ({"mlp_width": 128}, r"visual.blocks.0.mlp.c_fc is 64 -> 256 features"),
+        ({"ln_eps": -1.0}, r"ln_eps must be a small positive number"),
+    ],
+)
 def test_inconsistent_vision_config_is_refused_with_a_named_problem(bundle, changes, message):
     from p4q_engine.artifact.format import ArtifactError
 
@@ -355,7 +372,7 @@ def test_divergence_trace_aligns_every_site(folded):
 
     b = folded("3-3-8", "full")
     eng = Engine.load(b.path)
-    for i, img in enumerate(make_images(4, seed=1002)):
+    for img in make_images(4, seed=1002):
         t = first_divergence(eng, _encode(b), img)
         assert t["aligned"], t
         assert t["sites"] == 1 + 8 * eng.cfg["layers"] + 1 + (2 if b.adapter is not None else 0)
@@ -393,12 +410,15 @@ def _wrong_zero_point(site, delta: int) -> None:
 
 
 @pytest.mark.parametrize("bits", ["8-8-8", "3-3-8"])
-@pytest.mark.parametrize("mutation", [
-    pytest.param(lambda e: _scale_site(e.blocks[-1].c_proj.site, 1.01), id="last-c_proj-scale-1pct"),
-    pytest.param(lambda e: _scale_site(e.blocks[0].in_proj.site, 0.99), id="first-in_proj-scale-1pct"),
-    pytest.param(lambda e: _wrong_zero_point(e.blocks[-1].c_fc.site, 1), id="last-c_fc-zero-point+1"),
-    pytest.param(lambda e: _wrong_zero_point(e.blocks[0].c_proj.site, -1), id="first-c_proj-zero-point-1"),
-])
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        pytest.param(lambda e: _scale_site(e.blocks[-1].c_proj.site, 1.01), id="last-c_proj-scale-1pct"),
+        pytest.param(lambda e: _scale_site(e.blocks[0].in_proj.site, 0.99), id="first-in_proj-scale-1pct"),
+        pytest.param(lambda e: _wrong_zero_point(e.blocks[-1].c_fc.site, 1), id="last-c_fc-zero-point+1"),
+        pytest.param(lambda e: _wrong_zero_point(e.blocks[0].c_proj.site, -1), id="first-c_proj-zero-point-1"),
+    ],
+)
 def test_tie_only_parity_fails_on_a_real_bug(folded, bits, mutation):
     """The same check as the parity tests, on an engine with one site's scale 1% off or one zero point one step
     off (in the first and in the last block): it must fail."""

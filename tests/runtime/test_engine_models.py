@@ -15,6 +15,7 @@ an engine that applies the wrong LayerNorm or drops a per-channel scale; :func:`
 trained weights. The mutation tests at the end break the engine's handling of each option and check the parity
 assertion catches it.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,34 +52,79 @@ EOT_ID = 99  # the largest id, so argmax pooling finds it
 #: open_clip configs: ``vision_cfg`` (``CLIPVisionCfg`` keys; heads = width // head_width) and top-level ``quick_gelu``.
 MODELS: dict[str, dict[str, Any]] = {
     # width 40 (not a multiple of 64), 5 heads of 8, MLP 100 (ratio 2.5), patch 6 on 30 px: a 5x5 grid
-    "odd-width": {"vision_cfg": {"image_size": 30, "patch_size": 6, "width": 40, "head_width": 8, "layers": 2,
-                                 "mlp_ratio": 2.5}},
+    "odd-width": {
+        "vision_cfg": {"image_size": 30, "patch_size": 6, "width": 40, "head_width": 8, "layers": 2, "mlp_ratio": 2.5}
+    },
     # average pooling alone (LayerNorm before the pool, as open_clip does by default)
-    "avg-pool": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 40, "head_width": 8, "layers": 2,
-                                "pool_type": "avg"}},
+    "avg-pool": {
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 40, "head_width": 8, "layers": 2, "pool_type": "avg"}
+    },
     # average pooling + LayerNorm after the pool (only then does the order matter) + no ln_pre + layer scale
-    "avg-final-ln-no-ln-pre-ls": {"vision_cfg": {"image_size": 30, "patch_size": 6, "width": 40, "head_width": 8,
-                                                 "layers": 2, "mlp_ratio": 3, "pool_type": "avg",
-                                                 "final_ln_after_pool": True, "no_ln_pre": True,
-                                                 "ls_init_value": 0.1}},
+    "avg-final-ln-no-ln-pre-ls": {
+        "vision_cfg": {
+            "image_size": 30,
+            "patch_size": 6,
+            "width": 40,
+            "head_width": 8,
+            "layers": 2,
+            "mlp_ratio": 3,
+            "pool_type": "avg",
+            "final_ln_after_pool": True,
+            "no_ln_pre": True,
+            "ls_init_value": 0.1,
+        }
+    },
     # QuickGELU (both towers) + layer scale + width 80 in 5 heads of 16 + MLP ratio 3 + no ln_pre
-    "quickgelu-ls-w80": {"quick_gelu": True,
-                         "vision_cfg": {"image_size": 30, "patch_size": 6, "width": 80, "head_width": 16, "layers": 1,
-                                        "mlp_ratio": 3, "ls_init_value": 0.1, "no_ln_pre": True}},
+    "quickgelu-ls-w80": {
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": 30,
+            "patch_size": 6,
+            "width": 80,
+            "head_width": 16,
+            "layers": 1,
+            "mlp_ratio": 3,
+            "ls_init_value": 0.1,
+            "no_ln_pre": True,
+        },
+    },
     # token pooling with LayerNorm after the pool (a no-op reorder for tok, but its own engine branch), tanh GELU
     # and LayerNorm eps 1e-6
-    "tok-final-ln-tanh-eps": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 40, "head_width": 8,
-                                             "layers": 2, "mlp_ratio": 2.5, "final_ln_after_pool": True,
-                                             "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-6}}},
+    "tok-final-ln-tanh-eps": {
+        "vision_cfg": {
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 40,
+            "head_width": 8,
+            "layers": 2,
+            "mlp_ratio": 2.5,
+            "final_ln_after_pool": True,
+            "act_kwargs": {"approximate": "tanh"},
+            "norm_kwargs": {"eps": 1e-6},
+        }
+    },
 }
 #: What the folded manifest must say for each config (the engine branches on these).
 EXPECTED_VISION = {
     "odd-width": {"width": 40, "heads": 5, "mlp_width": 100, "grid_size": [5, 5], "pool_type": "tok", "ln_pre": True},
     "avg-pool": {"width": 40, "heads": 5, "mlp_width": 160, "pool_type": "avg", "final_ln_after_pool": False},
-    "avg-final-ln-no-ln-pre-ls": {"heads": 5, "mlp_width": 120, "grid_size": [5, 5], "pool_type": "avg",
-                                  "final_ln_after_pool": True, "ln_pre": False, "layer_scale": True},
-    "quickgelu-ls-w80": {"width": 80, "heads": 5, "mlp_width": 240, "act": "quick_gelu", "layer_scale": True,
-                         "ln_pre": False},
+    "avg-final-ln-no-ln-pre-ls": {
+        "heads": 5,
+        "mlp_width": 120,
+        "grid_size": [5, 5],
+        "pool_type": "avg",
+        "final_ln_after_pool": True,
+        "ln_pre": False,
+        "layer_scale": True,
+    },
+    "quickgelu-ls-w80": {
+        "width": 80,
+        "heads": 5,
+        "mlp_width": 240,
+        "act": "quick_gelu",
+        "layer_scale": True,
+        "ln_pre": False,
+    },
     "tok-final-ln-tanh-eps": {"pool_type": "tok", "final_ln_after_pool": True, "act": "gelu_tanh", "ln_eps": 1e-6},
 }
 PREFIX = "P4Q-Test-Engine-Models-"

@@ -4,6 +4,7 @@ model's resolution (reduced-scale decoding), not the file's.
 
 CPU is measured with ``time.process_time`` (this process's CPU, not wall time), with bounds 3x or more above what
 the fixed code costs and below what the unbounded code cost, so load on a shared machine cannot flip them."""
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,8 @@ def lying_jpeg(width: int, height: int, progressive: bool = False) -> bytes:
     as a grey fill of the declared size."""
     data = bytearray(encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG", progressive=progressive))
     sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -94,8 +95,9 @@ def test_reduced_scale_decoding_keeps_the_pixels(engine):
     assert (drafted - full).abs().mean() < 2 * (2 / 255)  # < 2 grey levels on average (std 0.5 -> 2/255 a level)
 
 
-@pytest.mark.parametrize("img,fmt", [(Image.new("RGB", (7000, 7000), (9, 99, 199)), "PNG"),
-                                     (Image.new("L", (4097, 4096), 7), "PNG")])
+@pytest.mark.parametrize(
+    "img,fmt", [(Image.new("RGB", (7000, 7000), (9, 99, 199)), "PNG"), (Image.new("L", (4097, 4096), 7), "PNG")]
+)
 def test_over_cap_refused_from_the_header(engine, img, fmt):
     """Formats without reduced-scale decoding must declare at most the cap; refused before decoding (a 7000x7000
     PNG decoded in full was 0.5 s of CPU and 200 MB)."""

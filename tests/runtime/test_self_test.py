@@ -1,6 +1,7 @@
 """The load-time self-test is shared by both engines: ``from_artifact`` (what ``Engine.load`` runs after reading the
 file) classifies one synthetic image and refuses non-finite outputs, on the CPU engine and on the kernel engine
 (Triton interpreter in CI)."""
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,10 @@ def test_cpu_engine_self_test(folded):
         Engine.from_artifact(_overflowing(folded))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs a GPU or the Triton interpreter")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or the Triton interpreter",
+)
 def test_kernel_engine_self_test(folded):
     from p4q_engine.runtime.kernel_engine import KernelEngine
 

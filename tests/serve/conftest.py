@@ -6,6 +6,7 @@ Every server configuration the suite needs is started at once, in parallel, the 
 does not go - at session teardown, whatever the tests did. Servers run with ``OMP_NUM_THREADS=1`` so four of them
 and the test process do not oversubscribe a small machine.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,9 +35,11 @@ from p4q_engine.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "P4Q-Serve-Test-Tiny"
-MODEL_CFG = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2}}
+MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
 NUM_CLASSES = 10
 CLASSNAMES = [f"class {i}" for i in range(NUM_CLASSES)]
 #: Limits of the "main" server, small enough to trip with tiny inputs.
@@ -86,8 +89,14 @@ def png(width: int, height: int, seed: int = 0, mode: str = "RGB", fmt: str = "P
 @pytest.fixture(scope="session")
 def good_images() -> list[bytes]:
     """Small valid images of assorted sizes/formats (all under the main server's pixel and body caps)."""
-    return [png(32, 32, 1), png(40, 24, 2), png(64, 64, 3, fmt="JPEG"), png(24, 48, 4, mode="L"), png(33, 35, 5),
-            png(48, 48, 6, fmt="JPEG")]
+    return [
+        png(32, 32, 1),
+        png(40, 24, 2),
+        png(64, 64, 3, fmt="JPEG"),
+        png(24, 48, 4, mode="L"),
+        png(33, 35, 5),
+        png(48, 48, 6, fmt="JPEG"),
+    ]
 
 
 # ---------------------------------------------------------------- server processes
@@ -100,8 +109,9 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m p4q_engine.cli serve ARTIFACT`` on 127.0.0.1:<free port>, output to a log file."""
 
-    def __init__(self, name: str, artifact: Path, logdir: Path, args: tuple[str, ...] = (),
-                 env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self, name: str, artifact: Path, logdir: Path, args: tuple[str, ...] = (), env: Optional[dict[str, str]] = None
+    ) -> None:
         self.name, self.artifact, self.args = name, artifact, args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.log_path = logdir / f"server-{name}.log"
@@ -111,8 +121,22 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "p4q_engine.cli", "serve", str(self.artifact), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--log-level", "info", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "p4q_engine.cli",
+            "serve",
+            str(self.artifact),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "info",
+            *self.args,
+        ]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         return self
@@ -156,8 +180,10 @@ SERVER_CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     # a slow worker: requests pile up into one batch (coalescing), and stay in flight long enough to SIGTERM
     "slow": (("--max-wait-ms", "20"), {"P4Q_SERVE_TEST_DELAY_MS": "600"}),
     # one image in the worker, one in the queue, the rest refused; every admitted request outlives its deadline
-    "overload": (("--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0", "--timeout-s", "0.3"),
-                 {"P4Q_SERVE_TEST_DELAY_MS": "500"}),
+    "overload": (
+        ("--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0", "--timeout-s", "0.3"),
+        {"P4Q_SERVE_TEST_DELAY_MS": "500"},
+    ),
     # batch 1 raises inside the engine call, the worker thread ends after batch 3
     "faulty": ((), {"P4Q_SERVE_TEST_FAIL_BATCH": "1", "P4Q_SERVE_TEST_CRASH_AFTER": "3"}),
 }
@@ -165,8 +191,9 @@ SERVER_CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
 
 class ServerPool:
     def __init__(self, artifact: Path, logdir: Path) -> None:
-        self.servers = {name: ServerProcess(name, artifact, logdir, args, env)
-                        for name, (args, env) in SERVER_CONFIGS.items()}
+        self.servers = {
+            name: ServerProcess(name, artifact, logdir, args, env) for name, (args, env) in SERVER_CONFIGS.items()
+        }
         self._ready = False
 
     def __getitem__(self, name: str) -> ServerProcess:

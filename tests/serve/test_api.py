@@ -1,5 +1,6 @@
 """``p4q serve`` over real HTTP: answers equal the in-process engine's, and every bad input fails alone with the
 documented status and JSON error shape while a concurrent good request still succeeds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -78,8 +79,7 @@ def test_classify_defaults_and_clamped_top_k(main_server, engine, good_images):
     r = httpx.post(url, json={"images": [b64(good_images[0])]}, timeout=30)
     assert len(r.json()["results"][0]["labels"]) == 5  # default top_k
     # data URL form, and top_k above the class count is clamped like Engine.classify
-    r = httpx.post(url, json={"images": ["data:image/png;base64," + b64(good_images[0])], "top_k": 1000},
-                   timeout=30)
+    r = httpx.post(url, json={"images": ["data:image/png;base64," + b64(good_images[0])], "top_k": 1000}, timeout=30)
     assert r.status_code == 200, r.text
     got = r.json()["results"][0]
     assert got["labels"] == engine.classify([good_images[0]], top_k=1000)[0].labels
@@ -128,31 +128,73 @@ BAD_CASES = {
     "over_pixel_cap": ("/v1/classify", lambda g: files([png(65, 64)]), 400, "bad_image", 0),
     "extreme_aspect": ("/v1/classify", lambda g: files([png(2, 2000)]), 400, "bad_image", 0),
     "body_too_large": ("/v1/classify", lambda g: files([bytes(MAX_BODY + 5000)]), 413, "payload_too_large", None),
-    "json_too_large": ("/v1/embed", lambda g: {"json": {"images": ["A" * (MAX_BODY + 10)]}}, 413,
-                       "payload_too_large", None),
-    "bad_base64": ("/v1/classify", lambda g: {"json": {"images": [b64(g), "%%% not base64 %%%"]}}, 400,
-                   "bad_base64", 1),
+    "json_too_large": (
+        "/v1/embed",
+        lambda g: {"json": {"images": ["A" * (MAX_BODY + 10)]}},
+        413,
+        "payload_too_large",
+        None,
+    ),
+    "bad_base64": (
+        "/v1/classify",
+        lambda g: {"json": {"images": [b64(g), "%%% not base64 %%%"]}},
+        400,
+        "bad_base64",
+        1,
+    ),
     "base64_not_string": ("/v1/embed", lambda g: {"json": {"images": [3]}}, 400, "bad_base64", 0),
     "top_k_zero": ("/v1/classify", lambda g: {"json": {"images": [b64(g)], "top_k": 0}}, 400, "bad_top_k", None),
     "top_k_text": ("/v1/classify", lambda g: files([g], top_k="five"), 400, "bad_top_k", None),
     "top_k_float": ("/v1/classify", lambda g: {"json": {"images": [b64(g)], "top_k": 1.5}}, 400, "bad_top_k", None),
     "top_k_bool": ("/v1/classify", lambda g: {"json": {"images": [b64(g)], "top_k": True}}, 400, "bad_top_k", None),
-    "unknown_label": ("/v1/classify", lambda g: {"json": {"images": [b64(g)], "labels": ["class 1", "zebra"]}},
-                      400, "unknown_label", None),
+    "unknown_label": (
+        "/v1/classify",
+        lambda g: {"json": {"images": [b64(g)], "labels": ["class 1", "zebra"]}},
+        400,
+        "unknown_label",
+        None,
+    ),
     "unknown_label_form": ("/v1/classify", lambda g: files([g], labels=["nope"]), 400, "unknown_label", None),
-    "empty_labels": ("/v1/classify", lambda g: {"json": {"images": [b64(g)], "labels": []}}, 400, "unknown_label",
-                     None),
-    "bad_json": ("/v1/classify", lambda g: {"content": b"{not json", "headers": {"content-type": "application/json"}},
-                 400, "bad_json", None),
+    "empty_labels": (
+        "/v1/classify",
+        lambda g: {"json": {"images": [b64(g)], "labels": []}},
+        400,
+        "unknown_label",
+        None,
+    ),
+    "bad_json": (
+        "/v1/classify",
+        lambda g: {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        400,
+        "bad_json",
+        None,
+    ),
     "no_images": ("/v1/classify", lambda g: {"json": {"images": []}}, 400, "bad_request", None),
     "no_files": ("/v1/classify", lambda g: raw_form([("top_k", None, b"1")]), 400, "bad_request", None),
-    "images_not_a_file": ("/v1/classify", lambda g: raw_form([("images", "a.png", g), ("images", None, b"abc")]),
-                          400, "bad_request", 1),
-    "broken_multipart": ("/v1/embed", lambda g: {"content": b"--zz\r\nContent-Disposition: form-data; name=\"a\"\r\n"
-                                                 b"\r\nunterminated", "headers": {
-                             "content-type": "multipart/form-data; boundary=zz"}}, 400, "bad_request", None),
-    "wrong_content_type": ("/v1/classify", lambda g: {"content": g, "headers": {"content-type": "image/png"}},
-                           415, "unsupported_media_type", None),
+    "images_not_a_file": (
+        "/v1/classify",
+        lambda g: raw_form([("images", "a.png", g), ("images", None, b"abc")]),
+        400,
+        "bad_request",
+        1,
+    ),
+    "broken_multipart": (
+        "/v1/embed",
+        lambda g: {
+            "content": b'--zz\r\nContent-Disposition: form-data; name="a"\r\n\r\nunterminated',
+            "headers": {"content-type": "multipart/form-data; boundary=zz"},
+        },
+        400,
+        "bad_request",
+        None,
+    ),
+    "wrong_content_type": (
+        "/v1/classify",
+        lambda g: {"content": g, "headers": {"content-type": "image/png"}},
+        415,
+        "unsupported_media_type",
+        None,
+    ),
 }
 
 
@@ -164,8 +206,9 @@ def test_bad_input_fails_alone(case, main_server, engine, good_images):
 
     async def both():
         async with httpx.AsyncClient(base_url=main_server.url, timeout=30) as c:
-            return await asyncio.gather(c.post(endpoint, **build(good)),
-                                        c.post("/v1/classify", **files([good], top_k="3")))
+            return await asyncio.gather(
+                c.post(endpoint, **build(good)), c.post("/v1/classify", **files([good], top_k="3"))
+            )
 
     bad, ok = asyncio.run(both())
     assert_error(bad, status, kind, index)
@@ -182,9 +225,16 @@ def test_server_still_ready_after_bad_inputs_and_metrics(main_server):
     """Runs after the bad-input tests: the server is unharmed, and /metrics counted what happened."""
     assert httpx.get(main_server.url + "/readyz").status_code == 200
     text = httpx.get(main_server.url + "/metrics").text
-    for name in ("p4q_serve_requests_total", "p4q_serve_errors_total", "p4q_serve_queue_depth",
-                 "p4q_serve_batch_size_bucket", "p4q_serve_request_latency_seconds_bucket",
-                 "p4q_serve_batch_latency_seconds_count", "p4q_serve_worker_alive", "p4q_serve_images_total"):
+    for name in (
+        "p4q_serve_requests_total",
+        "p4q_serve_errors_total",
+        "p4q_serve_queue_depth",
+        "p4q_serve_batch_size_bucket",
+        "p4q_serve_request_latency_seconds_bucket",
+        "p4q_serve_batch_latency_seconds_count",
+        "p4q_serve_worker_alive",
+        "p4q_serve_images_total",
+    ):
         assert name in text, name
     assert re.search(r'p4q_serve_requests_total\{endpoint="/v1/classify",status="200"\} [1-9]', text)
     assert re.search(r'p4q_serve_errors_total\{kind="bad_image"\} [1-9]', text)

@@ -1,5 +1,6 @@
 """Dynamic batching, overload, timeouts and worker failures of real ``p4q serve`` processes (test hooks slow, fail or
 end the batch worker; see ``p4q_engine/serve/batcher.py``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,9 @@ def test_concurrent_requests_coalesce_into_one_batch(servers, engine, good_image
     assert all(r.json()["results"][0]["labels"] == want for r in responses)
     text = httpx.get(slow.url + "/metrics").text
     count = metric(text, "p4q_serve_batch_size_count") - metric(before, "p4q_serve_batch_size_count")
-    ones = (metric(text, "p4q_serve_batch_size_bucket", '{le="1.0"}')
-            - metric(before, "p4q_serve_batch_size_bucket", '{le="1.0"}'))
+    ones = metric(text, "p4q_serve_batch_size_bucket", '{le="1.0"}') - metric(
+        before, "p4q_serve_batch_size_bucket", '{le="1.0"}'
+    )
     total = metric(text, "p4q_serve_batch_size_sum") - metric(before, "p4q_serve_batch_size_sum")
     assert total == 8
     assert count - ones >= 1, "no batch held more than one image"

@@ -3,6 +3,7 @@
 Server CPU is read from ``/proc/<pid>/stat`` (its own user+system time, whatever else loads the machine) and its
 memory from ``/proc/<pid>/status`` (VmHWM reset through ``clear_refs`` where allowed). Bounds sit far between
 what the bounded server costs and what the unbounded one cost (numbers in each test)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,8 @@ def lying_jpeg(width: int, height: int) -> bytes:
     """~600 bytes of JPEG whose frame header declares ``width x height`` (decodes as a grey fill of that size)."""
     data = bytearray(encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG"))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -70,8 +71,12 @@ def reset_peak(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
-    s = ServerProcess("bounds", artifact, tmp_path_factory.mktemp("bounds_logs"),
-                      ("--timeout-s", str(TIMEOUT_S), "--max-wait-ms", "1"))
+    s = ServerProcess(
+        "bounds",
+        artifact,
+        tmp_path_factory.mktemp("bounds_logs"),
+        ("--timeout-s", str(TIMEOUT_S), "--max-wait-ms", "1"),
+    )
     try:
         s.start().wait_ready()
         yield s
@@ -143,8 +148,12 @@ def test_concurrent_huge_images_do_not_blow_memory(server, client):
     base = mem_mb(pid, "VmRSS")
     exact = reset_peak(pid)
     with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda _: httpx.post(server.url + "/v1/classify", files=files([data]),
-                                                      timeout=60.0).status_code, range(16)))
+        statuses = list(
+            pool.map(
+                lambda _: httpx.post(server.url + "/v1/classify", files=files([data]), timeout=60.0).status_code,
+                range(16),
+            )
+        )
     peak = mem_mb(pid, "VmHWM") - base
     if exact:  # bounded server: ~+270 MB; the unbounded one: ~+1800 MB
         assert peak < 1000, f"peak RSS grew by {peak:.0f} MB for 16 concurrent 4096x4096 images"

@@ -1,6 +1,7 @@
 """Server edges of ``p4q serve`` against a real process: every answer JSON-shaped (odd class names, trailing slashes,
 big-integer JSON, protocol errors), slow and silent clients dropped, the connection limit, and the shutdown grace
 period answering 503 JSON instead of uvicorn's plain-text 500."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,14 @@ from tests.serve.test_batching import metric
 #: Class names JSON must carry exactly: non-ASCII, quotes/backslashes, a line separator, an astral character, a
 #: control character - and a lone surrogate (legal in JSON text, not encodable as UTF-8: Starlette's JSONResponse
 #: raised UnicodeEncodeError on it, a plain-text 500).
-ODD_NAMES = ["caf\u00e9", 'quote " back \\ slash', "line\u2028sep", "emoji \U0001F600", "nul \x00 ctrl",
-             "lone \udc80 surrogate"]
+ODD_NAMES = [
+    "caf\u00e9",
+    'quote " back \\ slash',
+    "line\u2028sep",
+    "emoji \U0001f600",
+    "nul \x00 ctrl",
+    "lone \udc80 surrogate",
+]
 HEADER_TIMEOUT = 1.5
 LIMIT = 4
 #: An answer the fix gives in ~HEADER_TIMEOUT s; without it the connection stays open forever.
@@ -57,11 +64,32 @@ def edge_servers(odd_artifact, artifact, tmp_path_factory):
     """Both servers of this module, started together (startup is mostly imports, so they overlap):
     ``edges`` with tight connection limits, ``grace`` for the shutdown test (its worker sleeps 4 s per batch)."""
     logs = tmp_path_factory.mktemp("edge_logs")
-    pool = {"edges": ServerProcess("edges", odd_artifact[0], logs, (
-                "--header-timeout-s", str(HEADER_TIMEOUT), "--timeout-keep-alive", "1", "--limit-concurrency",
-                str(LIMIT), "--max-header-bytes", "4096", "--max-wait-ms", "2")),
-            "grace": ServerProcess("grace", artifact, logs, ("--shutdown-grace-s", "1", "--timeout-s", "60"),
-                                   {"P4Q_SERVE_TEST_DELAY_MS": "4000"})}
+    pool = {
+        "edges": ServerProcess(
+            "edges",
+            odd_artifact[0],
+            logs,
+            (
+                "--header-timeout-s",
+                str(HEADER_TIMEOUT),
+                "--timeout-keep-alive",
+                "1",
+                "--limit-concurrency",
+                str(LIMIT),
+                "--max-header-bytes",
+                "4096",
+                "--max-wait-ms",
+                "2",
+            ),
+        ),
+        "grace": ServerProcess(
+            "grace",
+            artifact,
+            logs,
+            ("--shutdown-grace-s", "1", "--timeout-s", "60"),
+            {"P4Q_SERVE_TEST_DELAY_MS": "4000"},
+        ),
+    }
     try:
         for srv in pool.values():
             srv.start()
@@ -131,8 +159,9 @@ def test_odd_label_round_trips_through_classify(edge_server, odd_artifact, good_
     names = odd_artifact[1]
     subset = [n for n in names if n in ODD_NAMES]
     body = json.dumps({"images": [b64(good_images[0])], "top_k": len(subset), "labels": subset})  # ensure_ascii
-    r = httpx.post(edge_server.url + "/v1/classify", content=body, headers={"content-type": "application/json"},
-                   timeout=30)
+    r = httpx.post(
+        edge_server.url + "/v1/classify", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 200, r.text
     got = json.loads(r.content)["results"][0]
     assert sorted(got["labels"]) == sorted(subset)
@@ -152,20 +181,35 @@ def test_lone_surrogate_and_bugs_render_as_json_in_process():
     from p4q_engine.serve.app import create_app
 
     names = ["ok", "lone \udc80 surrogate", "caf\u00e9"]
-    client = TestClient(create_app(SimpleNamespace(classnames=names, device="cpu", manifest={})),
-                        raise_server_exceptions=False)
+    client = TestClient(
+        create_app(SimpleNamespace(classnames=names, device="cpu", manifest={})), raise_server_exceptions=False
+    )
     r = client.get("/v1/labels")
     assert r.status_code == 200 and r.content.isascii() and json.loads(r.content) == {"labels": names}
     broken = TestClient(create_app(SimpleNamespace()), raise_server_exceptions=False)  # no classnames: a bug
     assert_error(broken.get("/v1/labels"), 500, "internal")
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/v1/labels/"), ("GET", "/healthz/"), ("GET", "/readyz/"),
-                                         ("GET", "/metrics/"), ("POST", "/v1/classify/"), ("POST", "/v1/embed/")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/labels/"),
+        ("GET", "/healthz/"),
+        ("GET", "/readyz/"),
+        ("GET", "/metrics/"),
+        ("POST", "/v1/classify/"),
+        ("POST", "/v1/embed/"),
+    ],
+)
 def test_trailing_slash_is_a_json_404_not_a_redirect(edge_server, method, path):
     """Starlette answered 307 with a Location built from the request's Host header."""
-    r = httpx.request(method, edge_server.url + path, headers={"host": "evil.example"}, follow_redirects=False,
-                      **({"json": {"images": []}} if method == "POST" else {}))
+    r = httpx.request(
+        method,
+        edge_server.url + path,
+        headers={"host": "evil.example"},
+        follow_redirects=False,
+        **({"json": {"images": []}} if method == "POST" else {}),
+    )
     assert_error(r, 404, "not_found")
     assert "location" not in r.headers
 
@@ -174,8 +218,12 @@ def test_big_integer_json_is_bad_json(edge_server, good_images):
     """int literals over Python's 4300-digit limit raise a ValueError that is not a JSONDecodeError (was a 500)."""
     url = edge_server.url + "/v1/classify"
     big = b"9" * 5000
-    bodies = [b'{"images": ["' + b64(good_images[0]).encode() + b'"], "top_k": ' + big + b"}",
-              b'{"images": [' + big + b"]}", b"[" + big + b"]", b'{"x": -' + big + b"}"]
+    bodies = [
+        b'{"images": ["' + b64(good_images[0]).encode() + b'"], "top_k": ' + big + b"}",
+        b'{"images": [' + big + b"]}",
+        b"[" + big + b"]",
+        b'{"x": -' + big + b"}",
+    ]
     for body in bodies:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert_error(r, 400, "bad_json")
@@ -190,10 +238,11 @@ def test_big_integer_json_is_bad_json(edge_server, good_images):
 def test_protocol_errors_are_json_and_counted(edge_server):
     """uvicorn answered malformed requests with a plain-text 400 that /metrics never counted."""
     before = httpx.get(edge_server.url + "/metrics").text
-    cases = [b"GARBAGE\r\n\r\n",  # not HTTP
-             b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",  # bad header value
-             b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n",  # head over 4096, one chunk
-             ]
+    cases = [
+        b"GARBAGE\r\n\r\n",  # not HTTP
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",  # bad header value
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n",  # head over 4096, one chunk
+    ]
     for raw in cases:
         with socket.create_connection(_addr(edge_server)) as s:
             s.sendall(raw)
@@ -211,10 +260,16 @@ def test_protocol_errors_are_json_and_counted(edge_server):
         out, _, _ = _read_until_closed(s, DROP_BOUND)
     _json_error(out, 400, "bad_request")
     after = httpx.get(edge_server.url + "/metrics").text
-    assert metric(after, "p4q_serve_errors_total", '{kind="bad_request"}') - metric(
-        before, "p4q_serve_errors_total", '{kind="bad_request"}') == 4
-    assert metric(after, "p4q_serve_requests_total", '{endpoint="other",status="400"}') - metric(
-        before, "p4q_serve_requests_total", '{endpoint="other",status="400"}') >= 3
+    assert (
+        metric(after, "p4q_serve_errors_total", '{kind="bad_request"}')
+        - metric(before, "p4q_serve_errors_total", '{kind="bad_request"}')
+        == 4
+    )
+    assert (
+        metric(after, "p4q_serve_requests_total", '{endpoint="other",status="400"}')
+        - metric(before, "p4q_serve_requests_total", '{endpoint="other",status="400"}')
+        >= 3
+    )
 
 
 # ---------------------------------------------------------------- slow and silent clients
@@ -284,7 +339,8 @@ def test_connection_limit_answers_json_503(edge_server):
     assert r.status_code == 200, r.text
     after = httpx.get(edge_server.url + "/metrics").text
     assert metric(after, "p4q_serve_errors_total", '{kind="overloaded"}') > metric(
-        before, "p4q_serve_errors_total", '{kind="overloaded"}')
+        before, "p4q_serve_errors_total", '{kind="overloaded"}'
+    )
 
 
 def test_good_requests_still_served(edge_server, good_images):
@@ -313,8 +369,10 @@ def test_sigterm_past_the_grace_period_answers_json_503(edge_servers, good_image
 
         def slow_body() -> None:
             with socket.create_connection(_addr(srv)) as s:
-                s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 1000\r\n\r\n{\"images\": [")
+                s.sendall(
+                    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 1000\r\n\r\n{"images": ['
+                )
                 out["slow"] = _read_until_closed(s, 30)
 
         def post(name: str, images: list[bytes]) -> None:
@@ -323,15 +381,20 @@ def test_sigterm_past_the_grace_period_answers_json_503(edge_servers, good_image
             except httpx.TransportError as e:
                 out[name] = e
 
-        threads = [threading.Thread(target=slow_body), threading.Thread(target=post, args=("queued", good_images[:1])),
-                   threading.Thread(target=post, args=("decoding", [big] * 32))]
+        threads = [
+            threading.Thread(target=slow_body),
+            threading.Thread(target=post, args=("queued", good_images[:1])),
+            threading.Thread(target=post, args=("decoding", [big] * 32)),
+        ]
         for t in threads:
             t.start()
         end = time.monotonic() + 20
         while time.monotonic() < end:  # until the worker holds the queued image and all three are being handled
             text = httpx.get(srv.url + "/metrics").text
-            if (metric(text, "p4q_serve_images_total", '{endpoint="/v1/classify"}') >= 1
-                    and metric(text, "p4q_serve_inflight_requests", "") - 1 >= 3):  # -1: this /metrics request
+            if (
+                metric(text, "p4q_serve_images_total", '{endpoint="/v1/classify"}') >= 1
+                and metric(text, "p4q_serve_inflight_requests", "") - 1 >= 3
+            ):  # -1: this /metrics request
                 break
             time.sleep(0.05)
         t0 = time.monotonic()
@@ -395,8 +458,13 @@ def test_shutdown_guard_answers_while_a_thread_holds_the_handler():
 
 
 def test_bad_connection_options_exit_2_with_one_line(artifact, capsys):
-    for args in (("--header-timeout-s", "0"), ("--timeout-keep-alive", "-1"), ("--limit-concurrency", "-2"),
-                 ("--max-header-bytes", "10"), ("--shutdown-grace-s", "-1")):
+    for args in (
+        ("--header-timeout-s", "0"),
+        ("--timeout-keep-alive", "-1"),
+        ("--limit-concurrency", "-2"),
+        ("--max-header-bytes", "10"),
+        ("--shutdown-grace-s", "-1"),
+    ):
         assert main(["serve", str(artifact), *args]) == 2, args
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("p4q: error:") and args[0] in lines[0], (args, lines)

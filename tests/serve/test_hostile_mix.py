@@ -3,6 +3,7 @@ and without a label subset) interleaved with every documented kind of bad one. N
 equals ``Engine.classify``, every bad one is its documented JSON error, ``/metrics`` reconciles with what the
 clients saw, and the server's peak RSS is read (the full 64-client run is ``benchmarks/serve_load.py --hostile-mix``,
 results in ``benchmarks/results/serve_hostile_cpu.md``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,15 @@ def test_hostile_mix_loses_nothing_and_answers_right(main_server, engine, good_i
     assert row["requests_issued"] == REQUESTS, row
     assert (row["lost"], row["wrong"]) == (0, 0), row["problems"]
     assert row["ok"] == REQUESTS
-    assert row["metrics_reconcile"], (row["statuses"], row["metrics_statuses"], row["error_kinds"],
-                                      row["metrics_error_kinds"])
+    assert row["metrics_reconcile"], (
+        row["statuses"],
+        row["metrics_statuses"],
+        row["error_kinds"],
+        row["metrics_error_kinds"],
+    )
     assert all(v["ok"] > 0 for v in row["by_case"].values())  # every case ran and was right
-    print(f"hostile mix: {REQUESTS} requests at {CLIENTS} clients in {row['wall_s']} s, server peak RSS "
-          f"{row['server_peak_rss_mib']} MiB")
+    print(
+        f"hostile mix: {REQUESTS} requests at {CLIENTS} clients in {row['wall_s']} s, server peak RSS "
+        f"{row['server_peak_rss_mib']} MiB"
+    )
     assert 0 < row["server_peak_rss_mib"] < 4096  # a tiny model: a sanity bound, not a measurement

@@ -1,4 +1,5 @@
 """Graceful stop of a real ``p4q serve`` process, and the command's one-line errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(servers, engine, good_
 
     async def run() -> tuple[list[httpx.Response], bool, int]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            tasks = [asyncio.create_task(c.post("/v1/classify", **files([good_images[2]], top_k="2")))
-                     for _ in range(8)]
+            tasks = [
+                asyncio.create_task(c.post("/v1/classify", **files([good_images[2]], top_k="2"))) for _ in range(8)
+            ]
             end = time.monotonic() + 20
             async with httpx.AsyncClient(base_url=url, timeout=5) as probe:
                 while time.monotonic() < end:  # wait until the server has queued all 8
@@ -55,8 +57,13 @@ def test_serve_bad_arguments_exit_2_with_one_line(artifact, tmp_path, capsys):
     """In-process (these fail before any server starts): one ``p4q: error:`` line and status 2."""
     corrupt = tmp_path / "corrupt.p4q"
     corrupt.write_bytes(b"not an artifact")
-    cases = [(str(tmp_path / "missing.p4q"),), (str(artifact), "--max-batch", "0"),
-             (str(artifact), "--max-queue", "0"), (str(artifact), "--timeout-s", "0"), (str(corrupt), "--port", "0")]
+    cases = [
+        (str(tmp_path / "missing.p4q"),),
+        (str(artifact), "--max-batch", "0"),
+        (str(artifact), "--max-queue", "0"),
+        (str(artifact), "--timeout-s", "0"),
+        (str(corrupt), "--port", "0"),
+    ]
     for args in cases:
         assert main(["serve", *args]) == 2, args
         lines = capsys.readouterr().err.strip().splitlines()

@@ -1,5 +1,6 @@
 """In-process checks of the serve building blocks (no HTTP): option parsing, ranking, and the batcher's batching
 and failure containment."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,21 @@ from p4q_engine.serve.inputs import ParsedRequest, check_labels, parse_top_k, pr
 from tests.serve.conftest import CLASSNAMES
 
 
-@pytest.mark.parametrize("value,ok", [(1, True), ("3", True), (" 7 ", True), (0, False), (-1, False),
-                                      ("x", False), (1.0, False), (True, False), (None, False), ([2], False)])
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        (1, True),
+        ("3", True),
+        (" 7 ", True),
+        (0, False),
+        (-1, False),
+        ("x", False),
+        (1.0, False),
+        (True, False),
+        (None, False),
+        ([2], False),
+    ],
+)
 def test_parse_top_k(value, ok):
     if ok:
         assert parse_top_k(value) == int(value)
@@ -27,8 +41,13 @@ def test_parse_top_k(value, ok):
 def test_check_labels():
     assert check_labels(None, CLASSNAMES) is None
     assert check_labels(["class 3", "class 1"], CLASSNAMES) == [3, 1]
-    for bad, kind in ((["zebra"], "unknown_label"), ([], "unknown_label"), (["class 1", "class 1"], "unknown_label"),
-                      ("class 1", "bad_request"), ([1], "bad_request")):
+    for bad, kind in (
+        (["zebra"], "unknown_label"),
+        ([], "unknown_label"),
+        (["class 1", "class 1"], "unknown_label"),
+        ("class 1", "bad_request"),
+        ([1], "bad_request"),
+    ):
         with pytest.raises(ServeError) as e:
             check_labels(bad, CLASSNAMES)
         assert e.value.kind == kind
