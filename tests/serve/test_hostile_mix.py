@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from benchmarks.serve_load import hostile_cases, run_hostile
+from benchmarks.serve_hostile import hostile_cases, run_hostile
 from tests.serve.conftest import MAX_BODY, MAX_PIXELS
 
 REQUESTS, CLIENTS = 200, 16
