@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.gpu_bench import bench_ms as _bench_ms
+from benchmarks.gpu_bench import env, log
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 #: (name, tokens, heads, head dim) of each model's attention.
@@ -42,27 +44,9 @@ BATCHES = (256, 64, 1)  # 256 first: the compiled peers' static graph is the hea
 BITS = ("8-8-8", "4-4-8")
 
 
-def log(*a) -> None:
-    print(*a, flush=True)
-
-
-def env() -> dict:
-    import triton
-
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-
-
 def bench_ms(fn, rep: int = 100) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+    """Median ms over ``rep`` ms of runs after 10 ms of warm-up (the timer of benchmarks/gpu_bench.py)."""
+    return _bench_ms(fn, warmup=10, rep=rep)
 
 
 # ------------------------------------------------------------------------------------------------ attention
