@@ -10,8 +10,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
 import re
 import signal
 import subprocess
@@ -23,12 +21,13 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import httpx
-import torch
 
 from benchmarks.serve_load import (
     REPO,
     RawClient,
     encode_http,
+    machine_line,
+    report_header,
 )
 from p4q_engine.runtime.engine import Engine
 
@@ -375,17 +374,8 @@ def hostile_main(
         flush=True,
     )
     report = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "artifact": description,
-        "artifact_info": info,
+        **report_header(command, description, info, image_desc),
         "code": code_state(),
-        "images": image_desc,
         "server": {
             "command": cmd,
             "max_body_bytes": args.max_body_bytes,
@@ -404,9 +394,7 @@ def hostile_main(
         "",
         f"- command: `{command}`",
         f"- date: {report['date']}",
-        f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
-        f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-        "(the machine is shared with other work; the clients run on it too)",
+        machine_line(report) + "(the machine is shared with other work; the clients run on it too)",
         f"- code: {report['code']}",
         f"- artifact: {description}; {len(engine.classnames)} classes",
         f"- images: {image_desc}",

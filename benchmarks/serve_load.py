@@ -135,6 +135,30 @@ def make_images(n: int, source: str) -> tuple[list[bytes], str]:
     return out, f"{n} random-noise RGB images, 32..64 px per side (PNG)"
 
 
+def report_header(command: str, description: dict, info: dict, image_desc: str) -> dict:
+    """What every serve report records first: the command, when, on what machine, and which artifact and images."""
+    return {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "artifact": description,
+        "artifact_info": info,
+        "images": image_desc,
+    }
+
+
+def machine_line(report: dict) -> str:
+    """The report's machine line in Markdown (the clients share the machine)."""
+    return (
+        f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
+        f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -494,20 +518,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     report = {
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **report_header(command, description, info, image_desc),
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "artifact": description,
-        "artifact_info": info,
         "expected_from": f"Engine.classify(top_k=1) on the CPU, loaded from the same artifact file the server "
         f"serves (sha256 {info['sha256']})",
         "classes": len(engine.classnames),
-        "images": image_desc,
         "expected_label_spread": len({label for label, _ in expected}),
         "server": {
             "url": url if args.url else "own subprocess on 127.0.0.1",
@@ -532,9 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "",
         f"- command: `{command}`",
         f"- date: {report['date']}",
-        f"- machine: {os.cpu_count()} CPUs, {report['platform']}, Python {report['python']}, torch "
-        f"{torch.__version__}; 1/5/15-min load average at the end {report['load_average_at_end']} "
-        "(the machine is shared)" + (f"; GPU {report['gpu']}" if report.get("gpu") else ""),
+        machine_line(report) + "(the machine is shared)" + (f"; GPU {report['gpu']}" if report.get("gpu") else ""),
         f"- artifact: {description}; {len(engine.classnames)} classes",
         f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
         f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
