@@ -85,6 +85,8 @@ def markdown(res: dict) -> str:
         "* **artifact**: the `.p4q` file: image tower (packed) + class features + manifest — what serving loads.",
         "* **whole CLIP**: both towers at the same bits (codes + fp32 per-channel scales), as the paper's Size "
         "column counts it (the paper's MB are MiB).",
+        "* Other ViTs (B/16, L/14, L/14-336, H/14) beside bf16: [size_models.md](size_models.md) "
+        "(`benchmarks/model_sizes.py`).",
         "",
         "| bits | scope | artifact MiB | vs fp32 artifact | whole CLIP MiB | paper MiB | whole/paper |",
         "|---|---|---|---|---|---|---|",
