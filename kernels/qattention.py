@@ -43,6 +43,15 @@ class AttnSites:
 
 
 @triton.jit
+def _store_out(optr, acc, pv_scale, so, zo, mask, O_QMAX: tl.constexpr):
+    """Integer ``p v`` accumulator -> output codes of the out_proj input site (shifted int8), both kernels."""
+    y = acc.to(tl.float32) * pv_scale
+    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
+    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
+    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _qattention_kernel(
     qkv_ptr,
     out_ptr,
@@ -104,11 +113,8 @@ def _qattention_kernel(
     o = tl.dot(ps, v, out_dtype=tl.int32)
     o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
     o += BLOCK_L * cp * cv
-    y = o.to(tl.float32) * pv_scale
-    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
-    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=m2)
+    _store_out(optr, o, pv_scale, so, zo, m2, O_QMAX)
 
 
 @triton.jit
@@ -223,11 +229,8 @@ def _qattention_tiled_kernel(
         vmask = (keys < L)[:, None] & d_mask[None, :]
         v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=vmask, other=-cv).to(tl.int32) + cv
         acc += tl.dot(pf, v.to(tl.float16), out_dtype=tl.float32).to(tl.int32)
-    y = acc.to(tl.float32) * pv_scale
-    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
-    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=r_mask[:, None] & d_mask[None, :])
+    _store_out(optr, acc, pv_scale, so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
 
 
 def _f32_product(a: float, b: float) -> float:
