@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .tuning import TileConfig, pick_config
 
 
 @dataclass
@@ -215,7 +218,9 @@ def _qattention_tiled_kernel(
     # has e = 0, hence u = z_p: it adds (u - z_p) * (v - z_v) = 0 to the output with no select.
     inv = 1.0 / (den * sp)
     bias = zpp + 0.5
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
+    # |acc| <= (255 + L / 2) * 255 < 2^24 for L <= 1025 (the codes of a row sum to ~1 / s_p plus rounding): every
+    # partial sum is an integer exact in fp32, so the tensor core accumulates across key blocks in place
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         keys = n0 + cols
         logits = _block_logits(
@@ -228,9 +233,9 @@ def _qattention_tiled_kernel(
         pf = (pu - zpp).to(tl.float16)
         vmask = (keys < L)[:, None] & d_mask[None, :]
         v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=vmask, other=-cv).to(tl.int32) + cv
-        acc += tl.dot(pf, v.to(tl.float16), out_dtype=tl.float32).to(tl.int32)
+        acc = tl.dot(pf, v.to(tl.float16), acc, out_dtype=tl.float32)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-    _store_out(optr, acc, pv_scale, so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
+    _store_out(optr, acc.to(tl.int32), pv_scale, so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
 
 
 def _f32_product(a: float, b: float) -> float:
@@ -246,10 +251,26 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 #: Longest sequence the single-tile kernel takes; longer ones use the tiled kernel.
 SHORT_MAX_L = 128
-#: Tiled kernel: query rows per program and keys per step (tensor-core friendly; tuned on an H200, see
-#: benchmarks/results).
+#: Longest sequence the tiled kernel's exact fp32 P.V accumulation covers (|acc| < 2^24, see the kernel).
+TILED_MAX_L = 4096
+#: Tiled kernel without tuning (interpreter, ``P4Q_AUTOTUNE=0``): query rows per program and keys per step.
 TILED_BLOCK_M = 64
 TILED_BLOCK_N = 64
+#: Tiled-kernel candidates (block_m, block_n, -, -, warps, stages): the 2026-12-01 H200 sweep's winners per length
+#: (128/64/8 at 197 and 577 tokens, 64/32/4 at 257) and their neighbours; tuned per (batch x heads bucket, L, head
+#: dim) like the GEMMs, shipped tables first (``kernels/tuning.py``).
+ATTN_CANDIDATES: tuple[TileConfig, ...] = tuple(
+    TileConfig(bm, bn, 64, 1, nw, st, "attn")
+    for bm, bn, nw, st in (
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (64, 32, 4, 2),
+        (128, 32, 8, 2),
+        (64, 64, 4, 3),
+        (128, 128, 8, 2),
+    )
+)
 
 
 def _scalar_args(sites: AttnSites, hd: int) -> tuple:
@@ -273,15 +294,17 @@ def qattention(
     heads: int,
     sites: AttnSites,
     causal: bool = False,
-    num_warps: int = 4,
+    num_warps: Optional[int] = None,
     kernel: str = "auto",
-    block_m: int = TILED_BLOCK_M,
-    block_n: int = TILED_BLOCK_N,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    config: Optional[TileConfig] = None,
 ) -> torch.Tensor:
     """``qkv``: shifted int8 codes ``[B, L, 3D]``; returns the out_proj input codes ``[B, L, D]`` (shifted int8).
 
-    ``kernel``: ``"short"`` (one tile per (image, head), L <= 128), ``"tiled"`` (any L), or ``"auto"`` (short when
-    it fits)."""
+    ``kernel``: ``"short"`` (one tile per (image, head), L <= 128), ``"tiled"`` (L <= 4096), or ``"auto"`` (short
+    when it fits). The tiled kernel's tile is tuned per shape unless ``block_m``/``block_n``/``num_warps`` are
+    given."""
     if qkv.dtype != torch.int8 or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
         raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
     if kernel not in ("auto", "short", "tiled"):
@@ -293,6 +316,8 @@ def qattention(
     short = length <= SHORT_MAX_L if kernel == "auto" else kernel == "short"
     if short and length > SHORT_MAX_L:
         raise ValueError(f"the short qattention kernel takes L <= {SHORT_MAX_L}, got L={length}")
+    if length > TILED_MAX_L:
+        raise ValueError(f"qattention takes L <= {TILED_MAX_L} (exact fp32 P.V accumulation), got L={length}")
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
     if bsz == 0 or length == 0:
         return out
@@ -317,23 +342,39 @@ def qattention(
             BLOCK_D=_pow2(hd),
             CAUSAL=causal,
             **qmax,
-            num_warps=num_warps,
+            num_warps=num_warps or 4,
             num_stages=1,
         )
-    else:
-        grid = (bsz * heads, triton.cdiv(length, block_m))
-        _qattention_tiled_kernel[grid](
-            *common,
-            HD=hd,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=_pow2(hd),
-            CAUSAL=causal,
-            **qmax,
-            num_warps=num_warps,
-            num_stages=2,
-        )
+        return out
+    cfg = config or _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps)
+    _qattention_tiled_kernel[(bsz * heads, triton.cdiv(length, cfg.block_m))](
+        *common,
+        HD=hd,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=_pow2(hd),
+        CAUSAL=causal,
+        **qmax,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out
+
+
+def _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps) -> TileConfig:
+    """The tiled kernel's tile: explicit arguments, else the tuned (or shipped) one for this shape."""
+    if block_m is not None or block_n is not None or num_warps is not None:
+        return TileConfig(block_m or TILED_BLOCK_M, block_n or TILED_BLOCK_N, 64, 1, num_warps or 4, 2, "attn")
+    bsz, length, d3 = qkv.shape
+    if qkv.device.type != "cuda":
+        return TileConfig(TILED_BLOCK_M, TILED_BLOCK_N, 64, 1, 4, 2, "attn")
+
+    def bench(c: TileConfig) -> None:
+        qattention(qkv, heads, sites, causal, kernel="tiled", config=c)
+
+    name = "qattn-tiled" + ("-causal" if causal else "")
+    hd = d3 // 3 // heads
+    return pick_config(name, bsz * heads, length, hd, sites.p_bits, qkv.device, bench, ATTN_CANDIDATES, fit_m=length)
 
 
 def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ definition the tests compare against (integer accumulator bit-exact; float epilo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -29,66 +29,12 @@ import triton
 import triton.language as tl
 
 from .tuning import GPU_CANDIDATES, TileConfig, pick_config
+from .weight_layout import PLANES as _PLANES
+from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
+
+__all__ = ["PackedWeight", "Requant", "qgemm", "qgemm_reference", "tma_eligible"]
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "quick_gelu": 2}
-_PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 8: (8, 0)}
-
-
-@dataclass
-class PackedWeight:
-    """A packed weight on the device: planes, per-channel scales, column sums of the signed codes."""
-
-    planes: list[torch.Tensor]  # int32 [N, ceil(K / (32 / width))] per plane
-    scale: torch.Tensor  # float32 [N]
-    colsum: torch.Tensor  # int32 [N]: sum_k code[n, k]
-    bits: int
-    n: int
-    k: int
-    direct: Optional[torch.Tensor] = None  # int8 codes [N, K] for 8-bit weights: no unpacking in the main loop
-
-    def __post_init__(self) -> None:
-        # Rows of words padded with zero words to a multiple of 4 (16 bytes), as TMA requires of row strides; the
-        # artifact keeps its exact layout, only this device copy is padded (padding codes meet K-masked or
-        # zero-padded activations, so they never reach the accumulator).
-        self.planes = [_pad_words(p) for p in self.planes]
-        if self.bits == 8 and self.direct is None:
-            from p4q_engine.artifact.bitpack import unpack_reference
-
-            stored = unpack_reference([p.cpu() for p in self.artifact_planes()], 8, self.k)
-            self.direct = (stored.to(torch.int16) - 128).to(torch.int8).to(self.planes[0].device).contiguous()
-
-    def artifact_planes(self) -> list[torch.Tensor]:
-        """The planes without the device padding: exactly the artifact's words."""
-        return [p[:, : -(-self.k // (32 // w))] for p, w in zip(self.planes, (x for x in _PLANES[self.bits] if x))]
-
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> "PackedWeight":
-        """Pack signed int8 codes ``[N, K]`` (on any device) with the artifact layout."""
-        from p4q_engine.artifact.bitpack import pack_reference
-
-        offset = 1 << (bits - 1)
-        stored = (codes.cpu().to(torch.int16) + offset).to(torch.uint8)
-        planes = [p.to(codes.device) for p in pack_reference(stored, bits)]
-        colsum = codes.to(torch.int32).sum(dim=1).to(torch.int32)
-        return cls(planes, scale.float().contiguous(), colsum.contiguous(), bits, codes.shape[0], codes.shape[1])
-
-
-def _pad_words(p: torch.Tensor) -> torch.Tensor:
-    kw = p.shape[1]
-    if kw % 4 == 0:
-        return p.contiguous()
-    return torch.nn.functional.pad(p, (0, 4 - kw % 4)).contiguous()
-
-
-@triton.jit
-def _unpack_tile(wp, offs_n, n_mask, kw0, KW, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Stored codes of a [BLOCK_K, BLOCK_N] tile from one bit plane (int32 words, LSB-first along K)."""
-    PER: tl.constexpr = 32 // WIDTH
-    offs_w = kw0 + tl.arange(0, BLOCK_K // PER)
-    words = tl.load(wp + offs_n[None, :] * KW + offs_w[:, None], mask=n_mask[None, :] & (offs_w[:, None] < KW), other=0)
-    shifts = tl.arange(0, PER) * WIDTH
-    vals = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
-    return tl.reshape(vals, (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -100,7 +46,7 @@ def _qgemm_kernel(
     wscale_ptr,
     bias_ptr,
     res_ptr,
-    oscale_ptr,
+    oinv_ptr,
     ozp_ptr,
     out_ptr,
     M,
@@ -117,6 +63,9 @@ def _qgemm_kernel(
     W1: tl.constexpr,
     OFFSET: tl.constexpr,
     DIRECT8: tl.constexpr,
+    NIB: tl.constexpr,
+    SWAP: tl.constexpr,
+    SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
@@ -140,23 +89,53 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     PER0: tl.constexpr = 32 // W0
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0
-        )
-        if DIRECT8:  # 8-bit weights as plain int8 [N, K]: a straight tile load the compiler can pipeline
-            b = tl.load(wp0 + offs_n[None, :] * K + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0)
-        else:
-            u = _unpack_tile(wp0, offs_n, n_mask, k0 // PER0, KW0, W0, BLOCK_K, BLOCK_N)
-            if W1 > 0:
-                PER1: tl.constexpr = 32 // W1
-                u = u | (_unpack_tile(wp1, offs_n, n_mask, k0 // PER1, KW1, W1, BLOCK_K, BLOCK_N) << W0)
-            b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
-        acc += tl.dot(a, b, out_dtype=tl.int32)
+    if NIB > 0:  # interleaved low-bit bytes [N, Kp / FIELDS]: one byte tile per K group, one field per dot
+        FIELDS: tl.constexpr = 8 // NIB
+        offs_s = tl.arange(0, SUB)
+        for g0 in range(0, K, SUB * FIELDS):
+            wb = tl.load(wp0 + offs_n[:, None] * KW0 + (g0 // FIELDS + offs_s)[None, :], mask=n_mask[:, None], other=0)
+            for i in tl.static_range(FIELDS):
+                offs_k = g0 + i * SUB + offs_s
+                a = tl.load(
+                    a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0,
+                )
+                acc = _mma(acc, a, _field(wb, i, NIB), SWAP)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a = tl.load(
+                a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0
+            )
+            if DIRECT8:  # 8-bit weights as plain int8 [N, K]: a straight tile load the compiler can pipeline
+                if SWAP:
+                    w = tl.load(
+                        wp0 + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0
+                    )
+                    acc = _mma(acc, a, w, SWAP)
+                else:
+                    b = tl.load(
+                        wp0 + offs_n[None, :] * K + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0
+                    )
+                    acc += tl.dot(a, b, out_dtype=tl.int32)
+            else:  # the artifact's planes, unpacked here (P4Q_WEIGHT_LAYOUT=planes, or K beyond the nib layouts)
+                u = _unpack_tile(wp0, offs_n, n_mask, k0 // PER0, KW0, W0, BLOCK_K, BLOCK_N)
+                if W1 > 0:
+                    PER1: tl.constexpr = 32 // W1
+                    u = u | (_unpack_tile(wp1, offs_n, n_mask, k0 // PER1, KW1, W1, BLOCK_K, BLOCK_N) << W0)
+                b = tl.where(k_mask[:, None], u - OFFSET, 0).to(tl.int8)
+                acc += tl.dot(a, b, out_dtype=tl.int32)
+    if SWAP:
+        acc = tl.trans(acc)
+    if NIB > 0:
+        acc = acc >> (8 - NIB)  # exact: every term was a multiple of 2^(8 - NIB)
 
     _epilogue(
         acc,
@@ -168,7 +147,7 @@ def _qgemm_kernel(
         wscale_ptr,
         bias_ptr,
         res_ptr,
-        oscale_ptr,
+        oinv_ptr,
         ozp_ptr,
         out_ptr,
         stride_rm,
@@ -194,7 +173,7 @@ def _epilogue(
     wscale_ptr,
     bias_ptr,
     res_ptr,
-    oscale_ptr,
+    oinv_ptr,
     ozp_ptr,
     out_ptr,
     stride_rm,
@@ -231,20 +210,13 @@ def _epilogue(
         if OUT_MODE == 1:  # float output
             tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:  # requantize to the next site, shifted int8 codes
-            osc = tl.load(oscale_ptr + offs_n, mask=n_mask, other=1.0)
+            # y * (1 / s) instead of y / s: no per-element division; the two differ by an ulp or two of y / s
+            # (<= 255 + zp), far inside the tie rule's TIE_EPS, so only codes on a float tie can move
+            inv = tl.load(oinv_ptr + offs_n, mask=n_mask, other=1.0)
             ozp = tl.load(ozp_ptr + offs_n, mask=n_mask, other=0)
-            q = tl.floor(tl.math.div_rn(y, osc[None, :]) + 0.5) + ozp[None, :].to(tl.float32)
+            q = tl.floor(y * inv[None, :] + 0.5) + ozp[None, :].to(tl.float32)
             q = tl.minimum(tl.maximum(q, 0.0), OUT_QMAX)
             tl.store(out_ptr + out_offs, (q.to(tl.int32) - 128).to(tl.int8), mask=o_mask)
-
-
-@triton.jit
-def _unpack_rows(words, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Stored codes ``[BLOCK_N, BLOCK_K]`` from a ``[BLOCK_N, BLOCK_K / per]`` tile of words (LSB-first along K)."""
-    PER: tl.constexpr = 32 // WIDTH
-    shifts = tl.arange(0, PER) * WIDTH
-    vals = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WIDTH) - 1)
-    return tl.reshape(vals, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -256,7 +228,7 @@ def _qgemm_tma_kernel(
     wscale_ptr,
     bias_ptr,
     res_ptr,
-    oscale_ptr,
+    oinv_ptr,
     ozp_ptr,
     out_ptr,
     M,
@@ -270,6 +242,9 @@ def _qgemm_tma_kernel(
     W1: tl.constexpr,
     OFFSET: tl.constexpr,
     DIRECT8: tl.constexpr,
+    NIB: tl.constexpr,
+    SWAP: tl.constexpr,
+    SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
@@ -297,17 +272,34 @@ def _qgemm_tma_kernel(
         size_m = min(num_m - first_m, GROUP_M)
         off_m = (first_m + (tile % group) % size_m) * BLOCK_M
         off_n = ((tile % group) // size_m) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for kt in range(k_tiles):
-            a = a_desc.load([off_m, kt * BLOCK_K])
-            if DIRECT8:
-                w = w_desc0.load([off_n, kt * BLOCK_K])
-            else:
-                u = _unpack_rows(w_desc0.load([off_n, kt * (BLOCK_K // PER0)]), W0, BLOCK_N, BLOCK_K)
-                if W1 > 0:
-                    u = u | (_unpack_rows(w_desc1.load([off_n, kt * (BLOCK_K // PER1)]), W1, BLOCK_N, BLOCK_K) << W0)
-                w = (u - OFFSET).to(tl.int8)
-            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if NIB > 0:
+            FIELDS: tl.constexpr = 8 // NIB
+            for g in range(tl.cdiv(K, SUB * FIELDS)):
+                wb = w_desc0.load([off_n, g * SUB])
+                for i in tl.static_range(FIELDS):
+                    a = a_desc.load([off_m, g * SUB * FIELDS + i * SUB])
+                    acc = _mma(acc, a, _field(wb, i, NIB), SWAP)
+        else:
+            for kt in range(k_tiles):
+                a = a_desc.load([off_m, kt * BLOCK_K])
+                if DIRECT8:
+                    w = w_desc0.load([off_n, kt * BLOCK_K])
+                else:
+                    u = _unpack_rows(w_desc0.load([off_n, kt * (BLOCK_K // PER0)]), W0, BLOCK_N, BLOCK_K)
+                    if W1 > 0:
+                        u = u | (
+                            _unpack_rows(w_desc1.load([off_n, kt * (BLOCK_K // PER1)]), W1, BLOCK_N, BLOCK_K) << W0
+                        )
+                    w = (u - OFFSET).to(tl.int8)
+                acc = _mma(acc, a, w, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+        if NIB > 0:
+            acc = acc >> (8 - NIB)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         _epilogue(
@@ -320,7 +312,7 @@ def _qgemm_tma_kernel(
             wscale_ptr,
             bias_ptr,
             res_ptr,
-            oscale_ptr,
+            oinv_ptr,
             ozp_ptr,
             out_ptr,
             stride_rm,
@@ -342,6 +334,11 @@ class Requant:
     scale: torch.Tensor  # float32 [N]
     zero_point: torch.Tensor  # int32 [N]
     bits: int = 8
+    #: float32 ``1 / scale``, what the epilogue multiplies by (computed once here, never inside a CUDA graph)
+    inv_scale: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.inv_scale = (1.0 / self.scale.float()).contiguous()
 
 
 def qgemm(
@@ -377,14 +374,18 @@ def qgemm(
 
         kind = kernel_choice()
         cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
+        cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
         # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours
         # other tiles
         out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
+        layout = w.layout.name if w.interleaved is not None or w.direct is not None else "planes"
         name = (
-            ("qgemm" if kind == "auto" else f"qgemm-{kind}") + f"-{out_tag}" + ("-res" if residual is not None else "")
+            ("qgemm" if kind == "auto" else f"qgemm-{kind}")
+            + f"-{layout}-{out_tag}"
+            + ("-res" if residual is not None else "")
         )
         config = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
-    cfg = config
+    cfg = effective_config(config, w)
     w0, w1 = _PLANES[w.bits]
     epi = dict(
         HAS_BIAS=bias is not None,
@@ -399,24 +400,33 @@ def qgemm(
         w.scale,
         bias if bias is not None else dummy,
         residual if residual is not None else dummy,
-        requant.scale if requant is not None else dummy,
+        requant.inv_scale if requant is not None else dummy,
         requant.zero_point if requant is not None else w.colsum,
         out,
     )
     res_stride = residual.stride(0) if residual is not None else 0
     direct = w.direct is not None
+    nib = w.interleaved is not None
+    planes = not (direct or nib)
+    consts = dict(  # plane widths and offset only where the plane path reads them: 3- and 4-bit share kernels
+        W0=w0 if planes else 8,
+        W1=w1 if planes else 0,
+        OFFSET=1 << (w.bits - 1) if planes else 0,
+        DIRECT8=direct,
+        NIB=w.layout.lane if nib else 0,
+        SWAP=cfg.swap and (direct or nib),  # the plane path keeps its one orientation
+        SUB=SUB_K,
+        **epi,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-        if direct:
-            w_desc0 = w_desc1 = TensorDescriptor.from_tensor(w.direct, [cfg.block_n, cfg.block_k])
-        else:
-            w_desc0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
-            w_desc1 = (
-                TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1 else w_desc0
-            )
+        a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
         programs = min(tiles, _num_programs(a.device))
         _qgemm_tma_kernel[(programs,)](
             a_desc,
@@ -430,49 +440,58 @@ def qgemm(
             out.stride(0),
             float(a_scale),
             int(128 - a_zp),
-            W0=w0,
-            W1=w1,
-            OFFSET=1 << (w.bits - 1),
-            DIRECT8=direct,
-            **epi,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
+            **consts,
             num_programs=programs,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
         )
         return out
-    wp1 = w.planes[1] if w1 else w.planes[0]
+    wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
+    wp1 = w.planes[1] if w1 and not nib else wp0
     _qgemm_kernel[(tiles,)](
         a,
-        w.direct if direct else w.planes[0],
+        wp0,
         wp1,
         *ptrs,
         m,
         n,
         k,
-        w.planes[0].shape[1],
+        wp0.shape[1],
         wp1.shape[1],
         a.stride(0),
         res_stride,
         out.stride(0),
         float(a_scale),
         int(128 - a_zp),
-        W0=w0,
-        W1=w1,
-        OFFSET=1 << (w.bits - 1),
-        DIRECT8=direct,
-        **epi,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **consts,
     )
     return out
+
+
+def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
+    """What a candidate means for this weight: the interleaved layouts fix the K step (one group of
+    ``SUB_K * fields``), so candidates that differ only in ``block_k`` are the same kernel there (tuned once);
+    ``swap`` has no effect on the artifact-plane path."""
+    if w.interleaved is not None:
+        return replace(cfg, block_k=w.layout.group)
+    if w.direct is None and cfg.swap:
+        return replace(cfg, swap=False)
+    return cfg
+
+
+def _descriptors(a: torch.Tensor, w: PackedWeight, cfg: TileConfig):
+    """TMA descriptors of A and the weight for ``cfg`` (A's box is one sub-tile wide for the interleaved layouts)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    w0, w1 = _PLANES[w.bits]
+    if w.interleaved is not None:
+        desc = TensorDescriptor.from_tensor(w.interleaved, [cfg.block_n, SUB_K])
+        return TensorDescriptor.from_tensor(a, [cfg.block_m, SUB_K]), desc, desc
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    if w.direct is not None:
+        desc = TensorDescriptor.from_tensor(w.direct, [cfg.block_n, cfg.block_k])
+        return a_desc, desc, desc
+    d0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
+    d1 = TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1 else d0
+    return a_desc, d0, d1
 
 
 def kernel_choice() -> str:
@@ -497,6 +516,8 @@ def tma_eligible(a: torch.Tensor, w: PackedWeight, cfg: TileConfig) -> bool:
         return False
     if w.direct is not None:
         return _aligned(w.direct)
+    if w.interleaved is not None:
+        return _aligned(w.interleaved)
     widths = [x for x in _PLANES[w.bits] if x]
     # each plane's box must be >= 16 bytes wide: block_k / (32 / width) words of 4 bytes
     return all(_aligned(p) and cfg.block_k * wd // 32 >= 4 for p, wd in zip(w.planes, widths))

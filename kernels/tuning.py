@@ -1,9 +1,12 @@
 """Tile configurations for the Triton kernels, autotuned once per (GPU, shape bucket, bits) and cached on disk.
 
-Nothing is tuned at import time; ``P4Q_AUTOTUNE=0`` turns timing off altogether (first fitting candidate). The first
-call of a kernel at a new key times a small candidate list with ``triton.testing.do_bench`` and stores the winner in
-memory and in a JSON file (``$P4Q_TUNE_CACHE`` or ``~/.cache/p4q_engine/tuning.json``), so later processes start
-with the tuned configuration. Under ``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
+Nothing is tuned at import time; ``P4Q_AUTOTUNE=0`` turns timing off altogether (first fitting candidate). Lookup
+order: the tables shipped in the package (``kernels/tuned/*.json``: one file per GPU, tuned on that GPU by
+``benchmarks/tune_tables.py``; a file may name other GPUs it is applied to, e.g. an H100 using the H200's table), then
+this machine's cache (``$P4Q_TUNE_CACHE`` or ``~/.cache/p4q_engine/tuning.json``, whose entries override the
+shipped ones). A key in neither is tuned on first use: a small candidate list timed with ``triton.testing.do_bench``,
+the winner stored in memory and in the cache file, so later processes start tuned. Under ``TRITON_INTERPRET=1``
+(CPU) a single small configuration is used.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class TileConfig:
     #: "ptr": one program per output tile, pointer loads; "tma": persistent programs, TMA tensor-descriptor loads
     #: (Hopper), the next tile's loads overlapping this tile's epilogue. Both compute the same integers.
     kernel: str = "ptr"
+    #: weight as the left tensor-core operand (``acc^T += w a^T``): output channels on the 64-row side, for small M,
+    #: and a weight tile built in registers (interleaved low-bit layouts) needs no trip through shared memory
+    swap: bool = False
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
@@ -59,11 +65,25 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(256, 128, 128, 8, 8, 3, "tma"),
     TileConfig(128, 256, 64, 8, 8, 4, "tma"),
     TileConfig(64, 128, 128, 8, 4, 4, "tma"),
+    # swapped operands (weights on the left): small M, and the low-bit layouts' register-built weight tiles
+    TileConfig(16, 64, 128, 8, 4, 4, swap=True),
+    TileConfig(32, 128, 128, 8, 4, 4, swap=True),
+    TileConfig(64, 128, 128, 8, 4, 3, swap=True),
+    TileConfig(16, 128, 128, 8, 4, 4, swap=True),
+    TileConfig(128, 128, 128, 8, 8, 3, "tma", swap=True),
+    TileConfig(64, 128, 128, 8, 4, 4, "tma", swap=True),
+    TileConfig(128, 256, 128, 8, 8, 3, "tma", swap=True),
 )
 
 _lock = threading.Lock()
-_memory: dict[str, TileConfig] = {}
+_memory: dict[str, TileConfig] = {}  # shipped tables, then this machine's cache and what this process tuned
+_user: dict[str, TileConfig] = {}  # what the cache file holds (written back; shipped entries never are)
 _loaded = False
+
+
+#: Tables shipped with the package: ``{"gpu": name, "applies_to": [other names], "measured": "...", "configs":
+#: {"<kernel>|m<bucket>|n<N>|k<K>|b<bits>": TileConfig fields}}``.
+SHIPPED_DIR = Path(__file__).with_name("tuned")
 
 
 def cache_path() -> Path:
@@ -82,14 +102,32 @@ def _key(name: str, m: int, n: int, k: int, bits: int, device: torch.device) -> 
     return f"{gpu}|{name}|m{_m_bucket(m)}|n{n}|k{k}|b{bits}"
 
 
+def load_shipped(directory: Optional[Path] = None) -> dict[str, TileConfig]:
+    """Every shipped table as ``{full key: config}``; an unreadable file is skipped (tuning covers its keys)."""
+    out: dict[str, TileConfig] = {}
+    for path in sorted((directory or SHIPPED_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            gpus = [data["gpu"], *data.get("applies_to", [])]
+            configs = {k: TileConfig(**v) for k, v in data["configs"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+        for gpu in gpus:
+            out.update({f"{gpu}|{k}": c for k, c in configs.items()})
+    return out
+
+
 def _load_file() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
+    _memory.update(load_shipped())
     try:
         data = json.loads(cache_path().read_text())
-        _memory.update({k: TileConfig(**v) for k, v in data.items()})
+        entries = {k: TileConfig(**v) for k, v in data.items()}
+        _user.update(entries)
+        _memory.update(entries)
     except (OSError, ValueError, TypeError, AttributeError):  # unreadable, not JSON, not {key: config}
         pass
 
@@ -99,7 +137,7 @@ def _save_file() -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in _memory.items()}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in _user.items()}, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs re-tuning in the next process
@@ -118,8 +156,11 @@ def pick_config(
     device: torch.device,
     bench: Optional[Callable[[TileConfig], None]] = None,
     candidates: tuple[TileConfig, ...] = GPU_CANDIDATES,
+    fit_m: Optional[int] = None,
 ) -> TileConfig:
-    """The cached best configuration for this key, tuning it with ``bench`` on first use."""
+    """The cached best configuration for this key, tuning it with ``bench`` on first use. A candidate's ``block_m``
+    must fit ``fit_m`` (default ``m``; attention tiles its sequence length, not its batch x heads)."""
+    fit_m = m if fit_m is None else fit_m
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
         return INTERPRET_CONFIG
     key = _key(name, m, n, k, bits, device)
@@ -127,7 +168,7 @@ def pick_config(
         _load_file()
         if key in _memory:
             return _memory[key]
-    fitting = [c for c in candidates if _fits(c, m)] or [candidates[0]]
+    fitting = [c for c in candidates if _fits(c, fit_m)] or [candidates[0]]
     if bench is None:
         return fitting[0]
     if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
@@ -143,7 +184,7 @@ def pick_config(
     import triton
 
     best, best_t = candidates[0], float("inf")
-    for cfg in (c for c in candidates if _fits(c, m)):
+    for cfg in fitting:
         try:
             t = triton.testing.do_bench(lambda: bench(cfg), warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not compile or fit in shared memory is skipped
@@ -151,6 +192,6 @@ def pick_config(
         if t < best_t:
             best, best_t = cfg, t
     with _lock:
-        _memory[key] = best
+        _memory[key] = _user[key] = best
         _save_file()
     return best

@@ -81,7 +81,7 @@ class KernelEngine(Engine):
             bits,
             codes.shape[0],
             codes.shape[1],
-            direct=codes.to(self.device).contiguous() if bits == 8 else None,
+            codes=codes.to(self.device),  # the main loop's layout is built from them (kernels/weight_layout.py)
         )
         return KLinear(pw, None, bias, site)
 

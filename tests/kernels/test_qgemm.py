@@ -23,6 +23,7 @@ import triton
 from p4q_engine.kernels import qgemm as qgemm_mod
 from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm, qgemm_reference, tma_eligible
 from p4q_engine.kernels.tuning import GPU_CANDIDATES, TileConfig
+from p4q_engine.kernels.weight_layout import LAYOUTS, unpack_interleaved
 
 from p4q_engine.quant.ties import assert_codes_equal_or_ties
 
@@ -91,12 +92,21 @@ def assert_codes_match(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor, rq
 A_SITES = ((8, 0), (8, 128), (8, 255), (8, 37), (4, 0), (4, 15))
 
 
+@pytest.fixture(params=["nib", "planes"])
+def layout(request, monkeypatch) -> str:
+    """Both main loops of low-bit weights: the interleaved device layout (default) and the artifact's planes."""
+    monkeypatch.setenv("P4Q_WEIGHT_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_raw_accumulator_bit_exact(poison, device, bits, shape):
+def test_raw_accumulator_bit_exact(poison, device, layout, bits, shape):
     """The int32 accumulator equals the exact integer ``sum (a_u - zp) * code`` for every activation site. The
     sentinel is beyond any reachable accumulator (|acc| <= 160 * 255 * 128 here), so one run detects every
     unwritten element."""
+    if bits == 8 and layout == "planes":
+        pytest.skip("8-bit weights always take the direct int8 path (its plane path: test_8bit_packed_planes_path)")
     m, n, k = shape
     for a_bits, a_zp in A_SITES:
         g = gen("raw", bits, shape, a_bits, a_zp)
@@ -122,6 +132,9 @@ def test_packed_weight_layout_matches_artifact_packer():
             assert p.shape[1] % 4 == 0 and p.shape[1] - q.shape[1] < 4 and not p[:, q.shape[1] :].any()
         assert torch.equal(w.colsum, codes.to(torch.int32).sum(1))
         assert (w.direct is not None) == (bits == 8)
+        assert (w.interleaved is not None) == (bits < 8)
+        if bits < 8:
+            assert torch.equal(unpack_interleaved(w.interleaved, LAYOUTS[bits], 100), codes)
         if bits == 8:
             assert torch.equal(w.direct, codes)
 
@@ -285,9 +298,11 @@ TMA_CONFIG = TileConfig(32, 32, 128, 2, 4, 1, "tma")
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tma_kernel_raw_and_requant(poison, device, bits, shape):
+def test_tma_kernel_raw_and_requant(poison, device, layout, bits, shape):
     """The persistent TMA kernel (out-of-bounds tiles read as zero, no masks in the main loop) gives the same
     accumulator and requantized codes as the reference."""
+    if bits == 8 and layout == "planes":
+        pytest.skip("8-bit weights always take the direct int8 path")
     m, n, k = shape
     g = gen("tma", bits, shape)
     codes, scale, w = make_weight(bits, n, k, g, device)
@@ -307,9 +322,10 @@ def test_tma_kernel_raw_and_requant(poison, device, bits, shape):
         assert_codes_match(out, ref, y, rq)
 
 
-def test_tma_ineligible_falls_back_to_pointer_kernel(poison, device):
+def test_tma_ineligible_falls_back_to_pointer_kernel(poison, device, monkeypatch):
     """K = 100 int8 rows are not 16-byte aligned for TMA, and a 1-bit plane with BLOCK_K 64 is an 8-byte box: a
     "tma" configuration then runs the pointer kernel with the same tiles, and the result is still exact."""
+    monkeypatch.setenv("P4Q_WEIGHT_LAYOUT", "planes")
     g = gen("tma-fallback")
     codes, scale, w = make_weight(4, 48, 100, g, device)
     a = make_acts(37, 100, g, device)

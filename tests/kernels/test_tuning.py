@@ -22,7 +22,9 @@ def fresh_cache(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "tuning.json"
     monkeypatch.setenv("P4Q_TUNE_CACHE", str(path))
     monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "_user", {})
     monkeypatch.setattr(tuning, "_loaded", False)
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "no-shipped-tables")
     return path
 
 
@@ -61,7 +63,7 @@ def test_key_buckets_m_by_powers_of_two(fake_gpu):
 
 def test_cache_file_roundtrip(fresh_cache, monkeypatch):
     a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256)
-    tuning._memory.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
+    tuning._user.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
     tuning._save_file()  # creates the parent directory
     data = json.loads(fresh_cache.read_text())
     assert data["Fake GPU|qgemm|m64|n768|k768|b4"] == {
@@ -72,10 +74,12 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
         "num_warps": 4,
         "num_stages": 4,
         "kernel": "ptr",
+        "swap": False,
     }
     assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process
+    monkeypatch.setattr(tuning, "_user", {})
     monkeypatch.setattr(tuning, "_loaded", False)
     tuning._load_file()
     assert tuning._memory == {"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b}
@@ -157,10 +161,12 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
             "num_warps": 4,
             "num_stages": 4,
             "kernel": "ptr",
+            "swap": False,
         }
     }
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: the file answers, no benchmark
+    monkeypatch.setattr(tuning, "_user", {})
     monkeypatch.setattr(tuning, "_loaded", False)
     assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n
 
@@ -190,3 +196,47 @@ def test_autotune_off_skips_a_candidate_that_does_not_run(fake_gpu, fresh_cache,
             raise RuntimeError("out of resource: shared memory")
 
     assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, bench) == fitting[1]
+
+
+def _write_table(directory, gpu: str, configs: dict, applies_to=()) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{gpu.replace(' ', '_')}.json").write_text(
+        json.dumps({"gpu": gpu, "applies_to": list(applies_to), "measured": "test", "configs": configs})
+    )
+
+
+def test_shipped_table_answers_before_tuning_and_is_not_copied_to_the_cache(fake_gpu, fresh_cache, monkeypatch):
+    """A key in a shipped table (here for 'Fake GPU' via another GPU's table that names it) is used without any
+    benchmark; the cache file only ever receives what this machine tuned; a cache entry overrides the table."""
+    shipped = tuning.SHIPPED_DIR
+    tile = TileConfig(64, 128, 128, 8, 4, 3, "tma", swap=True)
+    _write_table(shipped, "Other GPU", {"qgemm|m64|n768|k768|b4": {**tile.__dict__}}, applies_to=["Fake GPU"])
+    (shipped / "broken.json").write_text("{not json")  # skipped
+    benched: list = []
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, benched.append) == tile and benched == []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    other = pick_config("qgemm", 50, 768, 3072, 4, fake_gpu, benched.append)  # not shipped: tuned and cached
+    assert benched and list(json.loads(fresh_cache.read_text())) == ["Fake GPU|qgemm|m64|n768|k3072|b4"]
+    assert other == next(c for c in GPU_CANDIDATES if c.block_m <= 64)  # equal times: the first fitting wins
+
+    fresh_cache.write_text(json.dumps({"Fake GPU|qgemm|m64|n768|k768|b4": {**INTERPRET_CONFIG.__dict__}}))
+    monkeypatch.setattr(tuning, "_memory", {})  # a new process with a cache entry for the shipped key
+    monkeypatch.setattr(tuning, "_user", {})
+    monkeypatch.setattr(tuning, "_loaded", False)
+    assert pick_config("qgemm", 50, 768, 768, 4, fake_gpu, benched.append) == INTERPRET_CONFIG
+
+
+def test_shipped_tables_in_the_package_load():
+    """Every table the package ships parses into configurations the kernels know (kernel kind, power-of-two
+    tiles), keyed by what ``_key`` builds."""
+    real = tuning.Path(tuning.__file__).with_name("tuned")
+    files = sorted(real.glob("*.json"))
+    table = tuning.load_shipped(real)
+    for f in files:
+        data = json.loads(f.read_text())
+        assert data["configs"] and data["gpu"] and data["measured"]
+    for key, cfg in table.items():
+        gpu, name, m, n, k, b = key.split("|")
+        assert m.startswith("m") and n.startswith("n") and k.startswith("k") and b.startswith("b")
+        assert cfg.kernel in ("ptr", "tma", "attn")
+        assert all(v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))

@@ -1,0 +1,147 @@
+"""qgemm main loops before/after, in one process: the artifact-plane path vs the interleaved device layouts (both
+operand orders), every weight width, against bf16 cuBLAS and row-wise fp8 ``_scaled_mm`` on the same shapes.
+
+    P4Q_TUNE_CACHE=$OUT/tuning.json python benchmarks/gemm_bench.py --out $OUT
+
+Each GEMM runs with the epilogue it has in the engine (in_proj: requantize to q|k|v codes; c_fc: bias + GELU +
+requantize; out_proj and c_proj: bias + fp32 residual, fp32 out), autotuned over the candidates of
+``kernels/tuning.py`` (the winner is recorded). ``planes`` rows use ``P4Q_WEIGHT_LAYOUT=planes`` (the main loop before
+the interleaved layouts) and only the non-swapped candidates (the kernels before operand swapping). Prediction
+(written before the run): W4/W3/W2 at M = 51200 within 10% of W8 (one shift or mask per weight instead of shift,
+mask, reshape, subtract), faster than W8 at M <= 400 (half the weight bytes or less); swap wins at M = 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_bench import INT8_PEAK_TOPS, bench_ms, env, log
+
+#: ViT-B/32 block GEMMs (N, K) and the epilogue each has in the engine.
+SHAPES = {
+    "in_proj": (2304, 768, "requant"),
+    "out_proj": (768, 768, "residual"),
+    "c_fc": (3072, 768, "gelu_requant"),
+    "c_proj": (768, 3072, "residual"),
+}
+MS = (51200, 400, 50)  # ViT-B/32 batch 1024 (and ViT-B/16 batch 256's bucket), batch 8, batch 1
+
+
+class layout_env:
+    """``P4Q_WEIGHT_LAYOUT`` for the weights built inside the block."""
+
+    def __init__(self, value: str) -> None:
+        self.value, self.saved = value, None
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("P4Q_WEIGHT_LAYOUT")
+        os.environ["P4Q_WEIGHT_LAYOUT"] = self.value
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            os.environ.pop("P4Q_WEIGHT_LAYOUT", None)
+        else:
+            os.environ["P4Q_WEIGHT_LAYOUT"] = self.saved
+
+
+def references(m: int, n: int, k: int) -> dict:
+    a16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    out = {"bf16_cublas_ms": bench_ms(lambda: a16 @ w16.t())}
+    try:
+        af = a16.to(torch.float8_e4m3fn)
+        wf = w16.to(torch.float8_e4m3fn).t()
+        sa = torch.rand(m, 1, device="cuda") + 0.5
+        sb = torch.rand(1, n, device="cuda") + 0.5
+        out["fp8_rowwise_ms"] = bench_ms(
+            lambda: torch._scaled_mm(af, wf, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        )
+    except (RuntimeError, TypeError) as e:
+        out["fp8_error"] = str(e).splitlines()[0][:200]
+    return out
+
+
+def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
+    from p4q_engine.kernels import qgemm as qg
+    from p4q_engine.kernels import tuning
+
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    with layout_env(layout):
+        codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
+        w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
+    a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+    bias = torch.randn(n, device="cuda")
+    kw: dict = {"bias": bias}
+    if epi == "residual":
+        kw["residual"] = torch.randn(m, n, device="cuda")
+    else:
+        kw["requant"] = qg.Requant(torch.full((n,), 0.05, device="cuda"), torch.full((n,), 128, device="cuda").int())
+        if epi == "gelu_requant":
+            kw["act"] = "gelu"
+    saved = tuning.GPU_CANDIDATES
+    if layout == "planes":  # the candidates before operand swapping existed
+        qg.GPU_CANDIDATES = tuple(c for c in saved if not c.swap)
+    try:
+        t0 = time.perf_counter()
+        qg.qgemm(a, 0.01, 128, w, **kw)  # tunes (or reads the table)
+        tune_s = time.perf_counter() - t0
+        ms = bench_ms(lambda: qg.qgemm(a, 0.01, 128, w, **kw))
+    finally:
+        qg.GPU_CANDIDATES = saved
+    chosen = [v for key, v in tuning._memory.items() if f"|m{tuning._m_bucket(m)}|n{n}|k{k}|b{bits}" in key]
+    return {"ms": ms, "tune_s": round(tune_s, 1), "config": str(chosen[-1]) if chosen else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", type=lambda v: [int(x) for x in v.split(",")], default=list(MS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in args.ms:
+        for name, (n, k, epi) in SHAPES.items():
+            ops = 2.0 * m * n * k
+            row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": epi, **references(m, n, k)}
+            for bits in (8, 4, 3, 2):
+                for layout in ("nib", "planes") if bits < 8 else ("nib",):
+                    r = run_qgemm(m, n, k, epi, bits, layout)
+                    tag = f"w{bits}" + ("_planes" if layout == "planes" else "")
+                    row[f"{tag}_ms"], row[f"{tag}_config"], row[f"{tag}_tune_s"] = r["ms"], r["config"], r["tune_s"]
+            for key in [x for x in list(row) if x.endswith("_ms")]:
+                row[key.replace("_ms", "_tops")] = ops / (row[key] * 1e-3) / 1e12
+            row["w8_pct_of_int8_peak"] = 100 * row["w8_tops"] / INT8_PEAK_TOPS
+            rows.append(row)
+            log("gemm", {x: (round(v, 4) if isinstance(v, float) else v) for x, v in row.items()})
+            Path(args.out, "gemm.json").write_text(json.dumps({"env": env(), "rows": rows}, indent=1))
+    Path(args.out, "gemm.md").write_text(table(rows))
+    print(table(rows))
+    return 0
+
+
+def table(rows: list) -> str:
+    head = "| M | layer | bf16 ms | fp8 ms | W8 ms (TOP/s) | W4 ms | W4 planes ms | W3 ms | W2 ms | W2 planes ms |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+
+        def f(key: str) -> str:
+            v = r.get(key)
+            return f"{v:.4f}" if isinstance(v, float) else "-"
+
+        lines.append(
+            f"| {r['m']} | {r['layer']} | {f('bf16_cublas_ms')} | {f('fp8_rowwise_ms')} | {f('w8_ms')} "
+            f"({r['w8_tops']:.0f}) | {f('w4_ms')} | {f('w4_planes_ms')} | {f('w3_ms')} | {f('w2_ms')} | "
+            f"{f('w2_planes_ms')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
