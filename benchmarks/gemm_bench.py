@@ -69,6 +69,7 @@ def references(m: int, n: int, k: int) -> dict:
 
 
 def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
+    """One autotuned qgemm: ``epi`` is the epilogue (``requant``, ``gelu_requant`` or ``residual``)."""
     from p4q_engine.kernels import qgemm as qg
     from p4q_engine.kernels import tuning
 
@@ -102,6 +103,11 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=lambda v: [int(x) for x in v.split(",")], default=list(MS))
+    ap.add_argument(
+        "--engine-epilogues",
+        action="store_true",
+        help="each shape with its engine epilogue (default: requantize everywhere, one compile set per layout)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -109,10 +115,11 @@ def main(argv=None) -> int:
     for m in args.ms:
         for name, (n, k, epi) in SHAPES.items():
             ops = 2.0 * m * n * k
-            row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": epi, **references(m, n, k)}
+            used = epi if args.engine_epilogues else "requant"
+            row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": used, **references(m, n, k)}
             for bits in (8, 4, 3, 2):
                 for layout in ("nib", "planes") if bits < 8 else ("nib",):
-                    r = run_qgemm(m, n, k, epi, bits, layout)
+                    r = run_qgemm(m, n, k, epi if args.engine_epilogues else "requant", bits, layout)
                     tag = f"w{bits}" + ("_planes" if layout == "planes" else "")
                     row[f"{tag}_ms"], row[f"{tag}_config"], row[f"{tag}_tune_s"] = r["ms"], r["config"], r["tune_s"]
             for key in [x for x in list(row) if x.endswith("_ms")]:
