@@ -51,6 +51,12 @@ setup(
         "httpx>=0.27",
         "pydantic>=2.5,<3",  # the .p4q manifest schema (p4q_engine/artifact/schema.py)
     ],
+    extras_require={
+        # p4q serve --backend ray and p4q classify --ray (p4q_engine/serve/ray_backend.py, p4q_engine/batch/): Ray
+        # Serve replicas and Ray Data pipelines; optional so the core install stays lean. pyarrow: the Parquet files
+        # of `p4q classify --output` (also the local path's writer).
+        "ray": ["ray[serve,data]>=2.40", "pyarrow>=14"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["p4q=p4q_engine.cli:main"]},

@@ -20,6 +20,10 @@ The handler of a request reads its body (capped), parses and validates it, decod
 bounded decode pool (:class:`p4q_engine.serve.inputs.DecodePool`: one thread per core, a decoded-pixel memory budget,
 the request's deadline enforced between images), and only then queues the pixels for the batch worker
 (:mod:`p4q_engine.serve.batcher`), so one bad request never reaches a batch that others share.
+
+The pixels go to an :class:`~p4q_engine.serve.backend.InferBackend`: this process's batcher by default, or the
+engine replicas of a Ray Serve application (:mod:`p4q_engine.serve.ray_backend`, which serves this same app from
+its HTTP replicas) - the routes, limits and errors are the same either way.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from p4q_engine.serve.backend import InferBackend, LocalBackend
 from p4q_engine.serve.batcher import Batcher, FaultHooks
 from p4q_engine.serve.config import ServeConfig
+from p4q_engine.serve.decoding import make_decoder
 from p4q_engine.serve.errors import ServeError, render_json
 from p4q_engine.serve.inputs import DecodePool, ParsedRequest, check_labels, parse_form, parse_json, rank
 from p4q_engine.serve.metrics import Metrics
@@ -66,8 +72,11 @@ class JSON(JSONResponse):
 class ServeState:
     engine: Any
     config: ServeConfig
-    batcher: Batcher
+    #: This process's batcher (None when another backend, e.g. Ray Serve engine replicas, runs the engine).
+    batcher: Optional[Batcher]
     metrics: Metrics
+    #: Runs the engine on validated pixels (LocalBackend over ``batcher`` unless create_app got another).
+    backend: Optional[InferBackend] = None
     #: Set when SIGTERM/SIGINT arrived: /readyz answers 503 while in-flight requests finish.
     draining: bool = False
     started: float = field(default_factory=time.time)
@@ -176,7 +185,7 @@ async def _infer(request: Request, classify: bool) -> Response:
     cfg, engine = state.config, state.engine
     deadline = time.monotonic() + cfg.timeout_s
     try:
-        with state.batcher.preparing():  # a batch that starts meanwhile waits (<= --max-wait-ms) for these images
+        with state.backend.preparing():  # a local batch that starts meanwhile waits (<= --max-wait-ms) for these
             try:
                 body = await asyncio.wait_for(read_body(request, cfg.max_body_bytes), cfg.timeout_s)
             except asyncio.TimeoutError:
@@ -191,16 +200,9 @@ async def _infer(request: Request, classify: bool) -> Response:
                     f"queues at most {cfg.max_queue} (--max-queue)",
                 )
             pixels = await state.decoder.prepare(engine, parsed, cfg.max_pixels, deadline, cfg.timeout_s)
-            job = state.batcher.submit(pixels)
-        state.metrics.images.labels(request.url.path).inc(job.n)
-        try:
-            result = await asyncio.wait_for(job.future, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            job.cancelled = True
-            raise ServeError("timeout", f"no result within {cfg.timeout_s:g} s (--timeout-s)") from None
-        except asyncio.CancelledError:  # shutdown grace over (ShutdownGuard): the worker skips its queued images
-            job.cancelled = True
-            raise
+            pending = state.backend.submit(pixels, deadline, cfg.timeout_s)  # queued, or a ServeError (refused)
+        state.metrics.images.labels(request.url.path).inc(int(pixels.shape[0]))
+        result = await pending
         if classify:
             payload = {"results": rank(result.logits, engine.classnames, parsed.top_k, subset)}
         else:
@@ -234,21 +236,20 @@ async def readyz(request: Request) -> Response:
     state: ServeState = request.app.state.serve
     if state.draining:
         return error_response(state, ServeError("not_ready", "shutting down"))
-    if state.engine is None or not state.batcher.alive:
-        return error_response(state, ServeError("not_ready", "the batch worker is not running"))
-    return JSON(
-        {
-            "status": "ready",
-            "device": str(state.engine.device),
-            "classes": len(state.engine.classnames),
-            "max_batch": state.config.max_batch,
-        }
-    )
+    try:
+        fields = await state.backend.readiness()
+    except ServeError as e:
+        return error_response(state, e)
+    return JSON({"status": "ready", **fields})
 
 
 async def metrics(request: Request) -> Response:
     state: ServeState = request.app.state.serve
-    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+    body = state.metrics.render()
+    gather = getattr(state.backend, "metrics", None)  # Ray Serve: every replica's samples, not only this one's
+    if gather is not None:
+        body = await gather(body)
+    return Response(body, media_type=state.metrics.content_type)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -353,28 +354,40 @@ class MetricsMiddleware:
 
 
 # ---------------------------------------------------------------- factory
-def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optional[FaultHooks] = None) -> Starlette:
-    """The ASGI app; its lifespan starts the batch worker and, at shutdown, drains and joins it."""
+def create_app(
+    engine: Any,
+    config: Optional[ServeConfig] = None,
+    hooks: Optional[FaultHooks] = None,
+    backend: Optional[InferBackend] = None,
+    server_metrics: Optional[Metrics] = None,
+) -> Starlette:
+    """The ASGI app; its lifespan starts the backend (by default this process's batch worker) and, at shutdown,
+    drains and stops it. ``engine`` needs ``classnames`` and ``transform`` (decoding happens here) - with another
+    ``backend`` it need not hold the image tower (see ray_backend.Frontend)."""
     config = config or ServeConfig()
-    m = Metrics()
-    batcher = Batcher(
-        engine,
-        config.max_batch,
-        config.max_wait_s,
-        config.max_queue,
-        m,
-        hooks if hooks is not None else FaultHooks.from_env(),
-    )
-    state = ServeState(engine, config, batcher, m)
-    state.decoder = DecodePool(config.decode_threads, config.decode_memory_mb * 2**20)
+    m = server_metrics or Metrics()
+    batcher = None
+    if backend is None:
+        batcher = Batcher(
+            engine,
+            config.max_batch,
+            config.max_wait_s,
+            config.max_queue,
+            m,
+            hooks if hooks is not None else FaultHooks.from_env(),
+        )
+        backend = LocalBackend(batcher, engine, config.max_batch)
+    state = ServeState(engine, config, batcher, m, backend=backend)
+    state.decoder = make_decoder(config, engine)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
         state.grace_over = state.loop.create_future()
-        batcher.start()
+        await backend.start()
         log.info(
-            "batch worker started (max batch %d, max wait %g ms, queue %d images)",
+            "backend %s started (max batch %d, max wait %g ms, queue %d images)",
+            type(backend).__name__,
             config.max_batch,
             config.max_wait_ms,
             config.max_queue,
@@ -383,9 +396,10 @@ def create_app(engine: Any, config: Optional[ServeConfig] = None, hooks: Optiona
             yield
         finally:
             state.draining = True
-            await run_in_threadpool(batcher.stop, 30.0)
+            await backend.stop()
             state.decoder.shutdown()
-            log.info("batch worker stopped after %d batches", batcher.batches)
+            if batcher is not None:
+                log.info("batch worker stopped after %d batches", batcher.batches)
 
     routes = [
         Route("/v1/classify", classify, methods=["POST"]),

@@ -90,7 +90,58 @@ def add_serve_parser(sub, choice: Callable) -> None:
         default=512,
         help="decoded pixels in flight across requests, MiB (one image may always decode alone)",
     )
+    v.add_argument(
+        "--decode-processes",
+        type=int,
+        default=None,
+        help="decode images in N worker processes instead of threads (off the serving process's GIL)",
+    )
+    v.add_argument(
+        "--decode-device",
+        default="cpu",
+        help="cpu (Pillow) or cuda[:N]: baseline JPEGs decoded by nvJPEG via torchvision, same limits",
+    )
+    add_ray_args(v)
     v.set_defaults(func=cmd_serve)
+
+
+def add_ray_args(v: argparse.ArgumentParser) -> None:
+    """``--backend ray`` and its replica options (p4q_engine/serve/ray_backend.py; needs ``p4q-engine[ray]``)."""
+    g = v.add_argument_group("Ray Serve backend (--backend ray; pip install 'p4q-engine[ray]')")
+    g.add_argument(
+        "--backend",
+        default="local",
+        type=_backend,
+        help="local: this process (default); ray: a Ray Serve application with engine replicas",
+    )
+    g.add_argument("--replicas", type=int, default=1, help="engine replicas (each loads the model)")
+    g.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per engine replica (default: 1 on cuda)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per engine replica")
+    g.add_argument(
+        "--http-replicas", type=int, default=1, help="HTTP replicas: parse, validate and decode, then call the engine"
+    )
+    g.add_argument("--cpus-per-http-replica", type=float, default=1.0, help="CPUs reserved per HTTP replica")
+    g.add_argument(
+        "--ray-batching",
+        default="p4q",
+        type=lambda t: _pick(t, ("p4q", "serve"), "--ray-batching"),
+        help="engine-replica batching: p4q (the project's batcher, images) or serve (Ray Serve's @serve.batch)",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. 10.0.0.1:6379 or auto); default: RAY_ADDRESS, else a local cluster",
+    )
+
+
+def _pick(text: str, options: tuple[str, ...], what: str) -> str:
+    if text.lower() not in options:
+        raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(options)}")
+    return text.lower()
+
+
+def _backend(text: str) -> str:
+    return _pick(text, ("local", "ray"), "backend")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -122,6 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         decode_workers=args.decode_workers,
         decode_memory_mb=args.decode_memory_mb,
+        decode_processes=args.decode_processes,
+        decode_device=args.decode_device,
         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )
+    if args.backend == "ray":
+        from p4q_engine.serve.ray_backend import RayOptions, require_ray, serve_ray
+
+        require_ray()
+        return serve_ray(args.artifact, config, RayOptions.from_args(args))
     return serve(args.artifact, config, limits)

@@ -34,6 +34,11 @@ class ServeConfig:
     decode_workers: Optional[int] = None
     #: Bound on the bytes of decoded pixels in flight across all requests (one image may always decode alone).
     decode_memory_mb: int = 512
+    #: Decode in this many worker processes instead of threads (off the serving process's GIL; see
+    #: :mod:`p4q_engine.serve.decoding`). None: threads.
+    decode_processes: Optional[int] = None
+    #: ``cpu`` (Pillow) or ``cuda``/``cuda:N``: baseline JPEGs decoded by nvJPEG (torchvision), same limits.
+    decode_device: str = "cpu"
     #: torch intra-op threads of the engine; None leaves torch's default (one per core). On a machine shared
     #: with other CPU-heavy processes, fewer threads avoid OpenMP oversubscription stalls.
     threads: Optional[int] = None
@@ -54,6 +59,15 @@ class ServeConfig:
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.decode_workers is None or self.decode_workers >= 1, "decode_workers must be >= 1"),
             (self.decode_memory_mb >= 1, "decode_memory_mb must be >= 1"),
+            (self.decode_processes is None or self.decode_processes >= 1, "--decode-processes must be >= 1"),
+            (
+                self.decode_device == "cpu" or self.decode_device.startswith("cuda"),
+                f"--decode-device must be cpu, cuda or cuda:N, got {self.decode_device!r}",
+            ),
+            (
+                self.decode_processes is None or self.decode_device == "cpu",
+                "--decode-processes decodes on the CPU; it cannot be combined with --decode-device cuda",
+            ),
         ]
         for ok, message in checks:
             if not ok:
