@@ -26,7 +26,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"p4q_engine.kernels": "kernels"},
-    package_data={"p4q_engine": ["assets/*", "assets/model_configs/*"]},
+    # kernels/tuned: the per-GPU tile tables loaded before any autotuning (kernels/tuning.py)
+    package_data={"p4q_engine": ["assets/*", "assets/model_configs/*"], "p4q_engine.kernels": ["tuned/*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

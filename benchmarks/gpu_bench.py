@@ -249,6 +249,12 @@ def engine_pair(name: str, path: Path, ds) -> dict:
         "max_logit_diff": float((lc - lg).abs().max()),
         "mean_logit_diff": float((lc - lg).abs().mean()),
     }
+    # every disagreement traced site by site to its first differing code: tie-only parity or not
+    from p4q_engine.runtime.kernel_divergence import kernel_first_divergence
+
+    traces = [kernel_first_divergence(gpu, cpu, pix[i]) for i in torch.nonzero(~agree).flatten().tolist()[:20]]
+    row["traces"] = traces
+    row["untied"] = [t for t in traces if not t["aligned"] or (t["site"] and not t["tie"])]
     log("engine", row)
     return row
 

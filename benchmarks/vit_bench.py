@@ -185,6 +185,19 @@ def part_models(args) -> dict:
             ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in args.batches}
         visual.cpu()
         entry = {"rows": [], "parity": {}}
+        if args.peers:  # open_clip eager bf16: a reference row only (its cuDNN conv patch embedding is slow)
+            eager = visual.cuda().bfloat16().eval()
+            for b in args.batches:
+                row = measure(eager, x[b].bfloat16())
+                with torch.no_grad():
+                    row.update(
+                        path="open_clip bf16 eager (reference)",
+                        cos_vs_fp32_min=cosine(eager(x[b][:8].bfloat16()), ref[b]),
+                    )
+                entry["rows"].append(row)
+                log(name, row)
+            visual.float().cpu()
+            torch.cuda.empty_cache()
         peers = (
             ("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
             ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True),
@@ -229,13 +242,107 @@ def part_models(args) -> dict:
                     log(name, row)
                 del eng
                 torch.cuda.empty_cache()
+        if args.peers:  # drift: the compile peer again at the largest batch, after everything else ran
+            b = max(args.batches)
+            fn = compiled(peer_tower(visual, fp8=False))
+            row = measure(fn, x[b].bfloat16())
+            row.update(path="compile peer, timed again at the end (drift)")
+            entry["rows"].append(row)
+            log(name, row)
+            del fn
+            torch._dynamo.reset()
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         res[name] = entry
         Path(args.out, f"models{args.tag}_partial.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 
 
-PARTS = {"attention": part_attention, "models": part_models}
+# ------------------------------------------------------------------------------------------------ profile
+def part_profile(args) -> dict:
+    """Per-stage and per-kernel CUDA time of the engine's tower (no CUDA graph) at the largest batch, with each
+    stage's FLOP and byte floors (H200: 1979 TOP/s dense int8, 4.8 TB/s)."""
+    from p4q_engine.clip.loading import load_clip
+    from p4q_engine.runtime import kernel_engine as ke
+    from p4q_engine.runtime.engine import Engine
+
+    res = {}
+    for name in args.models[:1]:
+        torch.manual_seed(0)
+        loaded = load_clip(name)
+        for bits in args.bits:
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "m.p4q"
+                build_artifact(loaded, bits, path)
+                eng = Engine.load(path, device="cuda")
+            b = max(args.batches)
+            x = torch.randn(b, 3, *loaded.model.visual.image_size, device="cuda")
+            ranges = {"_attention_block": "attention block", "_mlp_block": "mlp block"}
+            saved = {m: getattr(ke.KernelEngine, m) for m in ranges}
+
+            def wrap(method, label):
+                def inner(self, *a, **k):
+                    with torch.profiler.record_function(label):
+                        return method(self, *a, **k)
+
+                return inner
+
+            for m, label in ranges.items():
+                setattr(ke.KernelEngine, m, wrap(saved[m], label))
+            try:
+                with torch.no_grad():
+                    for _ in range(3):
+                        eng._tower(x)
+                    torch.cuda.synchronize()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        eng._tower(x)
+                        torch.cuda.synchronize()
+            finally:
+                for m in ranges:
+                    setattr(ke.KernelEngine, m, saved[m])
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            kernels = [
+                {"name": e.key[:80], "calls": e.count, "cuda_ms": e.device_time_total / 1e3}
+                for e in prof.key_averages()
+                if e.device_time_total > 0
+            ]
+            res[f"{name} {bits} b{b}"] = {"table": table, "kernels": kernels, "floors": floors(eng, b)}
+            log(table)
+            del eng
+            torch.cuda.empty_cache()
+    return res
+
+
+def floors(eng, b: int) -> dict:
+    """FLOP and byte floors per block stage (int8 codes in and out, fp32 residual read + written, weights once)."""
+    cfg = eng.cfg
+    width, layers = int(cfg["width"]), int(cfg["layers"])
+    n = eng.pos.shape[0]
+    m = b * n
+    hidden = eng.k_blocks[0]["c_fc"].w.n
+    heads = eng.heads
+    peak, bw = 1979e12, 4.8e12
+
+    def gemm(nn, k, out_bytes, res_bytes, wbits):
+        ops = 2 * m * nn * k
+        by = m * k + m * nn * out_bytes + m * nn * res_bytes + nn * k * wbits / 8
+        return {"tops": ops / 1e12, "flop_floor_ms": ops / peak * 1e3, "byte_floor_ms": by / bw * 1e3}
+
+    wb = eng.k_blocks[0]["in_proj"].w.bits
+    attn_ops = 4 * b * heads * n * n * (width // heads)
+    return {
+        "per_block": {
+            "in_proj (requant)": gemm(3 * width, width, 1, 0, wb),
+            "attention": {"flop_floor_ms": attn_ops / peak * 1e3, "byte_floor_ms": 4 * m * width / bw * 1e3},
+            "out_proj (+fp32 residual)": gemm(width, width, 4, 4, wb),
+            "c_fc (GELU, requant)": gemm(hidden, width, 1, 0, wb),
+            "c_proj (+fp32 residual)": gemm(width, hidden, 4, 4, wb),
+            "2x LN+quant": {"byte_floor_ms": 2 * (4 * m * width + m * width) / bw * 1e3},
+        },
+        "layers": layers,
+    }
+
+
+PARTS = {"attention": part_attention, "models": part_models, "profile": part_profile}
 
 
 def main(argv=None) -> int:
@@ -252,10 +359,15 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):
         t0 = time.perf_counter()
+        try:
+            out = PARTS[part](args)
+        except Exception as e:  # one failing part must not lose the others' results
+            traceback.print_exc()
+            out = {"error": repr(e)[:1000]}
         result = {
             "env": env(),
             "command": "python benchmarks/vit_bench.py " + " ".join(argv or sys.argv[1:]),
-            "result": PARTS[part](args),
+            "result": out,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         Path(args.out, f"{part}{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import GPU_CANDIDATES, TileConfig, pick_config
+from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
 
@@ -368,23 +368,7 @@ def qgemm(
         if residual.shape != (m, n):
             raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
     if config is None:
-
-        def bench(c: TileConfig) -> None:
-            qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
-
-        kind = kernel_choice()
-        cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
-        cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
-        # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours
-        # other tiles
-        out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
-        layout = w.layout.name if w.interleaved is not None or w.direct is not None else "planes"
-        name = (
-            ("qgemm" if kind == "auto" else f"qgemm-{kind}")
-            + f"-{layout}-{out_tag}"
-            + ("-res" if residual is not None else "")
-        )
-        config = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
+        config = _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw)
     cfg = effective_config(config, w)
     w0, w1 = _PLANES[w.bits]
     epi = dict(
@@ -464,6 +448,51 @@ def qgemm(
         **consts,
     )
     return out
+
+
+#: Resolved configurations per call signature: the launch path of a tuned shape is one dict lookup (the tuner's
+#: key building and candidate filtering cost tens of microseconds of CPU, more than a batch-1 GEMM takes).
+_RESOLVED: dict[tuple, TileConfig] = {}
+
+
+def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw) -> TileConfig:
+    """The tuned (or shipped) configuration for this GEMM, tuning it with real launches on first use."""
+    m, n, k = a.shape[0], w.n, w.k
+    kind = kernel_choice()
+    layout = w.layout.name if w.interleaved is not None or w.direct is not None else "planes"
+    # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours other
+    # tiles
+    out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
+    sig = (
+        kind,
+        layout,
+        out_tag,
+        residual is not None,
+        _m_bucket(m),
+        n,
+        k,
+        w.bits,
+        a.device,
+        os.environ.get("P4Q_AUTOTUNE"),
+    )
+    cfg = _RESOLVED.get(sig)
+    if cfg is not None:
+        return cfg
+
+    def bench(c: TileConfig) -> None:
+        qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
+
+    cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
+    cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
+    name = (
+        ("qgemm" if kind == "auto" else f"qgemm-{kind}")
+        + f"-{layout}-{out_tag}"
+        + ("-res" if residual is not None else "")
+    )
+    cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
+    if a.device.type == "cuda":
+        _RESOLVED[sig] = cfg
+    return cfg
 
 
 def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
