@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from p4q_engine.batch.cli import add_dataset_args, cmd_classify_dataset
 from p4q_engine.clip.recipe import SCOPES
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.quant.observers import OBSERVERS
@@ -366,9 +367,13 @@ def _print_predictions(paths: Sequence[str], preds, as_json: bool) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    """Top-k zero-shot labels of image files with an artifact."""
+    """Top-k zero-shot labels of image files with an artifact, or of a dataset into Parquet (``--input``)."""
     from p4q_engine.runtime.engine import Engine
 
+    if args.input is not None or args.output is not None or args.ray:
+        return cmd_classify_dataset(args)
+    if not args.images:
+        raise ConfigError("classify needs image files, or --input DIR|GLOB|FILE.parquet --output results.parquet")
     engine = Engine.load(args.artifact)
     _print_predictions(args.images, engine.classify(args.images, top_k=args.top_k), args.json)
     return 0
@@ -586,11 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("classify", help="zero-shot classify image files with a .p4q artifact")
+    c = sub.add_parser(
+        "classify",
+        help="zero-shot classify image files, or a whole dataset into Parquet (--input/--output, optionally --ray)",
+    )
     c.add_argument("artifact")
-    c.add_argument("images", nargs="+")
+    c.add_argument("images", nargs="*", help="image files (printed), or use --input/--output for a dataset")
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--json", action="store_true", help="print JSON")
+    add_dataset_args(c)
     c.set_defaults(func=cmd_classify)
 
     i = sub.add_parser("inspect", help="print a .p4q artifact's layers, bits and sizes")

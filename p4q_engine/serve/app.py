@@ -334,7 +334,9 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (a Ray Serve route_prefix): the app's own path
+            path = path[len(root) :]
         endpoint = path if path in ENDPOINTS else "other"
         status = {"code": 500}
         t0 = time.perf_counter()

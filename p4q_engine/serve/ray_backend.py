@@ -477,9 +477,16 @@ def build_app(artifact: list, config: ServeConfig, options: RayOptions, hooks: O
     return http
 
 
-def start(artifact_path: str, config: ServeConfig, options: RayOptions, hooks: Optional[FaultHooks] = None) -> Any:
-    """Join (or start) a Ray cluster, start Serve's HTTP proxy on ``config.host:config.port`` and deploy the app.
-    Returns the ingress handle once every replica is up."""
+def start(
+    artifact_path: str,
+    config: ServeConfig,
+    options: RayOptions,
+    hooks: Optional[FaultHooks] = None,
+    route_prefix: str = "/",
+) -> Any:
+    """Join (or start) a Ray cluster, start Serve's HTTP proxy on ``config.host:config.port`` (if Serve is not
+    running there yet) and deploy the app under ``route_prefix``. Returns the ingress handle once every replica is
+    up."""
     import ray
     from ray import serve
 
@@ -492,7 +499,7 @@ def start(artifact_path: str, config: ServeConfig, options: RayOptions, hooks: O
     )
     app = build_app([ray.put(data)], config, options, hooks)
     logging_config = {"log_level": config.log_level.upper(), "enable_access_log": config.access_log}
-    return serve.run(app, name=options.app_name, route_prefix="/", logging_config=logging_config)
+    return serve.run(app, name=options.app_name, route_prefix=route_prefix, logging_config=logging_config)
 
 
 def serve_ray(artifact_path: str, config: ServeConfig, options: RayOptions) -> int:
