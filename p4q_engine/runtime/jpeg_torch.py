@@ -6,9 +6,10 @@ costs about as much CPU as the engine's share of it. :class:`TorchJpegLoader` ha
 signature, so the server's request path (``inputs.prepare_images``) uses it unchanged.
 
 Limits, checked from the header with Pillow before any pixel is decoded (exactly the checks of ``images._opened``):
-only the accepted formats, the ``max_pixels`` cap on the *full* size (nvJPEG has no reduced-scale decoding, so a
-baseline JPEG may not declare more than the cap here), sides 2..65535, and the resize bound of
-:meth:`Preprocess.check`. The decoded bytes are reserved in the caller's budget (``reserve``) like a Pillow decode.
+only the accepted formats, the ``max_pixels`` cap on the *full* size (nvJPEG has no reduced-scale decoding: a
+baseline JPEG declaring more goes to the Pillow path, which decodes it reduced or refuses it as before), sides
+2..65535, and the resize bound of :meth:`Preprocess.check`. The decoded bytes are reserved in the caller's budget
+(``reserve``) like a Pillow decode.
 Everything else - PNG and the other formats, progressive JPEGs, CMYK/YCCK JPEGs and ``longest`` resize mode - goes
 through the Pillow path, so every input gets an answer.
 
@@ -80,6 +81,10 @@ class TorchJpegLoader:
         cap = self.max_pixels if max_pixels is None else max_pixels
         label = _label(src, name)
         with ExitStack() as stack:
+            if not self._fits(src, cap):  # over the cap at full size: Pillow decides (reduced decode, or refuse)
+                stack.close()
+                self.fallbacks += 1
+                return self.preprocess.load(src, name=name, max_pixels=max_pixels, reserve=reserve)
             img = stack.enter_context(_opened(src, label, cap, None))  # header checks; draft None: full-size cap
             if img.format != "JPEG" or img.info.get("progressive") or img.mode not in _MODES:
                 self.fallbacks += 1
@@ -93,13 +98,30 @@ class TorchJpegLoader:
             self.decoded += 1
             return self._transform(rgb, label).cpu()
 
+    @staticmethod
+    def _fits(src: bytes, cap: int) -> bool:
+        """Whether the header's full size is within ``cap`` (unreadable headers: let the Pillow path say why)."""
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(src)) as img:
+                return img.width * img.height <= cap
+        except Exception:  # noqa: BLE001 - any header Pillow cannot read is the Pillow path's error to report
+            return False
+
     def _decode(self, data: bytes, label: str) -> torch.Tensor:
+        import warnings
+
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            return decode_jpeg(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=self.device
-            )
+            with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg works as before
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=self.device
+                )
         except (RuntimeError, ValueError) as e:
             raise ImageError(f"{label}: cannot decode image ({e.__class__.__name__})") from None
 
