@@ -293,7 +293,9 @@ def part_profile(args) -> dict:
                     for _ in range(3):
                         eng._tower(x)
                     torch.cuda.synchronize()
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    with torch.profiler.profile(  # CPU too: the record_function ranges are CPU events
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    ) as prof:
                         eng._tower(x)
                         torch.cuda.synchronize()
             finally:

@@ -107,6 +107,24 @@ def load_shipped(directory: Optional[Path] = None) -> dict[str, TileConfig]:
     return out
 
 
+def table_file(gpu: str, tuned: dict[str, TileConfig], measured: str, previous: Optional[dict] = None) -> dict:
+    """A shippable table for ``gpu`` from this machine's tuned entries (``{full key: config}``), merged over
+    ``previous`` (the file's current content: its entries and ``applies_to`` are kept unless re-tuned)."""
+    configs = dict((previous or {}).get("configs", {}))
+    prefix = f"{gpu}|"
+    configs.update({k[len(prefix) :]: asdict(v) for k, v in tuned.items() if k.startswith(prefix)})
+    return {
+        "gpu": gpu,
+        "applies_to": list((previous or {}).get("applies_to", [])),
+        "measured": measured,
+        "configs": dict(sorted(configs.items())),
+    }
+
+
+def table_path(gpu: str, directory: Optional[Path] = None) -> Path:
+    return (directory or SHIPPED_DIR) / ("".join(ch if ch.isalnum() else "_" for ch in gpu) + ".json")
+
+
 def _load_file() -> None:
     global _loaded
     if _loaded:
@@ -174,7 +192,11 @@ def pick_config(
         _load_file()
         if key in _memory:
             return _memory[key]
-    fitting = [c for c in candidates if _fits(c, fit_m)] or [candidates[0]]
+    # none fits (e.g. only the TMA candidates, all >= 128 rows, for M = 4): every candidate, smallest tiles first -
+    # the largest one can need more shared memory than the GPU has (a 278 KB tile failed on an H200 this way)
+    fitting = [c for c in candidates if _fits(c, fit_m)] or sorted(
+        candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages)
+    )
     if bench is None:
         return fitting[0]
     if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
@@ -189,7 +211,7 @@ def pick_config(
         return fitting[0]
     import triton
 
-    best, best_t = candidates[0], float("inf")
+    best, best_t = fitting[0], float("inf")
     for cfg in fitting:
         try:
             t = _time(lambda: bench(cfg), triton)

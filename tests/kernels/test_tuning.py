@@ -240,3 +240,40 @@ def test_shipped_tables_in_the_package_load():
         assert m.startswith("m") and n.startswith("n") and k.startswith("k") and b.startswith("b")
         assert cfg.kernel in ("ptr", "tma", "attn")
         assert all(v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
+
+
+def test_no_candidate_fits_m_tries_the_smallest_tiles_first(fake_gpu, fresh_cache, monkeypatch):
+    """P4Q_QGEMM_KERNEL=tma at M = 4: every TMA tile is taller than M's bucket. The smallest tile runs first (the
+    largest needed 278 KB of shared memory on an H200), and a failing one is skipped."""
+    monkeypatch.setenv("P4Q_AUTOTUNE", "0")
+    tma = tuple(c for c in GPU_CANDIDATES if c.kernel == "tma")
+    tried: list = []
+
+    def bench(c):
+        tried.append(c)
+        if len(tried) == 1:
+            raise RuntimeError("out of resource: shared memory")
+
+    cfg = pick_config("qgemm-tma", 4, 512, 768, 8, fake_gpu, bench, tma)
+    sizes = [c.block_m * c.block_n for c in tried]
+    assert (
+        sizes == sorted(sizes)
+        and cfg == tried[1]
+        and tried[0].block_m * tried[0].block_n == min(c.block_m * c.block_n for c in tma)
+    )
+
+
+def test_table_file_round_trips_through_load_shipped(tmp_path):
+    """What benchmarks/tune_tables.py writes is what the package loads: this GPU's entries only, merged over the
+    previous file (its other entries and applies_to kept, re-tuned keys replaced)."""
+    new = TileConfig(64, 128, 128, 8, 4, 3, swap=True)
+    old = TileConfig(32, 32, 128, 8, 2, 4)
+    previous = {"gpu": "G 1", "applies_to": ["G 2"], "measured": "x", "configs": {"a|m64|n8|k8|b4": {**old.__dict__}}}
+    tuned = {"G 1|b|m64|n8|k8|b4": new, "G 1|a|m64|n8|k8|b4": new, "Other|c|m64|n8|k8|b4": old}
+    table = tuning.table_file("G 1", tuned, "today", previous)
+    assert table["applies_to"] == ["G 2"] and set(table["configs"]) == {"a|m64|n8|k8|b4", "b|m64|n8|k8|b4"}
+    path = tuning.table_path("G 1", tmp_path)
+    assert path.name == "G_1.json"
+    path.write_text(json.dumps(table))
+    loaded = tuning.load_shipped(tmp_path)
+    assert loaded == {f"{g}|{k}": new for g in ("G 1", "G 2") for k in ("a|m64|n8|k8|b4", "b|m64|n8|k8|b4")}

@@ -1,0 +1,75 @@
+"""Tune every kernel shape a set of models meets on this GPU and write the shippable table (``kernels/tuned``).
+
+    python benchmarks/tune_tables.py --models ViT-B-32,ViT-B-16 --bits 8-8-8,4-4-8 --batches 1,8,64,256,1024
+    python benchmarks/tune_tables.py --artifact model.p4q --batches 1,8,64      # a user's own artifact
+
+Each model is exported with random weights (tile choice does not depend on values) or taken from ``--artifact``,
+loaded on the GPU engine, and run once per batch bucket with autotuning on, into a fresh cache file; the tuned
+entries are then merged into ``kernels/tuned/<GPU name>.json`` (``--out`` for another directory), which the
+package loads before any autotuning. Commit the file with the GPU, versions and date it records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], default=["ViT-B-32"])
+    ap.add_argument("--bits", type=lambda v: v.split(","), default=["8-8-8", "4-4-8"])
+    ap.add_argument("--artifact", action="append", default=[], help="also (or only, with --models '') this .p4q")
+    ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 64, 256, 1024])
+    ap.add_argument("--out", type=Path, default=None, help="directory of the tables (default: kernels/tuned)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_tables: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    cache = Path(tempfile.mkdtemp()) / "tuning.json"
+    os.environ["P4Q_TUNE_CACHE"] = str(cache)
+    os.environ["P4Q_AUTOTUNE"] = "1"
+    from p4q_engine.kernels import tuning
+
+    from benchmarks.vit_bench import build_artifact
+    from p4q_engine.clip.loading import load_clip
+    from p4q_engine.runtime.engine import Engine
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = [Path(p) for p in args.artifact]
+        for name in args.models:
+            loaded = load_clip(name)
+            for bits in args.bits:
+                path = Path(d) / f"{name}-{bits}.p4q"
+                build_artifact(loaded, bits, path)
+                paths.append(path)
+        for path in paths:
+            eng = Engine.load(path, device="cuda")
+            for b in args.batches:
+                t0 = time.perf_counter()
+                eng.encode(torch.randn(b, 3, *eng.image_size, device="cuda"))
+                print(f"{path.name} batch {b}: {time.perf_counter() - t0:.1f} s", flush=True)
+            del eng
+            torch.cuda.empty_cache()
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    target = tuning.table_path(gpu, args.out)
+    previous = json.loads(target.read_text()) if target.exists() else None
+    measured = f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
+    table = tuning.table_file(gpu, tuning._user, measured, previous)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {len(table['configs'])} entries to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
