@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_bench import INT8_PEAK_TOPS, bench_ms, env, log
+from benchmarks.gpu_bench import INT8_PEAK_TOPS, env, env_var, log
 
 #: ViT-B/32 block GEMMs (N, K) and the epilogue each has in the engine.
 SHAPES = {
@@ -34,21 +34,12 @@ SHAPES = {
 MS = (51200, 400, 50)  # ViT-B/32 batch 1024 (and ViT-B/16 batch 256's bucket), batch 8, batch 1
 
 
-class layout_env:
-    """``P4Q_WEIGHT_LAYOUT`` for the weights built inside the block."""
+def bench_ms(fn) -> float:
+    """Median GPU ms replayed from a CUDA graph (what the engine does; plain launches would time Python at small M)."""
+    import triton
+    from p4q_engine.kernels.tuning import _time
 
-    def __init__(self, value: str) -> None:
-        self.value, self.saved = value, None
-
-    def __enter__(self) -> None:
-        self.saved = os.environ.get("P4Q_WEIGHT_LAYOUT")
-        os.environ["P4Q_WEIGHT_LAYOUT"] = self.value
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is None:
-            os.environ.pop("P4Q_WEIGHT_LAYOUT", None)
-        else:
-            os.environ["P4Q_WEIGHT_LAYOUT"] = self.saved
+    return _time(fn, triton)
 
 
 def references(m: int, n: int, k: int) -> dict:
@@ -74,7 +65,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     from p4q_engine.kernels import tuning
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    with layout_env(layout):
+    with env_var("P4Q_WEIGHT_LAYOUT", layout):
         codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
         w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
     a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)

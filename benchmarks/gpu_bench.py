@@ -17,13 +17,16 @@ Parts (``--parts``, comma separated; each writes ``<out>/<part>.json`` and the l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,25 +56,24 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-class kernel_env:
-    """Temporarily set ``P4Q_QGEMM_KERNEL`` (which qgemm kernels the autotuner may pick)."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def __enter__(self) -> None:
-        import os
-
-        self.old = os.environ.get("P4Q_QGEMM_KERNEL")
-        os.environ["P4Q_QGEMM_KERNEL"] = self.kind
-
-    def __exit__(self, *exc) -> None:
-        import os
-
-        if self.old is None:
-            os.environ.pop("P4Q_QGEMM_KERNEL", None)
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Temporarily set an environment variable (``P4Q_QGEMM_KERNEL``, ``P4Q_WEIGHT_LAYOUT``: the before/after
+    switches of the kernels)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["P4Q_QGEMM_KERNEL"] = self.old
+            os.environ[name] = old
+
+
+def kernel_env(kind: str):
+    """``P4Q_QGEMM_KERNEL`` (which qgemm kernels the autotuner may pick) within a block."""
+    return env_var("P4Q_QGEMM_KERNEL", kind)
 
 
 def log(*a) -> None:
