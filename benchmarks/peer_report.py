@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PEERS = ("compile peer (", "fp8 peer (")
+PEERS = ("compile peer (", "fp8 peer (", "torchao ")
 LINE = re.compile(r"^(ViT-[\w/-]+) (\{'batch'.*\})\s*$")
 
 

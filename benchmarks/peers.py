@@ -101,3 +101,40 @@ def peer_tower(visual: nn.Module, fp8: bool = False, device: str = "cuda") -> nn
 def compiled(tower: nn.Module, mode: str = "reduce-overhead"):
     """``torch.compile`` of the tower (static shapes: one graph per batch size, as a server would warm them)."""
     return torch.compile(tower, mode=mode, dynamic=False)
+
+
+def torchao_tower(visual: nn.Module, kind: str, device: str = "cuda") -> nn.Module:
+    """The compile peer's tower with its block Linears quantized by torchao (``kind``: ``fp8``, row-wise dynamic
+    float8; ``int8``, dynamic int8 activations and weights). Raises ImportError where torchao is not installed."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+        quantize_,
+    )
+
+    m = peer_tower(visual, fp8=False, device=device)
+    config = (
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        if kind == "fp8"
+        else Int8DynamicActivationInt8WeightConfig()
+    )
+    quantize_(m.transformer, config)
+    return m
+
+
+#: Peers by name: (row label, builder of a compiled callable from an open_clip VisionTransformer). The row labels
+#: starting "compile peer (", "fp8 peer (" and "torchao " are the ones a headline ratio may pick as the best peer.
+PEERS = {
+    "compile": (
+        "compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)",
+        lambda v: compiled(peer_tower(v)),
+    ),
+    "compile-max-autotune": (
+        "compile peer (bf16, GEMM patch embedding, SDPA, max-autotune)",
+        lambda v: compiled(peer_tower(v), mode="max-autotune"),
+    ),
+    "fp8": ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", lambda v: compiled(peer_tower(v, fp8=True))),
+    "torchao-fp8": ("torchao fp8 row-wise dynamic (compiled)", lambda v: compiled(torchao_tower(v, "fp8"))),
+    "torchao-int8": ("torchao int8 dynamic (compiled)", lambda v: compiled(torchao_tower(v, "int8"))),
+}

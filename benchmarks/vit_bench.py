@@ -169,7 +169,7 @@ def parity(q, path: Path, images: torch.Tensor) -> dict:
 
 
 def part_models(args) -> dict:
-    from benchmarks.peers import compiled, peer_tower
+    from benchmarks.peers import PEERS, compiled, peer_tower
     from p4q_engine.clip.loading import load_clip
     from p4q_engine.runtime.engine import Engine
 
@@ -198,13 +198,10 @@ def part_models(args) -> dict:
                 log(name, row)
             visual.float().cpu()
             torch.cuda.empty_cache()
-        peers = (
-            ("compile peer (bf16, GEMM patch embedding, SDPA, reduce-overhead)", False),
-            ("fp8 peer (row-wise dynamic _scaled_mm, compiled)", True),
-        )
-        for peer, fp8 in peers if args.peers else ():
+        for key in args.peer_names if args.peers else ():
+            peer, build = PEERS[key]
             try:
-                fn = compiled(peer_tower(visual, fp8=fp8))
+                fn = build(visual)
                 for b in args.batches:
                     tc = time.perf_counter()
                     row = measure(fn, x[b].bfloat16())
@@ -355,6 +352,12 @@ def main(argv=None) -> int:
     ap.add_argument("--parity-images", type=int, default=2)
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES))
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="engine rows only (parity runs)")
+    ap.add_argument(
+        "--peer-names",
+        type=lambda v: v.split(","),
+        default=["compile", "fp8"],
+        help="peers of benchmarks/peers.py (compile, compile-max-autotune, fp8, torchao-fp8, torchao-int8)",
+    )
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
