@@ -8,10 +8,15 @@ patches feeding the patch-embedding GEMM).
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .tuning import TileConfig, _m_bucket, pick_config
 
 
 @triton.jit
@@ -20,56 +25,98 @@ def _ln_quant_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
+    R,
     D,
     stride_x,
     stride_o,
     eps,
     scale,
+    inv_scale,
     zp,
     QMAX: tl.constexpr,
     NORM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows < R)[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / D
-        y = xc * (1.0 / tl.sqrt(var + eps))
-        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0) + tl.load(b_ptr + cols, mask=mask, other=0.0)
-    else:
-        y = x
-    q = tl.floor(tl.math.div_rn(y, scale) + 0.5) + zp
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
+        y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
+        y = y * w[None, :] + tl.load(b_ptr + cols, mask=cols < D, other=0.0)[None, :]
+        # a multiply by 1 / s, no per-element division: its ulp against y / s is far inside the tie rule, and the
+        # LayerNorm's own reduction order already differs from torch's by more
+        q = tl.floor(y * inv_scale + 0.5) + zp
+    else:  # a plain quantize stays the exact division (the patches: bit-exact with the reference)
+        q = tl.floor(tl.math.div_rn(x, scale) + 0.5) + zp
     q = tl.minimum(tl.maximum(q, 0.0), QMAX)
-    tl.store(out_ptr + row * stride_o + cols, (q.to(tl.int32) - 128).to(tl.int8), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (q.to(tl.int32) - 128).to(tl.int8), mask=mask)
 
 
-def _launch(x: torch.Tensor, w, b, eps: float, scale: float, zp: int, bits: int, norm: bool) -> torch.Tensor:
+#: Rows per program x warps, tuned per (rows bucket, D) like the GEMMs (one row per program left most of a
+#: 768-wide row's lanes waiting on one load); the interpreter runs 2 rows per program (row masking exercised).
+LN_CANDIDATES: tuple[TileConfig, ...] = tuple(
+    TileConfig(rows, 1, 16, 1, warps, 1, "ln") for rows, warps in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8))
+)
+INTERPRET_LN = TileConfig(2, 1, 16, 1, 4, 1, "ln")
+
+
+def _launch(
+    x: torch.Tensor, w, b, eps: float, scale: float, zp: int, bits: int, norm: bool, config=None
+) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     out = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-    d = x2.shape[1]
+    r, d = x2.shape
+    if r == 0:
+        return out.view(shape)
+    cfg = config or _config(x2, w, b, eps, scale, zp, bits, norm)
     block = max(16, 1 << (d - 1).bit_length())
-    _ln_quant_kernel[(x2.shape[0],)](
+    _ln_quant_kernel[(triton.cdiv(r, cfg.block_m),)](
         x2,
         w if w is not None else x2,
         b if b is not None else x2,
         out,
+        r,
         d,
         x2.stride(0),
         out.stride(0),
         float(eps),
         float(scale),
+        float(np.float32(1.0) / np.float32(scale)),
         float(zp),
         QMAX=float((1 << bits) - 1),
         NORM=norm,
         BLOCK_D=block,
-        num_warps=4 if block <= 1024 else 8,
+        ROWS=cfg.block_m,
+        num_warps=cfg.num_warps if block <= 1024 else max(8, cfg.num_warps),
     )
     return out.view(shape)
+
+
+_RESOLVED: dict[tuple, TileConfig] = {}  # per call signature: the launch path is one lookup once tuned
+
+
+def _config(x2, w, b, eps, scale, zp, bits, norm) -> TileConfig:
+    if x2.device.type != "cuda":
+        return INTERPRET_LN
+    sig = (norm, _m_bucket(x2.shape[0]), x2.shape[1], bits, x2.device, os.environ.get("P4Q_AUTOTUNE"))
+    if sig in _RESOLVED:
+        return _RESOLVED[sig]
+
+    def bench(c: TileConfig) -> None:
+        _launch(x2, w, b, eps, scale, zp, bits, norm, config=c)
+
+    # fit_m = 16: every candidate (<= 16 rows) fits any row count
+    name = "ln-quant" if norm else "quant-rows"
+    cfg = pick_config(name, x2.shape[0], x2.shape[1], 0, bits, x2.device, bench, LN_CANDIDATES, fit_m=16)
+    _RESOLVED[sig] = cfg
+    return cfg
 
 
 def layernorm_quant(
