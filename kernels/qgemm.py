@@ -411,7 +411,7 @@ def qgemm(
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
         a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
-        programs = min(tiles, _num_programs(a.device))
+        programs = min(tiles, _num_programs(a.device) * cfg.occupancy)
         _qgemm_tma_kernel[(programs,)](
             a_desc,
             w_desc0,

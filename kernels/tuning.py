@@ -35,6 +35,10 @@ class TileConfig:
     #: weight as the left tensor-core operand (``acc^T += w a^T``): output channels on the 64-row side, for small M,
     #: and a weight tile built in registers (interleaved low-bit layouts) needs no trip through shared memory
     swap: bool = False
+    #: persistent programs per SM (TMA kernel): 2 lets one program's epilogue run while the other's MMAs do - the
+    #: overlap a single program per SM lacks (its tensor cores idle through every epilogue); needs the tile to fit
+    #: twice in shared memory and registers, else the candidate runs one per SM or fails and is skipped
+    occupancy: int = 1
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
@@ -50,6 +54,9 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(256, 128, 128, 8, 8, 3, "tma"),
     TileConfig(128, 256, 128, 8, 8, 3, "tma", swap=True),
     TileConfig(128, 128, 128, 8, 8, 4, "tma"),
+    # two persistent programs per SM (not yet measured: the tuner keeps them only where they win)
+    TileConfig(128, 128, 128, 8, 4, 3, "tma", occupancy=2),
+    TileConfig(128, 128, 128, 8, 4, 3, "tma", swap=True, occupancy=2),
     TileConfig(128, 128, 64, 8, 4, 4),
     TileConfig(64, 128, 128, 8, 4, 4),
     TileConfig(128, 64, 128, 8, 4, 4),

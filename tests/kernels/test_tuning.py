@@ -75,6 +75,7 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
         "num_stages": 4,
         "kernel": "ptr",
         "swap": False,
+        "occupancy": 1,
     }
     assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
 
@@ -162,6 +163,7 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
             "num_stages": 4,
             "kernel": "ptr",
             "swap": False,
+            "occupancy": 1,
         }
     }
 

@@ -34,7 +34,8 @@ CONFIGS = (
     TileConfig(16, 32, 64, 4, 4, 1, swap=True),
     TileConfig(32, 32, 64, 2, 4, 1, "tma"),
     TileConfig(16, 32, 64, 2, 4, 1, "tma", swap=True),
-)
+    TileConfig(32, 16, 64, 2, 4, 1, "tma", occupancy=2),  # twice the persistent programs: the tile loop still
+)  # covers every tile once
 
 
 @pytest.mark.parametrize("bits", LOW_BITS)
