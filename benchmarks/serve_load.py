@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -116,14 +117,18 @@ def make_images(n: int, source: str) -> tuple[list[bytes], str]:
     from PIL import Image
 
     out = []
-    if source == "reference":
+    if source in ("reference", "jpeg224"):
         from p4q_engine.data.reference import ReferenceDataset
 
         ds = ReferenceDataset("test", size=n, transform=lambda im: im)
+        jpeg = source == "jpeg224"  # what a camera client sends: 224 px JPEGs (decode + resize cost per request)
         for i in range(n):
             buf = io.BytesIO()
-            ds[i][0].save(buf, format="PNG")
+            img = ds[i][0].resize((224, 224), Image.BICUBIC) if jpeg else ds[i][0]
+            img.save(buf, format="JPEG" if jpeg else "PNG", **({"quality": 90} if jpeg else {}))
             out.append(buf.getvalue())
+        if jpeg:
+            return out, f"{n} reference-task test images upscaled to 224x224 px (JPEG, quality 90)"
         return out, f"{n} reference-task test images (PNG)"
     g = torch.Generator().manual_seed(0)
     for i in range(n):
@@ -202,6 +207,7 @@ def start_server(artifact: str, args: argparse.Namespace) -> tuple[subprocess.Po
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += shlex.split(args.server_args)
     if args.no_warmup:
         cmd += ["--no-warmup"]
     if args.hostile_mix:
@@ -225,8 +231,8 @@ def start_server(artifact: str, args: argparse.Namespace) -> tuple[subprocess.Po
 
 
 def metric_sum(text: str, name: str) -> float:
-    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    """The sum of a metric over all its label sets (one per replica under --backend ray)."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M))
 
 
 class RawClient:
@@ -400,7 +406,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=300, help="requests per level")
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds per level before it stops issuing")
-    p.add_argument("--image-source", choices=("reference", "random"), default="reference")
+    p.add_argument("--image-source", choices=("reference", "jpeg224", "random"), default="reference")
+    p.add_argument(
+        "--server-args", default="", help="more `p4q serve` options, e.g. '--backend ray --replicas 2' (quoted)"
+    )
     p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-warmup", action="store_true", help="start the server with --no-warmup")
@@ -532,6 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "max_wait_ms": args.max_wait_ms,
             "max_queue": args.max_queue,
             "threads": args.threads or "torch default",
+            "extra_args": args.server_args,
             "ready_after_s": getattr(args, "ready_after_s", None),
             "warmup": not args.no_warmup,
             "autotune": os.environ.get("P4Q_AUTOTUNE", "1") != "0",
@@ -551,7 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- artifact: {description}; {len(engine.classnames)} classes",
         f"- images: {image_desc}; {report['expected_label_spread']} distinct expected top-1 labels",
         f"- server: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, queue {args.max_queue}, "
-        f"torch threads {args.threads or 'default'}; "
+        f"torch threads {args.threads or 'default'}" + (f", `{args.server_args}`" if args.server_args else "") + "; "
         f"{args.images_per_request} image(s) per request, multipart; clients on the same machine (raw asyncio "
         "HTTP/1.1 keep-alive connections: httpx's pool costs ~10 ms of CPU per request at 64 connections)",
         "- lost = non-200 or no answer; wrong = top-1 label or its probability (1e-4) differs from the "

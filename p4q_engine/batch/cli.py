@@ -35,6 +35,7 @@ def add_dataset_args(c: argparse.ArgumentParser) -> None:
     r.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per engine actor (default: 1 on cuda)")
     r.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per engine actor")
     r.add_argument("--decoders", type=int, default=1, help="CPU actors that read, decode and preprocess")
+    r.add_argument("--cpus-per-decoder", type=float, default=1.0, help="CPUs reserved per decoder actor")
     r.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
 
 
@@ -70,6 +71,7 @@ def cmd_classify_dataset(args: argparse.Namespace) -> int:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             decoders=args.decoders,
+            cpus_per_decoder=args.cpus_per_decoder,
             device=args.device,
             address=args.address,
         )

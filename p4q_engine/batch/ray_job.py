@@ -61,6 +61,7 @@ class RayJobOptions:
     gpus_per_actor: Optional[float] = None
     cpus_per_actor: float = 1.0
     decoders: int = 1
+    cpus_per_decoder: float = 1.0
     device: str = "auto"
     address: Optional[str] = None
 
@@ -70,6 +71,7 @@ class RayJobOptions:
             (self.gpus_per_actor is None or self.gpus_per_actor >= 0, "--gpus-per-actor must be >= 0"),
             (self.cpus_per_actor >= 0, "--cpus-per-actor must be >= 0"),
             (self.decoders >= 1, "--decoders must be >= 1"),
+            (self.cpus_per_decoder > 0, "--cpus-per-decoder must be > 0"),
         ):
             if not ok:
                 raise ConfigError(message)
@@ -190,7 +192,7 @@ def run_ray(
         fn_constructor_args=(artifact, options),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=ray_opts.decoders),
-        num_cpus=1,
+        num_cpus=ray_opts.cpus_per_decoder,
     )
     ds = ds.map_batches(
         EngineActor,

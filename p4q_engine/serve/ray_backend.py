@@ -19,10 +19,10 @@ only says what runs where. Three deployments (model composition through ``Deploy
     every replica pushes its Prometheus samples (the single-process server's metric names) once a second;
     ``GET /metrics`` renders them all, labelled ``deployment`` and ``replica``, plus ``p4q_serve_replicas``.
 
-``GET /readyz`` is 200 while at least one engine replica runs and reports ``replicas: {running, target}``; 503
-``not_ready`` while none does. A request whose engine replica dies under it is retried once on another (inference
-is idempotent); past the engine deployment's queue (``max_queued_requests`` = ``--max-queue``) requests get 503
-``overloaded`` with Retry-After.
+``GET /readyz`` is 503 ``not_ready`` until every engine replica has started, then 200 while at least one runs
+(``replicas: {running, target, states}`` shows how many), and 503 again while none does. A request whose engine
+replica dies under it is retried once on another (inference is idempotent); past the engine deployment's queue
+(``max_queued_requests`` = ``--max-queue``) requests get 503 ``overloaded`` with Retry-After.
 
 The artifact is read once by the driver (``p4q serve``), put in Ray's object store and loaded from there by every
 replica, so the replicas of a multi-node cluster need no shared file system - only ``p4q-engine[ray]`` installed.
@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 import torch
 
-from p4q_engine.errors import ConfigError
+from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.serve.batcher import Batcher, BatchResult, FaultHooks
 from p4q_engine.serve.config import ServeConfig
 from p4q_engine.serve.errors import ServeError
@@ -352,6 +352,7 @@ class RayEngineBackend:
         self._info: Optional[dict[str, Any]] = None
         self._gone, self._full = _ray_errors()
         self._pusher: Optional[_Pusher] = None
+        self._deployed = False
 
     def preparing(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # batching happens in the engine replicas
@@ -399,6 +400,10 @@ class RayEngineBackend:
         running = states.get("RUNNING", 0)
         if running == 0:
             raise ServeError("not_ready", f"no engine replica is running (0 of {self.target}; states {states})")
+        if not self._deployed:  # first deployment: ready once every replica has started, then while any runs
+            if running < self.target:
+                raise ServeError("not_ready", f"starting: {running} of {self.target} engine replicas running")
+            self._deployed = True
         if self._info is None:
             self._info = await self.handle.info.remote()
         return {
@@ -477,6 +482,14 @@ def build_app(artifact: list, config: ServeConfig, options: RayOptions, hooks: O
     return http
 
 
+def connect(options: RayOptions) -> None:
+    """Join ``--address`` (or RAY_ADDRESS), else start a local cluster; a no-op when Ray is already initialized."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING)
+
+
 def start(
     artifact_path: str,
     config: ServeConfig,
@@ -492,8 +505,7 @@ def start(
 
     data = open(artifact_path, "rb").read()
     Frontend(data)  # a bad artifact: one p4q: error line here, not replicas failing in a loop
-    if not ray.is_initialized():
-        ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING)
+    connect(options)
     serve.start(
         http_options={"host": config.host, "port": config.port, "request_timeout_s": config.timeout_s + 10},
     )
@@ -504,27 +516,34 @@ def start(
 
 def serve_ray(artifact_path: str, config: ServeConfig, options: RayOptions) -> int:
     """``p4q serve --backend ray``: deploy, serve until SIGTERM/SIGINT, then delete the application (exit 0)."""
+    import ray
     from ray import serve
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
     try:
+        Frontend(open(artifact_path, "rb").read())  # a bad artifact fails before a cluster starts
+        connect(options)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own fatal-signal handler
+            signal.signal(sig, lambda *_: stop.set())
         start(artifact_path, config, options, FaultHooks.from_env())
-    except (ConfigError, OSError):
+        log.info(
+            "serving on http://%s:%d: %d engine replica(s), %d HTTP replica(s), batching %s",
+            config.host,
+            config.port,
+            options.replicas,
+            options.http_replicas,
+            options.batching,
+        )
+        stop.wait()
+        log.info("stopping: deleting the application")
+        serve.delete(options.app_name)
+    except P4QError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray's deployment failures are long; one line, the log has the rest
         raise ConfigError(f"the Ray Serve application did not start: {str(e).splitlines()[0][:300]}") from None
-    log.info(
-        "serving on http://%s:%d: %d engine replica(s), %d HTTP replica(s), batching %s",
-        config.host,
-        config.port,
-        options.replicas,
-        options.http_replicas,
-        options.batching,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.delete(options.app_name)
-    serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()  # a local cluster this process started goes with it; a joined cluster keeps running
     return 0
