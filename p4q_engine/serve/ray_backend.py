@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -458,6 +460,8 @@ def build_app(artifact: list, config: ServeConfig, options: RayOptions, hooks: O
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = 1.0 if config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus >= 1) else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    if config.decode_workers is None:  # one decode thread per reserved CPU, not one per core of the whole node
+        config = dataclasses.replace(config, decode_workers=max(1, math.ceil(options.cpus_per_http_replica)))
     hub = serve.deployment(
         MetricsHub, name=HUB, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000
     ).bind(options.app_name, (HTTP, ENGINE))
