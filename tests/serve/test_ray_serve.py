@@ -204,3 +204,41 @@ def test_replica_killed_mid_load_loses_no_request(cluster, engine, good_images):
         time.sleep(0.5)
     r = httpx.get(cluster + "/readyz")
     assert r.status_code == 200 and r.json()["replicas"]["running"] == 2, r.text
+
+
+# ---------------------------------------------------------------- readiness rule (no cluster needed)
+def test_readiness_rule(monkeypatch):
+    """503 until every engine replica has started once; then 200 while any runs (with the count); 503 at none."""
+    from p4q_engine.serve import ray_backend
+    from p4q_engine.serve.errors import ServeError
+
+    class _Info:
+        def remote(self):
+            async def info():
+                return {"device": "cpu", "classes": 10}
+
+            return info()
+
+    class _Handle:
+        info = _Info()
+
+    backend = ray_backend.RayEngineBackend(_Handle(), None, "app", target=2, max_batch=8, max_queue=16)
+    states: dict = {}
+    monkeypatch.setattr(ray_backend, "replica_states", lambda app, dep: dict(states))
+
+    def ready():
+        backend._states = (0.0, {})  # no caching between the steps
+        return asyncio.run(backend.readiness())
+
+    for now in ({}, {"RUNNING": 1, "STARTING": 1}):
+        states.clear(), states.update(now)
+        with pytest.raises(ServeError) as e:
+            ready()
+        assert e.value.kind == "not_ready"
+    states.clear(), states.update({"RUNNING": 2})
+    assert ready()["replicas"] == {"running": 2, "target": 2, "states": {"RUNNING": 2}}
+    states.clear(), states.update({"RUNNING": 1, "STARTING": 1})  # a replica lost and being replaced
+    assert ready()["replicas"]["running"] == 1
+    states.clear(), states.update({"STARTING": 2})
+    with pytest.raises(ServeError, match="no engine replica is running"):
+        ready()
