@@ -92,21 +92,23 @@ def assert_codes_match(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor, rq
 A_SITES = ((8, 0), (8, 128), (8, 255), (8, 37), (4, 0), (4, 15))
 
 
-@pytest.fixture(params=["nib", "planes"])
-def layout(request, monkeypatch) -> str:
-    """Both main loops of low-bit weights: the interleaved device layout (default) and the artifact's planes."""
-    monkeypatch.setenv("P4Q_WEIGHT_LAYOUT", request.param)
-    return request.param
+#: Every width with each main loop it has: low-bit weights from the interleaved device layout (default) and from the
+#: artifact's planes (``P4Q_WEIGHT_LAYOUT=planes``); 8-bit weights always from plain int8 (their plane path:
+#: test_8bit_packed_planes_path).
+BITS_LAYOUTS = [(b, lay) for b in BITS for lay in (("nib", "planes") if b < 8 else ("direct",))]
 
 
-@pytest.mark.parametrize("bits", BITS)
+def use_layout(monkeypatch, layout: str) -> None:
+    monkeypatch.setenv("P4Q_WEIGHT_LAYOUT", "planes" if layout == "planes" else "nib")
+
+
+@pytest.mark.parametrize("bits,layout", BITS_LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_raw_accumulator_bit_exact(poison, device, layout, bits, shape):
+def test_raw_accumulator_bit_exact(poison, device, monkeypatch, bits, layout, shape):
     """The int32 accumulator equals the exact integer ``sum (a_u - zp) * code`` for every activation site. The
     sentinel is beyond any reachable accumulator (|acc| <= 160 * 255 * 128 here), so one run detects every
     unwritten element."""
-    if bits == 8 and layout == "planes":
-        pytest.skip("8-bit weights always take the direct int8 path (its plane path: test_8bit_packed_planes_path)")
+    use_layout(monkeypatch, layout)
     m, n, k = shape
     for a_bits, a_zp in A_SITES:
         g = gen("raw", bits, shape, a_bits, a_zp)
@@ -296,13 +298,12 @@ TMA_SHAPES = ((17, 40, 160), (70, 40, 256), (1, 33, 128), (45, 72, 48))
 TMA_CONFIG = TileConfig(32, 32, 128, 2, 4, 1, "tma")
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits,layout", BITS_LAYOUTS)
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tma_kernel_raw_and_requant(poison, device, layout, bits, shape):
+def test_tma_kernel_raw_and_requant(poison, device, monkeypatch, bits, layout, shape):
     """The persistent TMA kernel (out-of-bounds tiles read as zero, no masks in the main loop) gives the same
     accumulator and requantized codes as the reference."""
-    if bits == 8 and layout == "planes":
-        pytest.skip("8-bit weights always take the direct int8 path")
+    use_layout(monkeypatch, layout)
     m, n, k = shape
     g = gen("tma", bits, shape)
     codes, scale, w = make_weight(bits, n, k, g, device)
