@@ -9,10 +9,12 @@ Conventions shared with the rest of the engine:
 * **Activations** are unsigned codes ``a_u`` in ``[0, 2^b)`` stored *shifted* as int8 ``a_s = a_u - 128`` so the
   int8 tensor cores take them. ``sum (a_u - zp) w = sum a_s w + (128 - zp) * colsum(w)``: the kernel adds that
   correction to the int32 accumulator, which stays exactly the integer the CPU engine computes.
-* **Weights** come straight from the ``.p4q`` packed planes (``docs/format.md``): int32 words ``[N, ceil(K/per)]``,
-  LSB-first along K, stored codes offset by ``2^(b-1)``; 3-bit = 2-bit plane + 1-bit plane. The kernel loads a
-  ``[BLOCK_K / per, BLOCK_N]`` tile of words per plane and unpacks it in registers with one shift and one mask.
-* **Rounding** of the requantization is ``floor(y / s + 0.5)`` (``p4q_engine.quant.quantizer.round_half_up``).
+* **Weights** are read from the device layout :mod:`weight_layout` builds once at load time: plain int8 for 8 bits,
+  interleaved bytes for 2/3/4 bits (one shift or mask per weight yields ``code * 2^(8 - lane)`` as an int8; the
+  accumulator is shifted back exactly), or - ``P4Q_WEIGHT_LAYOUT=planes`` - the ``.p4q`` planes themselves
+  (``docs/format.md``: int32 words LSB-first along K, codes offset by ``2^(b-1)``, unpacked per tile).
+* **Rounding** of the requantization is ``floor(y / s + 0.5)`` (``p4q_engine.quant.quantizer.round_half_up``); the
+  kernel multiplies by the precomputed ``1 / s`` (an ulp from ``y / s``: only codes on a float tie can move).
 
 :func:`qgemm` is the launch wrapper, :func:`_qgemm_kernel` the Triton kernel and :func:`qgemm_reference` the torch
 definition the tests compare against (integer accumulator bit-exact; float epilogue within 1e-5 relative).
