@@ -114,3 +114,18 @@ def test_gpu_vit_b32_rows(bits, zp):
         quantize_rows(x.cuda(), scale, zp, bits).cpu(),
         layernorm_quant_reference(x, w, b, EPS, scale, zp, bits, norm=False),
     )
+
+
+@pytest.mark.parametrize("cfg", ln_mod.LN_CANDIDATES, ids=lambda c: f"rows{c.block_m}-w{c.num_warps}")
+def test_every_tuning_candidate(poison, device, cfg):
+    """Each rows-per-program candidate the GPU tuner may pick gives the reference's codes (37 rows: a partial last
+    program for every candidate above one row), for the LayerNorm and the plain quantize."""
+    g = gen("cand", cfg.block_m, cfg.num_warps)
+    x, w, b = make_rows(37, 100, g)
+    ref = layernorm_quant_reference(x, w, b, EPS, 0.05, 131)
+    y = F.layer_norm(x, (100,), w, b, EPS) / torch.tensor(0.05, dtype=torch.float32)
+    dev = [t.to(device) for t in (x, w, b)]
+    (out,) = run_poisoned(poison, ln_mod._launch, (77,), *dev, EPS, 0.05, 131, 8, True, config=cfg)
+    assert_codes_match(out, ref, y)
+    (out,) = run_poisoned(poison, ln_mod._launch, (77,), dev[0], None, None, 0.0, 0.5, 7, 8, False, config=cfg)
+    assert torch.equal(out, layernorm_quant_reference(x, w, b, EPS, 0.5, 7, 8, norm=False))

@@ -107,3 +107,18 @@ def test_a_corrupted_layout_byte_is_caught(device, bits):
     w.interleaved[3, 40] ^= 1 << (8 - LAYOUTS[bits].lane)  # lowest bit of the top field of byte 40 in row 3
     out = qgemm(a, 0.01, 0, w, raw=True, config=CONFIGS[0]).cpu()
     assert not torch.equal(out, ref) and (out != ref).sum() == m  # exactly column 3 moved, in every row
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_every_gpu_candidate_is_exact(device, bits):
+    """Every tile the GPU tuner may pick (both kernels, both orders, two programs per SM) computes the exact
+    accumulator: the tuner chooses by speed alone, so each one must be right."""
+    from p4q_engine.kernels.tuning import GPU_CANDIDATES
+
+    m, n, k = 70, 40, 256
+    g = gen("candidates", bits)
+    codes, scale, w = make_weight(bits, n, k, g, device)
+    a = make_acts(m, k, g, device)
+    ref = qgemm_reference(a, 0.01, 9, codes, scale, raw=True)
+    for cfg in GPU_CANDIDATES:
+        assert torch.equal(qgemm(a, 0.01, 9, w, raw=True, config=cfg).cpu(), ref), cfg
