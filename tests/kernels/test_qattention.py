@@ -156,6 +156,19 @@ def test_tiled_qattention_matches_reference(poison, device, length, causal, head
         check_attention(out, ref, qkv, heads, sites, causal)
 
 
+@pytest.mark.parametrize(
+    "cfg", qatt_mod.ATTN_CANDIDATES, ids=lambda c: f"{c.block_m}x{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+)
+def test_every_tiled_tuning_candidate(poison, device, cfg):
+    """Each tile the GPU tuner may pick for the tiled kernel (it picks by speed alone) gives the reference's codes up
+    to probability ties: 150 tokens span two to five query blocks and two to five key blocks of every candidate."""
+    g = gen("attn-candidates", cfg.block_m, cfg.block_n)
+    qkv, sites = make_case(1, 150, 3, 16, ZPS[1], P_SITES[0], g, device)
+    ref = qattention_reference(qkv, 3, sites)
+    for out in run_poisoned(poison, (77,), qkv, 3, sites, kernel="tiled", config=cfg):
+        check_attention(out, ref, qkv, 3, sites, False)
+
+
 def test_auto_picks_the_tiled_kernel_past_one_tile(device):
     """L > 128 runs (the tiled kernel) and equals an explicitly tiled call; L <= 128 equals the short kernel."""
     g = gen("auto")
