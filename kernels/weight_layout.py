@@ -5,14 +5,15 @@ plane: compact, but unpacking it costs a shift, a mask, a reshape and an offset 
 the main loop, and the reshape is a register shuffle. The device keeps a second copy shaped for the main loop:
 
 * ``direct8``: 8-bit weights as plain int8 ``[N, K]`` (no unpacking at all).
-* ``nib4`` (2-, 3- and 4-bit) and ``nib2`` (2-bit): signed two's complement fields packed ``8 / lane`` to a byte,
+* ``nib4`` (3- and 4-bit) and ``nib2`` (2-bit): signed two's complement fields packed ``8 / lane`` to a byte,
   *interleaved by sub-tile*: byte ``[n, g * SUB + j]`` holds the codes of ``k = g * G + i * SUB + j`` in field ``i``
   (bits ``[i * lane, (i + 1) * lane)``), with ``G = SUB * 8 / lane``. One K step of the kernel loads one
   ``[BLOCK_N, SUB]`` byte tile and gets field ``i`` as an **int8 that is already a multiple of the code**:
   ``(byte << (8 - lane * (i + 1))) & -(1 << (8 - lane))`` equals ``code * 2^(8 - lane)`` - one shift and/or one
   mask, no offset, no reshape. The accumulator is ``2^(8 - lane)`` times the true one; every term is a multiple of
-  that factor, so an arithmetic right shift recovers the exact integer (the bound ``|acc| <= K * 128 * 128`` keeps
-  int32 exact up to K = 2^17 / 2 = 65536, checked by :func:`device_layout`).
+  that factor, so an arithmetic right shift recovers the exact integer (``|acc| <= K * 128 * 128 = K * 2^14`` stays
+  below 2^31 for K < 2^17; :func:`device_layout` takes the nibble layouts up to ``NIB_MAX_K = 2^16``, a factor two
+  of margin).
 
 3-bit codes use ``nib4`` (their range fits a nibble): the same speed as 4-bit, one byte per two weights on the
 device, while the artifact keeps its 3-bit planes. The registry :data:`LAYOUTS` maps bits to a layout; nothing in
