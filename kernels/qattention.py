@@ -15,7 +15,9 @@ Tiled kernel, one program per (image, head, block of query rows): the probabilit
 final row max and sum. Pass 1 streams the key blocks for the row max and the sum of ``exp(logit - max)`` (online
 rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
 and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255] per key block, exact, summed
-in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. The probabilities differ
+in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. A tile whose key block covers
+the whole sequence (``block_n >= L``, picked by the tuner where it wins) needs neither: one ``q k^T``, one ``exp`` per
+logit, the exact row max and sum. The probabilities differ
 from the reference's only by float rounding of the row sum and of one reciprocal (ties, ``p4q_engine.quant.ties``).
 """
 
@@ -107,11 +109,11 @@ def _qattention_kernel(
     logits = tl.where(keep, logits, float("-inf"))
     mx = tl.max(logits, axis=1)
     e = tl.exp(logits - mx[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]
-
-    pu = tl.floor(tl.math.div_rn(p, sp) + 0.5) + zpp
-    pu = tl.minimum(tl.maximum(pu, 0.0), P_QMAX)
-    pu = tl.where(keep, pu, zpp)  # masked keys contribute (zpp - zpp) = 0
+    # u = floor(p / s_p + 0.5) + z_p with p / s_p = e * (1 / (sum * s_p)): one multiply per probability instead of
+    # two IEEE divisions (the tiled kernel's arithmetic, within TIE_EPS of the reference); a masked key has e = 0,
+    # hence u = z_p, and adds (u - z_p) * (v - z_v) = 0 to the output
+    inv = 1.0 / (tl.sum(e, axis=1) * sp)
+    pu = tl.minimum(tl.floor(e * inv[:, None] + (zpp + 0.5)), P_QMAX)
     ps = (pu.to(tl.int32) - 128).to(tl.int8)
     o = tl.dot(ps, v, out_dtype=tl.int32)
     o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
@@ -147,13 +149,30 @@ def _block_logits(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
-    """Logits of the key block ``keys`` for the query ``rows``, ``-inf`` at padded (and, causal, later) keys."""
+    """Logits of the key block ``keys`` for the query ``rows``, ``-inf`` at padded (and, causal, later) keys. The
+    padding mask is a per-key bias (``x + 0 == x`` exactly): one add per logit instead of a 2-D compare and select."""
     kmask = (keys < L)[:, None] & d_mask[None, :]
     logits = _qk_logits(q, k_head + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D)
-    keep = (keys < L)[None, :] & (rows[:, None] >= 0)
+    logits += tl.where(keys < L, 0.0, float("-inf"))[None, :]
     if CAUSAL:
-        keep = keep & (keys[None, :] <= rows[:, None])
-    return tl.where(keep, logits, float("-inf"))
+        logits = tl.where(keys[None, :] <= rows[:, None], logits, float("-inf"))
+    return logits
+
+
+@triton.jit
+def _pv_step(acc, e, inv, bias, v_ptrs, vmask, cv, P_QMAX: tl.constexpr):
+    """``acc += (u - z_p) (v - z_v)`` for one key block, ``u = floor(e / (den s_p) + 0.5) + z_p``.
+
+    ``p / s_p = e * (1 / (den s_p))``: one multiply instead of two divisions (a few ulps of ``p / s_p <= 255``,
+    within TIE_EPS of the reference's value). A masked key has ``e = 0``, hence ``u = z_p``: it adds nothing with no
+    select. ``(u - z_p)`` and ``(v - z_v)`` lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24)
+    exact in the fp32 tensor-core accumulator, so the fp16 dot is an exact integer P.V with no zero-point terms;
+    ``|acc| <= (255 + L / 2) * 255 < 2^24`` for L <= 4096 (a row's codes sum to ~1 / s_p plus rounding), so the
+    accumulation across key blocks is exact in place."""
+    pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
+    pf = (pu - (bias - 0.5)).to(tl.float16)
+    v = tl.load(v_ptrs, mask=vmask, other=-cv).to(tl.int32) + cv
+    return tl.dot(pf, v.to(tl.float16), acc, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -185,6 +204,7 @@ def _qattention_tiled_kernel(
     CAUSAL: tl.constexpr,
     P_QMAX: tl.constexpr,
     O_QMAX: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -198,42 +218,42 @@ def _qattention_tiled_kernel(
     head = qkv_ptr + b * stride_b + h * HD + dims[None, :]
     q = tl.load(head + rows[:, None] * stride_l, mask=r_mask[:, None] & d_mask[None, :], other=-cq).to(tl.int8)
     q_sum = tl.sum(q.to(tl.int32), axis=1)
-    n_end = L
-    if CAUSAL:
-        n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-
-    # pass 1: row max and sum of exp(logit - max) (the sum rescaled when the max grows)
-    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    den = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        logits = _block_logits(
-            q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
-        )
-        new_mx = tl.maximum(mx, tl.max(logits, axis=1))
-        den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
-        mx = new_mx
-
-    # pass 2: probability codes u = floor(p / s_p + 0.5) + z_p with p / s_p = e * (1 / (den * s_p)) - one multiply
-    # instead of two divisions (a few ulps of p / s_p <= 255: within TIE_EPS of the reference's value). A masked key
-    # has e = 0, hence u = z_p: it adds (u - z_p) * (v - z_v) = 0 to the output with no select.
-    inv = 1.0 / (den * sp)
     bias = zpp + 0.5
-    # |acc| <= (255 + L / 2) * 255 < 2^24 for L <= 1025 (the codes of a row sum to ~1 / s_p plus rounding): every
-    # partial sum is an integer exact in fp32, so the tensor core accumulates across key blocks in place
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        keys = n0 + cols
+    if ONE_PASS:
+        # every key in one block (BLOCK_N >= L): one q k^T, one exp per logit - the logits stay in registers
         logits = _block_logits(
-            q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
+            q, head + D, rows, cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
         )
+        mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
-        pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
-        # (u - z_p) and (v - z_v) lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24) exact in
-        # the fp32 tensor-core accumulator, so the fp16 dot is an exact integer P.V with no zero-point terms
-        pf = (pu - zpp).to(tl.float16)
-        vmask = (keys < L)[:, None] & d_mask[None, :]
-        v = tl.load(head + 2 * D + keys[:, None] * stride_l, mask=vmask, other=-cv).to(tl.int32) + cv
-        acc = tl.dot(pf, v.to(tl.float16), acc, out_dtype=tl.float32)
+        inv = 1.0 / (tl.sum(e, axis=1) * sp)
+        vmask = (cols < L)[:, None] & d_mask[None, :]
+        acc = _pv_step(acc, e, inv, bias, head + 2 * D + cols[:, None] * stride_l, vmask, cv, P_QMAX)
+    else:
+        n_end = L
+        if CAUSAL:
+            n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+        # pass 1: row max and sum of exp(logit - max) (the sum rescaled when the max grows)
+        mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        den = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, n_end, BLOCK_N):
+            logits = _block_logits(
+                q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
+            )
+            new_mx = tl.maximum(mx, tl.max(logits, axis=1))
+            den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
+            mx = new_mx
+        # pass 2: the final max and sum give each probability its code (see _pv_step)
+        inv = 1.0 / (den * sp)
+        for n0 in range(0, n_end, BLOCK_N):
+            keys = n0 + cols
+            logits = _block_logits(
+                q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
+            )
+            e = tl.exp(logits - mx[:, None])
+            vmask = (keys < L)[:, None] & d_mask[None, :]
+            acc = _pv_step(acc, e, inv, bias, head + 2 * D + keys[:, None] * stride_l, vmask, cv, P_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
     _store_out(optr, acc.to(tl.int32), pv_scale, so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
 
@@ -257,8 +277,9 @@ TILED_MAX_L = 4096
 TILED_BLOCK_M = 64
 TILED_BLOCK_N = 64
 #: Tiled-kernel candidates (block_m, block_n, -, -, warps, stages): the 2026-12-01 H200 sweep's winners per length
-#: (128/64/8 at 197 and 577 tokens, 64/32/4 at 257) and their neighbours; tuned per (batch x heads bucket, L, head
-#: dim) like the GEMMs, shipped tables first (``kernels/tuning.py``).
+#: (128/64/8 at 197 and 577 tokens, 64/32/4 at 257) and their neighbours, plus one-pass tiles (block_n >= L: every
+#: key in one block, one q k^T and one exp per logit instead of two) for up to 256 and 512 tokens; tuned per
+#: (batch x heads bucket, L, head dim) like the GEMMs, shipped tables first (``kernels/tuning.py``).
 ATTN_CANDIDATES: tuple[TileConfig, ...] = tuple(
     TileConfig(bm, bn, 64, 1, nw, st, "attn")
     for bm, bn, nw, st in (
@@ -269,8 +290,16 @@ ATTN_CANDIDATES: tuple[TileConfig, ...] = tuple(
         (128, 32, 8, 2),
         (64, 64, 4, 3),
         (128, 128, 8, 2),
+        (64, 256, 8, 2),
+        (32, 256, 4, 2),
+        (32, 512, 8, 2),
     )
 )
+#: Short-kernel candidates: warps per (image, head) program (the tile is the whole padded sequence).
+SHORT_CANDIDATES: tuple[TileConfig, ...] = tuple(TileConfig(0, 0, 64, 1, nw, 1, "attn-short") for nw in (4, 2, 8))
+#: Tuning-cache names: a changed kernel gets a new name, so tiles tuned (or shipped) for an older one are not reused.
+TILED_TUNE_NAME = "qattn-tiled2"
+SHORT_TUNE_NAME = "qattn-short"
 
 
 def _scalar_args(sites: AttnSites, hd: int) -> tuple:
@@ -335,6 +364,7 @@ def qattention(
     )
     qmax = dict(P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1))
     if short:
+        cfg = config or _short_config(qkv, heads, sites, causal, num_warps)
         _qattention_kernel[(bsz * heads,)](
             *common,
             HD=hd,
@@ -342,7 +372,7 @@ def qattention(
             BLOCK_D=_pow2(hd),
             CAUSAL=causal,
             **qmax,
-            num_warps=num_warps or 4,
+            num_warps=cfg.num_warps,
             num_stages=1,
         )
         return out
@@ -355,26 +385,38 @@ def qattention(
         BLOCK_D=_pow2(hd),
         CAUSAL=causal,
         **qmax,
+        ONE_PASS=cfg.block_n >= length,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
 
 
+def _tune(name: str, qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool, kernel: str, candidates):
+    """The tuned (or shipped) tile of ``kernel`` for this (batch x heads bucket, L, head dim)."""
+    bsz, length, d3 = qkv.shape
+
+    def bench(c: TileConfig) -> None:
+        qattention(qkv, heads, sites, causal, kernel=kernel, config=c)
+
+    name += "-causal" if causal else ""
+    hd = d3 // 3 // heads
+    return pick_config(name, bsz * heads, length, hd, sites.p_bits, qkv.device, bench, candidates, fit_m=length)
+
+
+def _short_config(qkv, heads, sites, causal, num_warps) -> TileConfig:
+    if num_warps is not None or qkv.device.type != "cuda":
+        return TileConfig(0, 0, 64, 1, num_warps or 4, 1, "attn-short")
+    return _tune(SHORT_TUNE_NAME, qkv, heads, sites, causal, "short", SHORT_CANDIDATES)
+
+
 def _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps) -> TileConfig:
     """The tiled kernel's tile: explicit arguments, else the tuned (or shipped) one for this shape."""
     if block_m is not None or block_n is not None or num_warps is not None:
         return TileConfig(block_m or TILED_BLOCK_M, block_n or TILED_BLOCK_N, 64, 1, num_warps or 4, 2, "attn")
-    bsz, length, d3 = qkv.shape
     if qkv.device.type != "cuda":
         return TileConfig(TILED_BLOCK_M, TILED_BLOCK_N, 64, 1, 4, 2, "attn")
-
-    def bench(c: TileConfig) -> None:
-        qattention(qkv, heads, sites, causal, kernel="tiled", config=c)
-
-    name = "qattn-tiled" + ("-causal" if causal else "")
-    hd = d3 // 3 // heads
-    return pick_config(name, bsz * heads, length, hd, sites.p_bits, qkv.device, bench, ATTN_CANDIDATES, fit_m=length)
+    return _tune(TILED_TUNE_NAME, qkv, heads, sites, causal, "tiled", ATTN_CANDIDATES)
 
 
 def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:

@@ -169,6 +169,45 @@ def test_every_tiled_tuning_candidate(poison, device, cfg):
         check_attention(out, ref, qkv, 3, sites, False)
 
 
+ONE_PASS = tuple(c for c in qatt_mod.ATTN_CANDIDATES if c.block_n >= 150)
+
+
+@pytest.mark.parametrize("cfg", ONE_PASS, ids=lambda c: f"{c.block_m}x{c.block_n}-w{c.num_warps}")
+def test_one_pass_tiles_causal_odd_head_dim(poison, device, cfg):
+    """The one-pass branch (every key in one block) with the causal mask, a head dim that is not a power of two and
+    every zero-point role: the same codes as the reference up to probability ties."""
+    for zps in ZPS:
+        g = gen("one-pass", cfg.block_m, cfg.block_n, zps)
+        qkv, sites = make_case(2, 150, 2, 20, zps, P_SITES[2], g, device)
+        ref = qattention_reference(qkv, 2, sites, causal=True)
+        for out in run_poisoned(poison, (-77,), qkv, 2, sites, causal=True, kernel="tiled", config=cfg):
+            check_attention(out, ref, qkv, 2, sites, True)
+
+
+def test_one_pass_and_two_pass_tiles_agree(device):
+    """Both branches compute the same codes (up to the row sum's summation order: ties only)."""
+    g = gen("one-vs-two")
+    qkv, sites = make_case(1, 150, 3, 16, ZPS[0], P_SITES[0], g, device)
+    ref = qattention_reference(qkv, 3, sites)
+    two = qattention(qkv, 3, sites, kernel="tiled", config=qatt_mod.ATTN_CANDIDATES[0])
+    one = qattention(qkv, 3, sites, kernel="tiled", config=ONE_PASS[0])
+    check_attention(two, ref, qkv, 3, sites, False)
+    check_attention(one, ref, qkv, 3, sites, False)
+    ties = near_tie_rows(qkv, 3, sites, False, TIE_EPS)
+    diff = (one.cpu().to(torch.int32) - two.cpu().to(torch.int32)).abs().view(1, 150, 3, 16).amax(-1)
+    assert int(diff[ties == 0].max()) == 0
+
+
+@pytest.mark.parametrize("cfg", qatt_mod.SHORT_CANDIDATES, ids=lambda c: f"w{c.num_warps}")
+def test_every_short_tuning_candidate(poison, device, cfg):
+    """Each warp count the tuner may pick for the short kernel: reference codes up to probability ties."""
+    g = gen("short-candidates", cfg.num_warps)
+    qkv, sites = make_case(3, 50, 2, 32, ZPS[2], P_SITES[1], g, device)
+    ref = qattention_reference(qkv, 2, sites)
+    for out in run_poisoned(poison, (55,), qkv, 2, sites, kernel="short", config=cfg):
+        check_attention(out, ref, qkv, 2, sites, False)
+
+
 def test_auto_picks_the_tiled_kernel_past_one_tile(device):
     """L > 128 runs (the tiled kernel) and equals an explicitly tiled call; L <= 128 equals the short kernel."""
     g = gen("auto")
