@@ -7,8 +7,10 @@ as a Ray Data pipeline.
 
 HTTP numbers come from ``benchmarks/serve_load.py`` (bounded loopback load, every answer checked against
 ``Engine.classify``: lost and wrong must be 0), run once per server configuration as a subprocess; its per-run
-reports go to a temporary directory and are gathered into ``benchmarks/results/ray_serve_cpu.{md,json}``. The
-dataset job's go to ``benchmarks/results/ray_data_cpu.{md,json}``.
+reports go to a temporary directory and are gathered into ``<out-dir>/ray_serve_{cpu,gpu}.{md,json}``. The
+dataset job's go to ``<out-dir>/ray_data_{cpu,gpu}.{md,json}``. ``--device cuda`` runs the one-GPU configurations
+(decode threads, processes or nvJPEG in the server; Ray Serve with decoding in HTTP replicas; Ray Data with a GPU
+engine actor).
 """
 
 from __future__ import annotations
@@ -30,18 +32,51 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RAY = "--backend ray --cpus-per-replica 0.5 --cpus-per-http-replica 0.5"
-#: (name, image source, extra `p4q serve` args)
-SERVE_CONFIGS = [
-    ("single process, decode threads", "reference", ""),
-    ("single process, --decode-processes 2", "reference", "--decode-processes 2"),
-    ("Ray Serve, 1 engine replica (p4q batcher)", "reference", f"{RAY} --replicas 1"),
-    ("Ray Serve, 1 engine replica (@serve.batch)", "reference", f"{RAY} --replicas 1 --ray-batching serve"),
-    ("Ray Serve, 2 engine replicas (p4q batcher)", "reference", f"{RAY} --replicas 2"),
-    ("single process, decode threads", "jpeg224", ""),
-    ("single process, --decode-processes 2", "jpeg224", "--decode-processes 2"),
-    ("Ray Serve, 1 engine replica (p4q batcher)", "jpeg224", f"{RAY} --replicas 1"),
-    ("Ray Serve, 2 engine + 2 HTTP replicas", "jpeg224", f"{RAY} --replicas 2 --http-replicas 2"),
-]
+#: (name, image source, extra `p4q serve` args) per device
+SERVE_CONFIGS = {
+    "cpu": [
+        ("single process, decode threads", "reference", ""),
+        ("single process, --decode-processes 2", "reference", "--decode-processes 2"),
+        ("Ray Serve, 1 engine replica (p4q batcher)", "reference", f"{RAY} --replicas 1"),
+        ("Ray Serve, 1 engine replica (@serve.batch)", "reference", f"{RAY} --replicas 1 --ray-batching serve"),
+        ("Ray Serve, 2 engine replicas (p4q batcher)", "reference", f"{RAY} --replicas 2"),
+        ("single process, decode threads", "jpeg224", ""),
+        ("single process, --decode-processes 2", "jpeg224", "--decode-processes 2"),
+        ("Ray Serve, 1 engine replica (p4q batcher)", "jpeg224", f"{RAY} --replicas 1"),
+        ("Ray Serve, 2 engine + 2 HTTP replicas", "jpeg224", f"{RAY} --replicas 2 --http-replicas 2"),
+    ],
+    # one GPU: where decoding runs is the question (issue 14, must-have 3)
+    "cuda": [
+        ("single process, decode threads", "jpeg224", ""),
+        ("single process, --decode-processes 6", "jpeg224", "--decode-processes 6"),
+        ("single process, nvJPEG (--decode-device cuda)", "jpeg224", "--decode-device cuda"),
+        (
+            "Ray Serve, 1 GPU engine replica + 6 HTTP replicas (decode in the HTTP replicas)",
+            "jpeg224",
+            "--backend ray --replicas 1 --gpus-per-replica 1 --cpus-per-replica 1 --http-replicas 6 "
+            "--cpus-per-http-replica 1",
+        ),
+    ],
+}
+#: Ray Data placements per device (the local job runs beside them)
+DATA_PLACEMENTS = {
+    "cpu": {
+        "Ray Data, 1 decoder + 1 engine actor": dict(actors=1, decoders=1, device="cpu", cpus_per_actor=1),
+        "Ray Data, 1 decoder + 2 engine actors": dict(actors=2, decoders=1, device="cpu", cpus_per_actor=0.5),
+        "Ray Data, 2 decoders + 1 engine actor": dict(
+            actors=1, decoders=2, cpus_per_decoder=0.5, device="cpu", cpus_per_actor=1
+        ),
+    },
+    "cuda": {
+        "Ray Data, 6 decoders + 1 GPU engine actor": dict(
+            actors=1, decoders=6, device="cuda", gpus_per_actor=1, cpus_per_actor=1
+        ),
+    },
+}
+
+
+def device_name(device: str) -> str:
+    return "CPU" if device == "cpu" else torch.cuda.get_device_name(0)
 
 
 def versions() -> dict:
@@ -58,12 +93,14 @@ def versions() -> dict:
     }
 
 
-def engine_ceiling(artifact: str, sizes: list[int], threads: int, seconds: float = 3.0) -> dict[int, float]:
+def engine_ceiling(
+    artifact: str, sizes: list[int], threads: int, seconds: float = 3.0, device: str = "cpu"
+) -> dict[int, float]:
     """In-process ``Engine.embed`` images/s per batch size (preprocessed pixels: no HTTP, no decoding)."""
     from p4q_engine.runtime.engine import Engine
 
     torch.set_num_threads(threads)
-    engine = Engine.load(artifact, "cpu")
+    engine = Engine.load(artifact, device)
     out = {}
     for b in sizes:
         x = torch.randn(b, 3, *engine.image_size)
@@ -78,7 +115,7 @@ def engine_ceiling(artifact: str, sizes: list[int], threads: int, seconds: float
 
 def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
-    for k, (name, source, extra) in enumerate(SERVE_CONFIGS):
+    for k, (name, source, extra) in enumerate(SERVE_CONFIGS[args.device]):
         out = tmp / f"run{k}"
         cmd = [
             sys.executable,
@@ -87,8 +124,10 @@ def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
             args.artifact,
             "--image-source",
             source,
+            "--device",
+            args.device,
             "--threads",
-            "1",
+            str(args.threads),
             "--requests",
             str(args.requests),
             "--levels",
@@ -100,14 +139,18 @@ def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
         ] + (["--server-args", extra] if extra else [])
         print(f"== {name} [{source}]: {' '.join(cmd[1:])}", flush=True)
         rc = subprocess.run(cmd, cwd=REPO).returncode
-        report = json.loads(out.with_suffix(".json").read_text())
+        try:
+            report = json.loads(out.with_suffix(".json").read_text())
+        except OSError:  # the server never became ready (e.g. Ray missing): a row that says so, the rest still run
+            print(f"== {name}: no report (rc {rc})", flush=True)
+            report = {"artifact": args.artifact, "levels": [], "error": f"no report, rc {rc}"}
         rows.append({"name": name, "images": source, "server_args": extra, "rc": rc, "report": report})
     return rows
 
 
 def serve_markdown(rows: list[dict], ceiling: dict[int, float], meta: dict, command: str) -> str:
     md = [
-        "# Ray Serve vs the single-process server (CPU)",
+        f"# Ray Serve vs the single-process server ({meta['device']})",
         "",
         f"- command: `{command}`",
         f"- date: {meta['date']}; machine: {meta['cpu_count']} CPUs ({meta['platform']}), shared with another "
@@ -133,7 +176,7 @@ def serve_markdown(rows: list[dict], ceiling: dict[int, float], meta: dict, comm
             )
     md += [
         "",
-        "Engine ceiling (in-process `Engine.embed` on preprocessed pixels, 1 torch thread, same artifact):",
+        f"Engine ceiling (in-process `Engine.embed` on preprocessed pixels, {meta['device']}, same artifact):",
         "",
         "| batch | images/s |",
         "|---:|---:|",
@@ -143,7 +186,7 @@ def serve_markdown(rows: list[dict], ceiling: dict[int, float], meta: dict, comm
 
 
 def run_data(args: argparse.Namespace, tmp: Path) -> dict:
-    """Local job vs Ray Data job on ``--data-images`` 224 px JPEGs (CPU)."""
+    """Local job vs Ray Data job on ``--data-images`` 224 px JPEGs."""
     from PIL import Image
 
     from p4q_engine.batch.classify import JobOptions, run_local
@@ -156,25 +199,21 @@ def run_data(args: argparse.Namespace, tmp: Path) -> dict:
     ds = ReferenceDataset("test", size=args.data_images, transform=lambda im: im)
     for i in range(args.data_images):
         ds[i][0].resize((224, 224), Image.BICUBIC).save(d / f"{i:05d}.jpg", quality=90)
-    torch.set_num_threads(1)
-    engine = Engine.load(args.artifact, "cpu")
-    opts = JobOptions(batch_size=64, decode_workers=2)
+    torch.set_num_threads(args.threads)
+    engine = Engine.load(args.artifact, args.device)
+    opts = JobOptions(batch_size=64, decode_workers=args.decode_workers)
     local = run_local(engine, str(d), str(tmp / "local.parquet"), opts, progress=False)
     import pyarrow.parquet as pq
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     runs = {}
-    placements = {
-        "Ray Data, 1 decoder + 1 engine actor": RayJobOptions(actors=1, decoders=1, device="cpu", cpus_per_actor=1),
-        "Ray Data, 1 decoder + 2 engine actors": RayJobOptions(actors=2, decoders=1, device="cpu", cpus_per_actor=0.5),
-        "Ray Data, 2 decoders + 1 engine actor": RayJobOptions(
-            actors=1, decoders=2, cpus_per_decoder=0.5, device="cpu", cpus_per_actor=1
-        ),
-    }
+    placements = {k: RayJobOptions(**v) for k, v in DATA_PLACEMENTS[args.device].items()}
     for name, placement in placements.items():
         t0 = time.perf_counter()
-        res = run_ray(args.artifact, str(d), str(tmp / "ray.parquet"), opts, placement, progress=False, threads=1)
+        res = run_ray(
+            args.artifact, str(d), str(tmp / "ray.parquet"), opts, placement, progress=False, threads=args.threads
+        )
         wall = time.perf_counter() - t0
         a, b = pq.read_table(tmp / "local.parquet").to_pylist(), pq.read_table(tmp / "ray.parquet").to_pylist()
         same = sum(x["labels"] == y["labels"] and x["error"] == y["error"] for x, y in zip(a, b))
@@ -183,12 +222,12 @@ def run_data(args: argparse.Namespace, tmp: Path) -> dict:
     ray.shutdown()
     local_row = {"images": local.images, "errors": local.errors, "pipeline_s": round(local.seconds, 2)}
     local_row |= {"images_per_s": round(local.images / local.seconds, 1), "same": local.images}
-    return {"local job (2 decode threads)": local_row, **runs}
+    return {f"local job ({args.decode_workers} decode threads)": local_row, **runs}
 
 
 def data_markdown(runs: dict, meta: dict, command: str, n: int) -> str:
     md = [
-        "# p4q classify --input: local job vs Ray Data (CPU)",
+        f"# p4q classify --input: local job vs Ray Data ({meta['device']})",
         "",
         f"- command: `{command}`",
         f"- date: {meta['date']}; machine: {meta['cpu_count']} CPUs ({meta['platform']}), shared; Python "
@@ -218,7 +257,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--data-images", type=int, default=2000)
     p.add_argument("--out-dir", default=str(REPO / "benchmarks/results"))
+    p.add_argument("--device", choices=tuple(SERVE_CONFIGS), default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every engine")
+    p.add_argument("--decode-workers", type=int, default=2, help="the local dataset job's decode threads")
     args = p.parse_args(argv)
+    tag = "cpu" if args.device == "cpu" else "gpu"
     command = "python benchmarks/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out_dir)
     bad = 0
@@ -226,19 +269,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp = Path(t)
         if args.only in (None, "serve"):
             rows = run_serve(args, tmp)
-            ceiling = engine_ceiling(args.artifact, [1, 8, 64], threads=1)
-            meta = versions()
-            (out / "ray_serve_cpu.json").write_text(
+            levels = sorted({int(x) for x in args.levels.split(",")} | {1, 8, 64})
+            ceiling = engine_ceiling(args.artifact, levels, threads=args.threads, device=args.device)
+            meta = versions() | {"device": device_name(args.device)}
+            (out / f"ray_serve_{tag}.json").write_text(
                 json.dumps({**meta, "command": command, "engine_ceiling": ceiling, "runs": rows}, indent=2) + "\n"
             )
-            (out / "ray_serve_cpu.md").write_text(serve_markdown(rows, ceiling, meta, command))
+            (out / f"ray_serve_{tag}.md").write_text(serve_markdown(rows, ceiling, meta, command))
             bad += sum(lv["lost"] + lv["wrong"] for r in rows for lv in r["report"]["levels"])
         if args.only in (None, "data"):
             runs = run_data(args, tmp)
-            meta = versions()
-            (out / "ray_data_cpu.json").write_text(json.dumps({**meta, "command": command, "runs": runs}, indent=2))
-            (out / "ray_data_cpu.md").write_text(data_markdown(runs, meta, command, args.data_images))
-    print(f"wrote {out}/ray_serve_cpu.* and/or ray_data_cpu.*; lost+wrong {bad}")
+            meta = versions() | {"device": device_name(args.device)}
+            (out / f"ray_data_{tag}.json").write_text(json.dumps({**meta, "command": command, "runs": runs}, indent=2))
+            (out / f"ray_data_{tag}.md").write_text(data_markdown(runs, meta, command, args.data_images))
+    print(f"wrote {out}/ray_serve_{tag}.* and/or ray_data_{tag}.*; lost+wrong {bad}")
     return 1 if bad else 0
 
 

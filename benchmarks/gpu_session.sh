@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The device calls of one GPU session (2026-12-01, third session), so what ran is in the repository word for word.
+#
+# Run on the device machine from a `git archive` of HEAD unpacked in .gpurun (wheels in ../.whl, the previous
+# commit's kernels in ../.gpurun_before for before/after timing in one process):
+#     cd .gpurun && bash benchmarks/gpu_session.sh call1
+# Each call writes everything into $OUT/r and packs it as $OUT/<call>.tgz (the device returns at most 8 files).
+# CPU-side parity (CPU engine vs fake-quant, GPU vs CPU engine) runs on cores 8-15 beside the timed work on cores
+# 0-7: the speed rows share the GPU only with that process's batch-1 forwards and calibration.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+call=${1:?usage: gpu_session.sh call1|call2|call3}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
+python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
+ln -sfn ../kernels p4q_engine/kernels
+R=$OUT/r
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$R/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" >>"$R/gpu.txt"
+VB="python3 benchmarks/vit_bench.py --out $R"
+
+parity() {  # $1: bits, $2: seconds; GPU vs CPU engine (tie rule) for every model but ViT-B/32 (done before)
+  P4Q_AUTOTUNE=0 P4Q_TUNE_CACHE=/tmp/parity_tune.json OMP_NUM_THREADS=8 taskset -c 8-15 timeout "$2" \
+    $VB --parts models --models ViT-B-16,ViT-L-14,ViT-H-14,ViT-L-14-336 --bits "$1" --batches 1 --no-peers \
+    --parity-images 1 --tag "_parity${1//-/}" >"$R/log_parity${1//-/}.txt" 2>&1
+}
+
+speed() {  # $1: model, $2: bits, $3: seconds, $4: tag; engine vs compile and fp8 peers at batch 256, 64, 1
+  taskset -c 0-7 timeout "$3" $VB --parts models --models "$1" --bits "$2" --batches 256,64,1 --no-parity \
+    --no-eager "${@:5}" --tag "$4" >"$R/log$4.txt" 2>&1
+}
+
+case $call in
+  call1)
+    parity 4-4-8 480 &
+    P=$!
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider \
+      >"$R/pytest_gpu_kernels.log" 2>&1
+    taskset -c 0-7 timeout 110 $VB --parts attention --baseline-root ../.gpurun_before >"$R/log_attention.txt" 2>&1
+    speed ViT-L-14 8-8-8 260 _l14 --no-drift
+    wait $P
+    ;;
+  call2)
+    parity 8-8-8 500 &
+    P=$!
+    speed ViT-H-14 8-8-8 270 _h14 --no-drift
+    speed ViT-L-14-336 8-8-8 250 _l14_336
+    wait $P
+    ;;
+  call3)
+    bash benchmarks/ray_gpu_session.sh "$R"
+    ;;
+esac
+tar -czf "$OUT/$call.tgz" -C "$OUT" r
+ls -la "$R"
