@@ -38,7 +38,7 @@ case $call in
     P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider \
       >"$R/pytest_gpu_kernels.log" 2>&1
     taskset -c 0-7 timeout 110 $VB --parts attention --baseline-root ../.gpurun_before >"$R/log_attention.txt" 2>&1
-    speed ViT-L-14 8-8-8 260 _l14 --no-drift
+    speed ViT-L-14 8-8-8 280 _l14 --no-drift
     wait $P
     ;;
   call2)
