@@ -133,7 +133,7 @@ def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
             "--levels",
             args.levels,
             "--time-limit",
-            "40",
+            str(args.time_limit),
             "--out",
             str(out),
         ] + (["--server-args", extra] if extra else [])
@@ -258,6 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data-images", type=int, default=2000)
     p.add_argument("--out-dir", default=str(REPO / "benchmarks/results"))
     p.add_argument("--device", choices=tuple(SERVE_CONFIGS), default="cpu")
+    p.add_argument("--time-limit", type=float, default=40.0, help="seconds per load level before it stops issuing")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every engine")
     p.add_argument("--decode-workers", type=int, default=2, help="the local dataset job's decode threads")
     args = p.parse_args(argv)
