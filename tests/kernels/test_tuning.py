@@ -230,7 +230,7 @@ def test_shipped_tables_in_the_package_load():
     for key, cfg in table.items():
         gpu, name, m, n, k, b = key.split("|")
         assert m.startswith("m") and n.startswith("n") and k.startswith("k") and b.startswith("b")
-        assert cfg.kernel in ("ptr", "tma", "attn", "ln")
+        assert cfg.kernel in ("ptr", "tma", "attn", "attn-short", "ln")
         assert all(v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
 
 
