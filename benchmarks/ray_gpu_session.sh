@@ -27,10 +27,10 @@ build_artifact(load_clip("ViT-B-32"), "8-8-8", Path("/tmp/b32_888.p4q"))
 print(f"artifact in {time.perf_counter() - t0:.1f} s")
 PY
 if [ -f ../.raybundle/smoke.py ]; then
-  timeout 120 python3 ../.raybundle/smoke.py >"$R/log_ray_smoke.txt" 2>&1
+  timeout 60 python3 ../.raybundle/smoke.py >"$R/log_ray_smoke.txt" 2>&1
   echo "ray smoke rc=$?" >>"$R/log_ray_smoke.txt"
 fi
-timeout 360 python3 benchmarks/ray_bench.py --artifact /tmp/b32_888.p4q --device cuda --threads 4 \
-  --levels 1,8,64,256 --requests 2000 --data-images 2000 --decode-workers 6 --out-dir "$R" >"$R/log_ray_bench.txt" 2>&1
+timeout 390 python3 benchmarks/ray_bench.py --artifact /tmp/b32_888.p4q --device cuda --threads 4 \
+  --levels 1,8,64,256 --requests 600 --time-limit 12 --data-images 2000 --decode-workers 6 --out-dir "$R" >"$R/log_ray_bench.txt" 2>&1
 echo "ray_bench rc=$?" >>"$R/log_ray_bench.txt"
 cp /tmp/fresh_tune.json "$R/tuning_serve.json" 2>/dev/null
