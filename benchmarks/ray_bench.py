@@ -134,6 +134,8 @@ def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
             args.levels,
             "--time-limit",
             str(args.time_limit),
+            "--ready-timeout",
+            "150",
             "--out",
             str(out),
         ] + (["--server-args", extra] if extra else [])
@@ -145,6 +147,8 @@ def run_serve(args: argparse.Namespace, tmp: Path) -> list[dict]:
             print(f"== {name}: no report (rc {rc})", flush=True)
             report = {"artifact": args.artifact, "levels": [], "error": f"no report, rc {rc}"}
         rows.append({"name": name, "images": source, "server_args": extra, "rc": rc, "report": report})
+        # kept as each configuration ends: a run stopped by a time limit still leaves what it measured
+        Path(args.out_dir, f"ray_serve_{args.device}_partial.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
