@@ -31,7 +31,7 @@ if [ -f ../.raybundle/smoke.py ]; then
   echo "ray smoke rc=$?" >>"$R/log_ray_smoke.txt"
 fi
 RB="python3 benchmarks/ray_bench.py --artifact /tmp/b32_888.p4q --device cuda --threads 4 --out-dir $R"
-timeout 290 $RB --only serve --levels 1,8,64,256 --requests 600 --time-limit 12 >"$R/log_ray_serve.txt" 2>&1
+timeout 290 $RB --only serve --levels 1,8,64,256 --requests 500 --time-limit 10 >"$R/log_ray_serve.txt" 2>&1
 echo "ray_bench serve rc=$?" >>"$R/log_ray_serve.txt"
 timeout 110 $RB --only data --data-images 2000 --decode-workers 6 >"$R/log_ray_data.txt" 2>&1
 echo "ray_bench data rc=$?" >>"$R/log_ray_data.txt"
