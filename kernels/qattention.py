@@ -16,7 +16,7 @@ final row max and sum. Pass 1 streams the key blocks for the row max and the sum
 rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
 and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255] per key block, exact, summed
 in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. A tile whose key block covers
-the whole sequence (``block_n >= L``, picked by the tuner where it wins) needs neither: one ``q k^T``, one ``exp`` per
+the whole sequence (``block_n >= L``) needs neither: one ``q k^T``, one ``exp`` per
 logit, the exact row max and sum. The probabilities differ
 from the reference's only by float rounding of the row sum and of one reciprocal (ties, ``p4q_engine.quant.ties``).
 """
@@ -277,9 +277,11 @@ TILED_MAX_L = 4096
 TILED_BLOCK_M = 64
 TILED_BLOCK_N = 64
 #: Tiled-kernel candidates (block_m, block_n, -, -, warps, stages): the 2026-12-01 H200 sweep's winners per length
-#: (128/64/8 at 197 and 577 tokens, 64/32/4 at 257) and their neighbours, plus one-pass tiles (block_n >= L: every
-#: key in one block, one q k^T and one exp per logit instead of two) for up to 256 and 512 tokens; tuned per
-#: (batch x heads bucket, L, head dim) like the GEMMs, shipped tables first (``kernels/tuning.py``).
+#: (128/64/8 at 577 tokens, 64/32/4 at 197 and 257, 128/32/8 at head dim 80) and their neighbours; tuned per
+#: (batch x heads bucket, L, head dim) like the GEMMs, shipped tables first (``kernels/tuning.py``). One-pass tiles
+#: (block_n >= L) were candidates on 2026-12-01 (third session) and lost at every shape (64x256 and 32x256 at 197
+#: tokens, 32x512 at 257: wide logits tiles cost more than the second q k^T they save), so they are not tuned; the
+#: branch still runs wherever a tile covers the sequence (e.g. the default tile on <= 64 tokens).
 ATTN_CANDIDATES: tuple[TileConfig, ...] = tuple(
     TileConfig(bm, bn, 64, 1, nw, st, "attn")
     for bm, bn, nw, st in (
@@ -290,10 +292,13 @@ ATTN_CANDIDATES: tuple[TileConfig, ...] = tuple(
         (128, 32, 8, 2),
         (64, 64, 4, 3),
         (128, 128, 8, 2),
-        (64, 256, 8, 2),
-        (32, 256, 4, 2),
-        (32, 512, 8, 2),
     )
+)
+#: The one-pass tiles measured (and lost) on 2026-12-01: kept for the tests of the one-pass branch.
+ONE_PASS_TILES: tuple[TileConfig, ...] = (
+    TileConfig(64, 256, 64, 1, 8, 2, "attn"),
+    TileConfig(32, 256, 64, 1, 4, 2, "attn"),
+    TileConfig(32, 512, 64, 1, 8, 2, "attn"),
 )
 #: Short-kernel candidates: warps per (image, head) program (the tile is the whole padded sequence).
 SHORT_CANDIDATES: tuple[TileConfig, ...] = tuple(TileConfig(0, 0, 64, 1, nw, 1, "attn-short") for nw in (4, 2, 8))

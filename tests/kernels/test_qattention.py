@@ -169,7 +169,7 @@ def test_every_tiled_tuning_candidate(poison, device, cfg):
         check_attention(out, ref, qkv, 3, sites, False)
 
 
-ONE_PASS = tuple(c for c in qatt_mod.ATTN_CANDIDATES if c.block_n >= 150)
+ONE_PASS = qatt_mod.ONE_PASS_TILES
 
 
 @pytest.mark.parametrize("cfg", ONE_PASS, ids=lambda c: f"{c.block_m}x{c.block_n}-w{c.num_warps}")
