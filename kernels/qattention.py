@@ -15,10 +15,10 @@ Tiled kernel, one program per (image, head, block of query rows): the probabilit
 final row max and sum. Pass 1 streams the key blocks for the row max and the sum of ``exp(logit - max)`` (online
 rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
 and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255] per key block, exact, summed
-in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. A tile whose key block covers
-the whole sequence (``block_n >= L``) needs neither: one ``q k^T``, one ``exp`` per
-logit, the exact row max and sum. The probabilities differ
-from the reference's only by float rounding of the row sum and of one reciprocal (ties, ``p4q_engine.quant.ties``).
+in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. A tile whose key block
+covers the whole sequence (``block_n >= L``) needs neither: one ``q k^T``, one ``exp`` per logit, the exact row max
+and sum. The probabilities differ from the reference's only by float rounding of the row sum and of one reciprocal
+(ties, ``p4q_engine.quant.ties``).
 """
 
 from __future__ import annotations
