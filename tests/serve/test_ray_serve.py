@@ -18,7 +18,7 @@ serve = pytest.importorskip("ray.serve")
 
 from p4q_engine.serve.batcher import FaultHooks  # noqa: E402
 from p4q_engine.serve.config import ServeConfig  # noqa: E402
-from p4q_engine.serve.ray_backend import ENGINE, RayOptions, replica_states, start  # noqa: E402
+from p4q_engine.serve.ray_backend import ENGINE, PUSH_EVERY_S, RayOptions, replica_states, start  # noqa: E402
 from tests.serve.conftest import MAX_BODY, MAX_PIXELS, free_port, png  # noqa: E402
 from tests.serve.test_api import assert_error, files  # noqa: E402
 
@@ -127,10 +127,18 @@ def test_readyz_and_metrics_reflect_the_replicas(cluster):
     body = r.json()
     assert body["status"] == "ready" and body["backend"] == "ray" and body["device"] == "cpu"
     assert body["replicas"]["running"] == body["replicas"]["target"] == 2
-    text = httpx.get(cluster + "/metrics").text
+    # engine replicas push their samples every PUSH_EVERY_S (the answering HTTP replica pushes its own at once), so
+    # the earlier tests' batches reach the page within about a second: poll for them, bounded
+    engine_batches = r'p4q_serve_batch_size_count\{deployment="EngineReplica",replica="\w+"\} [1-9]'
+    deadline = time.monotonic() + 10 * PUSH_EVERY_S
+    while True:
+        text = httpx.get(cluster + "/metrics").text
+        if re.search(engine_batches, text) or time.monotonic() > deadline:
+            break
+        time.sleep(PUSH_EVERY_S / 5)
     assert re.search(r'p4q_serve_requests_total\{deployment="HttpReplica",endpoint="/v1/classify",', text)
     assert re.search(r'p4q_serve_errors_total\{deployment="HttpReplica",kind="bad_image",replica="\w+"\} [1-9]', text)
-    assert re.search(r'p4q_serve_batch_size_count\{deployment="EngineReplica",replica="\w+"\} [1-9]', text)
+    assert re.search(engine_batches, text)
     assert 'p4q_serve_replicas{deployment="EngineReplica",state="RUNNING"} 2.0' in text
 
 
