@@ -53,7 +53,7 @@ class TorchJpegLoader:
         self.device = check_decode_device(device)
         self.size = preprocess.size
         self.max_pixels = preprocess.max_pixels
-        steps = preprocess.transform.transforms  # open_clip's eval transform: Resize, [CenterCrop], ..., Normalize
+        steps = preprocess.reference_transform.transforms  # open_clip's: Resize, [CenterCrop], ..., Normalize
         norm = steps[-1]
         self.interpolation = steps[0].interpolation
         self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
