@@ -58,17 +58,22 @@ def main(argv=None) -> int:
                 print(f"{path.name} batch {b}: {time.perf_counter() - t0:.1f} s", flush=True)
             del eng
             torch.cuda.empty_cache()
+            write_table(tuning, args.out)  # after every model: a time limit still leaves what was tuned
+    return 0
+
+
+def write_table(tuning, out) -> None:
+    """Merge this process's tuned entries into the shipped table of this GPU."""
     import triton
 
     gpu = torch.cuda.get_device_name()
-    target = tuning.table_path(gpu, args.out)
+    target = tuning.table_path(gpu, out)
     previous = json.loads(target.read_text()) if target.exists() else None
     measured = f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
     table = tuning.table_file(gpu, tuning._user, measured, previous)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(table, indent=1) + "\n")
-    print(f"wrote {len(table['configs'])} entries to {target}")
-    return 0
+    print(f"wrote {len(table['configs'])} entries to {target}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,13 @@ def bench_ms(fn, rep: int = 100) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ attention
-#: Written before the 2026-12-01 (third session) run, for the kernel change it measures against ``--baseline-root``:
-#: the short kernel (50 tokens) 1.2-1.4x faster if its elementwise work bounds it (two of its three IEEE divisions
-#: per element replaced by one reciprocal multiply), ~1.0x if latency does; the tiled kernel at 197 tokens ~1.6x
-#: (a one-pass tile: half the q k^T and exp work), at 257 / 577 tokens (two passes still) ~1.05-1.1x (the padding
-#: mask as one add instead of a compare and select per logit).
-ATTENTION_PREDICTION = "short 1.2-1.4x or ~1.0x if latency-bound; 197 tokens ~1.6x; 257/577 tokens 1.05-1.1x"
+#: Written before the 2026-12-02 run, for the kernel change it measures against ``--baseline-root`` (one kernel for both
+#: paths; per logit no int-to-float conversion, floor or subnormal fix-up, the key-sum zero-point term from the tensor
+#: cores, unmasked whole key blocks; ``benchmarks/attention_sass.py``: 889 -> 484 main-loop instructions per 64 x 32
+#: block and both passes, 1394 -> 799 at 128 x 64): the tiled kernel 1.5-1.8x faster if issue-bound (the 2026-12-01
+#: static count predicted its measured time within 2x), the 50-token path 1.2-1.4x (2416 -> 1096 static instructions,
+#: the output division's slow path among them, not all executed).
+ATTENTION_PREDICTION = "tiled (197-577 tokens) 1.5-1.8x; 50 tokens 1.2-1.4x"
 
 
 def load_baseline(root: str):

@@ -1,24 +1,27 @@
-"""Fused quantized attention: one tile per (image, head) for short sequences (ViT-B/32's 50 tokens, the text tower's
-77 with the causal mask), a tiled two-pass kernel for longer ones (ViT-B/16's 197, ViT-L/14's 257, 577 at 336 px).
-
-Short kernel, one program per (image, head): int8 q and k codes -> int8 tensor-core ``q k^T`` with int32 accumulation
-and zero-point correction -> scaled logits -> fp32 softmax -> probabilities quantized to the Attention bits -> int8
-``p v`` -> output requantized to the out-projection's input site. The attention matrix lives only in registers.
+"""Fused quantized attention, one Triton kernel: one tile per (image, head) for short sequences (ViT-B/32's 50 tokens,
+the text tower's 77 with the causal mask: every key in one block, one pass), two passes over key blocks for longer
+ones (ViT-B/16's 197, ViT-L/14's 257, 577 at 336 px). The attention matrix lives only in registers.
 
 Inputs come from the in_proj GEMM's requantizing epilogue: shifted int8 codes ``[B, L, 3D]`` (q | k | v columns).
 For unsigned codes ``u`` with zero point ``z`` stored as ``s = u - 128``:
 ``sum (u1 - z1)(u2 - z2) = sum s1 s2 + c2 sum s1 + c1 sum s2 + n c1 c2`` with ``c = 128 - z``; padded rows and
 columns are loaded as ``s = -c`` so they contribute exactly zero and the sums can run over the padded tile.
+int8 tensor-core ``q k^T`` (the key-sum term as a second dot, into an int32 accumulator that is already the fp32
+logit integer, see ``MAGIC``) -> the reference's two fp32 scale multiplies -> fp32 softmax -> probabilities quantized
+to the Attention bits -> exact integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255]) -> output codes
+of the out-projection's input site.
 
-Tiled kernel, one program per (image, head, block of query rows): the probabilities are quantized on a fixed grid
-*after* normalisation, so the usual online softmax (rescaling a running output) cannot be used - a code needs the
-final row max and sum. Pass 1 streams the key blocks for the row max and the sum of ``exp(logit - max)`` (online
-rescaling of the sum only); pass 2 streams them again, recomputes each logit, normalises, quantizes the probability
-and accumulates the integer ``p v`` (an fp16 tensor-core dot of values in [-255, 255] per key block, exact, summed
-in int32). The attention matrix never leaves registers; the cost is one extra ``q k^T``. A tile whose key block
-covers the whole sequence (``block_n >= L``) needs neither: one ``q k^T``, one ``exp`` per logit, the exact row max
-and sum. The probabilities differ from the reference's only by float rounding of the row sum and of one reciprocal
-(ties, ``p4q_engine.quant.ties``).
+The probabilities are quantized on a fixed grid *after* normalisation, so the usual online softmax (rescaling a
+running output) cannot be used - a code needs the final row max and sum. Pass 1 streams the key blocks for the row
+max and the sum of ``exp(logit - max)`` (online rescaling of the sum only); pass 2 streams them again, recomputes
+each logit, normalises, quantizes the probability and accumulates the integer ``p v``. The cost is one extra
+``q k^T``. A tile whose key block covers the whole sequence (``block_n >= L``, the short path) needs neither: one
+``q k^T``, one ``exp`` per logit, the exact row max and sum. Whole key blocks carry no mask (only the last, partial
+one - and, causal, the diagonal ones - does). The probabilities differ from the reference's only by float rounding
+of the row sum and of one reciprocal, and round half to even (ties, ``p4q_engine.quant.ties``).
+
+Per logit the main loops issue no int-to-float conversion, ``floor`` or subnormal fix-up (2026-12-02: 216 and 268
+SASS instructions per 64 x 32 block and pass on sm_90, from 373 and 516; ``benchmarks/attention_sass.py``).
 """
 
 from __future__ import annotations
@@ -47,13 +50,117 @@ class AttnSites:
     out_bits: int = 8
 
 
+#: ``MAGIC + n`` is exact and its fp32 bits are ``MAGIC_BITS + n`` for every integer ``|n| <= 2**22`` (the fp32 values
+#: in [2^23, 2^24] are the integers): an int32 accumulator started at ``MAGIC_BITS`` *is* fp32 ``MAGIC + acc`` - no
+#: int-to-float conversion (a quarter-rate instruction) per logit - and ``fl(x + MAGIC + z)`` rounds ``x`` to an integer
+#: code with one FMA (no ``floor``). Exact while ``|acc| <= 2**22``, which the tiled kernel needs for head dims <= 128.
+MAGIC = tl.constexpr(12582912.0)
+MAGIC_BITS = tl.constexpr(0x4B400000)
+#: fp16 bits of ``1024 + n`` are ``0x6400 + n`` for integers ``0 <= n < 1024``: int8 value codes become exact fp16
+#: ``u - z_v`` with an integer add and one fp16 subtract (no int-to-float conversion).
+FP16_MAGIC_BITS = tl.constexpr(0x6400)
+
+
 @triton.jit
-def _store_out(optr, acc, pv_scale, so, zo, mask, O_QMAX: tl.constexpr):
-    """Integer ``p v`` accumulator -> output codes of the out_proj input site (shifted int8), both kernels."""
-    y = acc.to(tl.float32) * pv_scale
-    qo = tl.floor(tl.math.div_rn(y, so) + 0.5) + zo
-    qo = tl.minimum(tl.maximum(qo, 0.0), O_QMAX)
-    tl.store(optr, (qo.to(tl.int32) - 128).to(tl.int8), mask=mask)
+def _store_out(optr, acc, pv_scale, inv_so, zo, mask, O_QMAX: tl.constexpr):
+    """Exact integer ``p v`` (fp32) -> output codes of the out_proj input site (shifted int8).
+
+    ``y * (1 / s_o)`` instead of ``y / s_o`` (as the GEMM epilogues): an ulp or two of ``y / s_o``, far inside
+    TIE_EPS; ``fl(. + MAGIC + z_o)`` rounds to the code (ties to even: an exact tie) and its bits are the integer."""
+    y = acc * pv_scale
+    t = tl.minimum(tl.maximum(y * inv_so + (zo + MAGIC), MAGIC), MAGIC + O_QMAX)
+    tl.store(optr, (t.to(tl.int32, bitcast=True) - (MAGIC_BITS + 128)).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _key_block(
+    q,
+    cq_a,
+    cq_b,
+    k_head,
+    keys,
+    rows,
+    L,
+    dims,
+    stride_l,
+    ck,
+    rowc,
+    qk_scale,
+    sm_scale,
+    HD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SPLIT_CQ: tl.constexpr,
+):
+    """Scaled logits of the key block ``keys`` for the query ``rows`` (``-inf`` at padded and, causal, later keys
+    when ``MASKED``; full blocks need no mask at all).
+
+    ``sum (u_q - z_q)(u_k - z_k) = sum s_q s_k + c_q sum s_k + (c_k sum s_q + BLOCK_D c_q c_k)``: the first two terms
+    come from the tensor cores (``c_q sum s_k`` as a dot with a constant ``c_q`` matrix - split in two when
+    ``c_q = 128`` does not fit int8 - instead of unpacking every key byte), into an accumulator started at
+    ``MAGIC_BITS``; the row term ``rowc`` (minus ``MAGIC``) is one exact fp32 add. The value is the reference's exact
+    integer, then the reference's two fp32 multiplies."""
+    if MASKED:
+        kmask = (keys < L)[:, None] & (dims < HD)[None, :]
+    else:
+        kmask = (dims < HD)[None, :]
+    k = tl.load(k_head + keys[:, None] * stride_l + dims[None, :], mask=kmask, other=-ck).to(tl.int8)
+    kt = tl.trans(k)
+    if BLOCK_D <= 128:  # |acc| <= BLOCK_D * 2^15 <= 2^22
+        acc = tl.dot(q, kt, tl.full((q.shape[0], k.shape[0]), MAGIC_BITS, tl.int32), out_dtype=tl.int32)
+        acc = tl.dot(cq_a, kt, acc, out_dtype=tl.int32)
+        if SPLIT_CQ:
+            acc = tl.dot(cq_b, kt, acc, out_dtype=tl.int32)
+        s = acc.to(tl.float32, bitcast=True) + rowc[:, None]
+    else:  # |acc| may pass 2^22: convert
+        acc = tl.dot(q, kt, out_dtype=tl.int32)
+        acc = tl.dot(cq_a, kt, acc, out_dtype=tl.int32)
+        if SPLIT_CQ:
+            acc = tl.dot(cq_b, kt, acc, out_dtype=tl.int32)
+        s = acc.to(tl.float32) + rowc[:, None]
+    logits = s * qk_scale * sm_scale
+    if MASKED:
+        keep = (keys < L)[None, :] & (rows >= 0)[:, None]
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= rows[:, None])
+        logits = tl.where(keep, logits, float("-inf"))
+    return logits
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x)`` as ``tl.exp`` computes it (``ex2`` of ``x * fp32(log2 e)``), but flushing results below 2^-126 to 0
+    (``ex2.approx.ftz``): no subnormal fix-up instructions. A flushed term is < 1e-37 of the row sum (which is >= 1,
+    the max's term) and its probability code is the zero point either way, so the codes cannot change."""
+    return tl.math.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _pv_step(acc, e, inv, code_bias, v_ptrs, vmask, vc16, P_QMAX: tl.constexpr):
+    """``acc += (u - z_p) (v - z_v)`` for one key block, ``u = round(e / (den s_p)) + z_p`` (clamped).
+
+    ``p / s_p = e * (1 / (den s_p))``: one multiply instead of two divisions (a few ulps of ``p / s_p <= 255``,
+    within TIE_EPS of the reference's value), fused with the round-to-integer: ``fl(p / s_p + MAGIC + z_p)`` is
+    ``MAGIC + z_p + round(p / s_p)`` (ties to even where the reference rounds half up: an exact tie). A masked key has
+    ``e = 0``, hence ``u = z_p``: it adds nothing with no select. ``(u - z_p)`` and ``(v - z_v)`` lie in [-255, 255]:
+    exact in fp16, each product and a tile's sum (< 2^24) exact in the fp32 tensor-core accumulator, so the fp16 dot
+    is an exact integer P.V with no zero-point terms; ``|acc| <= (255 + L / 2) * 255 < 2^24`` for L <= 4096 (a row's
+    codes sum to ~1 / s_p plus rounding), so the accumulation across key blocks is exact in place."""
+    t = tl.minimum(e * inv[:, None] + code_bias, MAGIC + P_QMAX)
+    pf = (t - code_bias).to(tl.float16)  # = u - z_p (t >= code_bias: e >= 0)
+    v = tl.load(v_ptrs, mask=vmask, other=0)
+    vbits = (v.to(tl.int32) + (FP16_MAGIC_BITS + 128)).to(tl.int16)  # fp16 bits of 1024 + u_v
+    vh = vbits.to(tl.float16, bitcast=True) - vc16  # - (1024 + z_v): exact
+    return tl.dot(pf, vh, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _pass1_step(mx, den, logits):
+    """Online row max and sum of ``exp(logit - max)`` (the sum rescaled when the max grows)."""
+    new_mx = tl.maximum(mx, tl.max(logits, axis=1))
+    den = den * _exp(mx - new_mx) + tl.sum(_exp(logits - new_mx[:, None]), axis=1)
+    return new_mx, den
 
 
 @triton.jit
@@ -73,128 +180,8 @@ def _qattention_kernel(
     cv,
     sp,
     zpp,
-    cp,
     pv_scale,
-    so,
-    zo,
-    sm_scale,
-    HD: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    P_QMAX: tl.constexpr,
-    O_QMAX: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    rows = tl.arange(0, BLOCK_L)
-    dims = tl.arange(0, BLOCK_D)
-    r_mask = rows < L
-    d_mask = dims < HD
-    base = qkv_ptr + b * stride_b + rows[:, None] * stride_l + h * HD + dims[None, :]
-    m2 = r_mask[:, None] & d_mask[None, :]
-    q = tl.load(base, mask=m2, other=-cq).to(tl.int8)
-    k = tl.load(base + D, mask=m2, other=-ck).to(tl.int8)
-    v = tl.load(base + 2 * D, mask=m2, other=-cv).to(tl.int8)
-
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    q_sum = tl.sum(q.to(tl.int32), axis=1)
-    k_sum = tl.sum(k.to(tl.int32), axis=1)
-    s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
-    logits = s.to(tl.float32) * qk_scale * sm_scale
-    keep = r_mask[None, :] & (rows[:, None] >= 0)
-    if CAUSAL:
-        keep = keep & (rows[None, :] <= rows[:, None])
-    logits = tl.where(keep, logits, float("-inf"))
-    mx = tl.max(logits, axis=1)
-    e = tl.exp(logits - mx[:, None])
-    # u = floor(p / s_p + 0.5) + z_p with p / s_p = e * (1 / (sum * s_p)): one multiply per probability instead of
-    # two IEEE divisions (the tiled kernel's arithmetic, within TIE_EPS of the reference); a masked key has e = 0,
-    # hence u = z_p, and adds (u - z_p) * (v - z_v) = 0 to the output
-    inv = 1.0 / (tl.sum(e, axis=1) * sp)
-    pu = tl.minimum(tl.floor(e * inv[:, None] + (zpp + 0.5)), P_QMAX)
-    ps = (pu.to(tl.int32) - 128).to(tl.int8)
-    o = tl.dot(ps, v, out_dtype=tl.int32)
-    o += cv * tl.sum(ps.to(tl.int32), axis=1)[:, None] + cp * tl.sum(v.to(tl.int32), axis=0)[None, :]
-    o += BLOCK_L * cp * cv
-    optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-    _store_out(optr, o, pv_scale, so, zo, m2, O_QMAX)
-
-
-@triton.jit
-def _qk_logits(q, k_ptrs, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D: tl.constexpr):
-    """Scaled logits of one key block, in the reference's fp32 operation order (see the short kernel)."""
-    k = tl.load(k_ptrs, mask=kmask, other=-ck).to(tl.int8)
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    k_sum = tl.sum(k.to(tl.int32), axis=1)
-    s += ck * q_sum[:, None] + cq * k_sum[None, :] + BLOCK_D * cq * ck
-    return s.to(tl.float32) * qk_scale * sm_scale
-
-
-@triton.jit
-def _block_logits(
-    q,
-    k_head,
-    rows,
-    keys,
-    L,
-    d_mask,
-    stride_l,
-    cq,
-    ck,
-    qk_scale,
-    sm_scale,
-    q_sum,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-):
-    """Logits of the key block ``keys`` for the query ``rows``, ``-inf`` at padded (and, causal, later) keys. The
-    padding mask is a per-key bias (``x + 0 == x`` exactly): one add per logit instead of a 2-D compare and select."""
-    kmask = (keys < L)[:, None] & d_mask[None, :]
-    logits = _qk_logits(q, k_head + keys[:, None] * stride_l, kmask, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D)
-    logits += tl.where(keys < L, 0.0, float("-inf"))[None, :]
-    if CAUSAL:
-        logits = tl.where(keys[None, :] <= rows[:, None], logits, float("-inf"))
-    return logits
-
-
-@triton.jit
-def _pv_step(acc, e, inv, bias, v_ptrs, vmask, cv, P_QMAX: tl.constexpr):
-    """``acc += (u - z_p) (v - z_v)`` for one key block, ``u = floor(e / (den s_p) + 0.5) + z_p``.
-
-    ``p / s_p = e * (1 / (den s_p))``: one multiply instead of two divisions (a few ulps of ``p / s_p <= 255``,
-    within TIE_EPS of the reference's value). A masked key has ``e = 0``, hence ``u = z_p``: it adds nothing with no
-    select. ``(u - z_p)`` and ``(v - z_v)`` lie in [-255, 255]: exact in fp16, each product and a tile's sum (< 2^24)
-    exact in the fp32 tensor-core accumulator, so the fp16 dot is an exact integer P.V with no zero-point terms;
-    ``|acc| <= (255 + L / 2) * 255 < 2^24`` for L <= 4096 (a row's codes sum to ~1 / s_p plus rounding), so the
-    accumulation across key blocks is exact in place."""
-    pu = tl.minimum(tl.floor(e * inv[:, None] + bias), P_QMAX)  # e >= 0: never below z_p >= 0
-    pf = (pu - (bias - 0.5)).to(tl.float16)
-    v = tl.load(v_ptrs, mask=vmask, other=-cv).to(tl.int32) + cv
-    return tl.dot(pf, v.to(tl.float16), acc, out_dtype=tl.float32)
-
-
-@triton.jit
-def _qattention_tiled_kernel(
-    qkv_ptr,
-    out_ptr,
-    L,
-    H,
-    D,
-    stride_b,
-    stride_l,
-    out_stride_b,
-    out_stride_l,
-    qk_scale,
-    cq,
-    ck,
-    cv,
-    sp,
-    zpp,
-    cp,
-    pv_scale,
-    so,
+    inv_so,
     zo,
     sm_scale,
     HD: tl.constexpr,
@@ -205,6 +192,7 @@ def _qattention_tiled_kernel(
     P_QMAX: tl.constexpr,
     O_QMAX: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    SPLIT_CQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -215,47 +203,80 @@ def _qattention_tiled_kernel(
     dims = tl.arange(0, BLOCK_D)
     r_mask = rows < L
     d_mask = dims < HD
-    head = qkv_ptr + b * stride_b + h * HD + dims[None, :]
-    q = tl.load(head + rows[:, None] * stride_l, mask=r_mask[:, None] & d_mask[None, :], other=-cq).to(tl.int8)
-    q_sum = tl.sum(q.to(tl.int32), axis=1)
-    bias = zpp + 0.5
+    head = qkv_ptr + b * stride_b + h * HD
+    q = tl.load(head + rows[:, None] * stride_l + dims[None, :], mask=r_mask[:, None] & d_mask[None, :], other=-cq).to(
+        tl.int8
+    )
+    # c_q = cq_a + cq_b, each within int8 (c_q = 128 - z_q lies in [-127, 128])
+    cq_hi = cq // 2 if SPLIT_CQ else cq
+    cq_a = tl.full((BLOCK_M, BLOCK_D), cq_hi, tl.int8)
+    cq_b = tl.full((BLOCK_M, BLOCK_D), cq - cq_hi, tl.int8)
+    rowi = ck * tl.sum(q.to(tl.int32), axis=1) + BLOCK_D * cq * ck  # |rowi| <= 2^22: exact in fp32
+    if BLOCK_D <= 128:
+        rowc = rowi.to(tl.float32) - MAGIC
+    else:
+        rowc = rowi.to(tl.float32)
+    k_head = head + D
+    v_head = head + 2 * D
+    vc16 = tl.cast(1152.0 - cv, tl.float16)  # 1024 + z_v (z_v = 128 - c_v)
+    code_bias = MAGIC + zpp
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    vdm = d_mask[None, :]
     if ONE_PASS:
         # every key in one block (BLOCK_N >= L): one q k^T, one exp per logit - the logits stay in registers
-        logits = _block_logits(
-            q, head + D, rows, cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
-        )
+        logits = _key_block(
+            q, cq_a, cq_b, k_head, cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+            HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+        )  # fmt: skip
         mx = tl.max(logits, axis=1)
-        e = tl.exp(logits - mx[:, None])
+        e = _exp(logits - mx[:, None])
         inv = 1.0 / (tl.sum(e, axis=1) * sp)
-        vmask = (cols < L)[:, None] & d_mask[None, :]
-        acc = _pv_step(acc, e, inv, bias, head + 2 * D + cols[:, None] * stride_l, vmask, cv, P_QMAX)
+        vmask = (cols < L)[:, None] & vdm
+        acc = _pv_step(acc, e, inv, code_bias, v_head + cols[:, None] * stride_l + dims[None, :], vmask, vc16, P_QMAX)
     else:
+        # key blocks [0, n_full) are whole and (causal) entirely at or before every row of this block: no mask
         n_end = L
+        n_full = (L // BLOCK_N) * BLOCK_N
         if CAUSAL:
             n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-        # pass 1: row max and sum of exp(logit - max) (the sum rescaled when the max grows)
+            n_full = tl.minimum(n_full, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
+        # pass 1: row max and sum of exp(logit - max)
         mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         den = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, n_end, BLOCK_N):
-            logits = _block_logits(
-                q, head + D, rows, n0 + cols, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
-            )
-            new_mx = tl.maximum(mx, tl.max(logits, axis=1))
-            den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(logits - new_mx[:, None]), axis=1)
-            mx = new_mx
+        for n0 in range(0, n_full, BLOCK_N):
+            logits = _key_block(
+                q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+                HD, BLOCK_D, False, CAUSAL, SPLIT_CQ,
+            )  # fmt: skip
+            mx, den = _pass1_step(mx, den, logits)
+        for n0 in range(n_full, n_end, BLOCK_N):
+            logits = _key_block(
+                q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+                HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+            )  # fmt: skip
+            mx, den = _pass1_step(mx, den, logits)
         # pass 2: the final max and sum give each probability its code (see _pv_step)
         inv = 1.0 / (den * sp)
-        for n0 in range(0, n_end, BLOCK_N):
+        for n0 in range(0, n_full, BLOCK_N):
             keys = n0 + cols
-            logits = _block_logits(
-                q, head + D, rows, keys, L, d_mask, stride_l, cq, ck, qk_scale, sm_scale, q_sum, BLOCK_D, CAUSAL
-            )
-            e = tl.exp(logits - mx[:, None])
-            vmask = (keys < L)[:, None] & d_mask[None, :]
-            acc = _pv_step(acc, e, inv, bias, head + 2 * D + keys[:, None] * stride_l, vmask, cv, P_QMAX)
+            logits = _key_block(
+                q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+                HD, BLOCK_D, False, CAUSAL, SPLIT_CQ,
+            )  # fmt: skip
+            e = _exp(logits - mx[:, None])
+            v_ptrs = v_head + keys[:, None] * stride_l + dims[None, :]
+            acc = _pv_step(acc, e, inv, code_bias, v_ptrs, vdm, vc16, P_QMAX)
+        for n0 in range(n_full, n_end, BLOCK_N):
+            keys = n0 + cols
+            logits = _key_block(
+                q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+                HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+            )  # fmt: skip
+            e = _exp(logits - mx[:, None])
+            v_ptrs = v_head + keys[:, None] * stride_l + dims[None, :]
+            acc = _pv_step(acc, e, inv, code_bias, v_ptrs, (keys < L)[:, None] & vdm, vc16, P_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
-    _store_out(optr, acc.to(tl.int32), pv_scale, so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
+    _store_out(optr, acc, pv_scale, inv_so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
 
 
 def _f32_product(a: float, b: float) -> float:
@@ -303,8 +324,8 @@ ONE_PASS_TILES: tuple[TileConfig, ...] = (
 #: Short-kernel candidates: warps per (image, head) program (the tile is the whole padded sequence).
 SHORT_CANDIDATES: tuple[TileConfig, ...] = tuple(TileConfig(0, 0, 64, 1, nw, 1, "attn-short") for nw in (4, 2, 8))
 #: Tuning-cache names: a changed kernel gets a new name, so tiles tuned (or shipped) for an older one are not reused.
-TILED_TUNE_NAME = "qattn-tiled2"
-SHORT_TUNE_NAME = "qattn-short"
+TILED_TUNE_NAME = "qattn-tiled3"
+SHORT_TUNE_NAME = "qattn-short2"
 
 
 def _scalar_args(sites: AttnSites, hd: int) -> tuple:
@@ -315,9 +336,8 @@ def _scalar_args(sites: AttnSites, hd: int) -> tuple:
         128 - sites.v[1],
         sites.p[0],
         float(sites.p[1]),
-        128 - sites.p[1],
         _f32_product(sites.p[0], sites.v[0]),
-        sites.out[0],
+        float(1.0 / torch.tensor(sites.out[0], dtype=torch.float32)),  # fp32 reciprocal, as the GEMM epilogues
         float(sites.out[1]),
         1.0 / math.sqrt(hd),
     )
@@ -352,6 +372,9 @@ def qattention(
         raise ValueError(f"the short qattention kernel takes L <= {SHORT_MAX_L}, got L={length}")
     if length > TILED_MAX_L:
         raise ValueError(f"qattention takes L <= {TILED_MAX_L} (exact fp32 P.V accumulation), got L={length}")
+    bad = [n for n in ("q", "k", "v", "p", "out") if not 0 <= getattr(sites, n)[1] <= 255]
+    if bad:  # the kernels' integer bounds (int8 zero-point terms, exact fp32 accumulators) assume 8-bit grids
+        raise ValueError(f"qattention zero points must lie in [0, 255], got {[(n, getattr(sites, n)[1]) for n in bad]}")
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
     if bsz == 0 or length == 0:
         return out
@@ -368,31 +391,26 @@ def qattention(
         *_scalar_args(sites, hd),
     )
     qmax = dict(P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1))
-    if short:
+    if short:  # one tile per (image, head): the whole padded sequence, one pass
         cfg = config or _short_config(qkv, heads, sites, causal, num_warps)
-        _qattention_kernel[(bsz * heads,)](
-            *common,
-            HD=hd,
-            BLOCK_L=_pow2(length),
-            BLOCK_D=_pow2(hd),
-            CAUSAL=causal,
-            **qmax,
-            num_warps=cfg.num_warps,
-            num_stages=1,
-        )
-        return out
-    cfg = config or _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps)
-    _qattention_tiled_kernel[(bsz * heads, triton.cdiv(length, cfg.block_m))](
+        block_m = block_n = _pow2(length)
+        grid = (bsz * heads, 1)
+    else:
+        cfg = config or _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps)
+        block_m, block_n = cfg.block_m, cfg.block_n
+        grid = (bsz * heads, triton.cdiv(length, block_m))
+    _qattention_kernel[grid](
         *common,
         HD=hd,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_D=_pow2(hd),
         CAUSAL=causal,
         **qmax,
-        ONE_PASS=cfg.block_n >= length,
+        ONE_PASS=block_n >= length,
+        SPLIT_CQ=128 - sites.q[1] > 127,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=1 if short else cfg.num_stages,
     )
     return out
 
@@ -424,8 +442,11 @@ def _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps) -> Til
     return _tune(TILED_TUNE_NAME, qkv, heads, sites, causal, "tiled", ATTN_CANDIDATES)
 
 
-def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False) -> torch.Tensor:
-    """The CPU engine's attention on codes (exact integer matmuls in float64, fp32 softmax)."""
+def qattention_reference(
+    qkv: torch.Tensor, heads: int, sites: AttnSites, causal: bool = False, values: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The CPU engine's attention on codes (exact integer matmuls in float64, fp32 softmax). ``values``: also return
+    the output site's pre-rounding values ``o / s_o`` (float64 of the fp32 quotient), for the tie rule."""
     x = qkv.cpu().to(torch.float64) + 128
     bsz, length, d3 = x.shape
     d = d3 // 3
@@ -449,5 +470,7 @@ def qattention_reference(qkv: torch.Tensor, heads: int, sites: AttnSites, causal
     pu = torch.clamp(torch.floor(p / sp + 0.5) + sites.p[1], 0, (1 << sites.p_bits) - 1)
     o = ((pu.double() - sites.p[1]) @ v).float() * (sp * sv)
     o = o.transpose(1, 2).reshape(bsz, length, d)
-    qo = torch.clamp(torch.floor(o / so + 0.5) + sites.out[1], 0, (1 << sites.out_bits) - 1)
-    return (qo.to(torch.int32) - 128).to(torch.int8)
+    pre = o / so
+    qo = torch.clamp(torch.floor(pre + 0.5) + sites.out[1], 0, (1 << sites.out_bits) - 1)
+    codes = (qo.to(torch.int32) - 128).to(torch.int8)
+    return (codes, pre.double()) if values else codes

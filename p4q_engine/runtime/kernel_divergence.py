@@ -12,7 +12,8 @@ block Linear and attention quantized: the full scope) the two sequences pair up 
 At the first site where a code differs, every differing code must be a float tie of the CPU engine's value
 (:mod:`p4q_engine.quant.ties`). The attention output is the exception to "its own value": its codes also move when
 a *probability* code flipped at a tie inside the kernel (probabilities never leave it), so a differing attention
-output is a tie when its (image, head, query row) has a probability within ``TIE_EPS`` of a rounding boundary.
+output is a tie when it is one of its own value or its (image, head, query row) has a probability within
+``TIE_EPS`` of a rounding boundary.
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def _compare(gpu: torch.Tensor, cpu_call: tuple, layout) -> dict | None:
         return None
     steps = (g - codes).abs()
     dist = boundary_distance(v)
+    own_tie = (steps == 1) & (dist <= TIE_EPS)
     return {
         "codes_differ": int(diff.sum()),
         "codes": int(diff.numel()),
         "max_step": int(steps.max()),
         "max_boundary_distance_of_flipped": float(dist[diff].max()),
-        "diff": diff,
+        "diff": diff & ~own_tie,  # the differences that are not a tie of their own value
         "tie": bool((steps <= 1).all() and (dist[diff] <= TIE_EPS).all()),
     }
 
@@ -129,7 +131,8 @@ def kernel_first_divergence(kernel_engine, cpu_engine, image: torch.Tensor) -> d
 
 
 def _attention_flip_is_tie(diff: torch.Tensor, cpu: list, name: str, b: int) -> bool:
-    """Differing attention outputs are ties when each one's (image, query row, head) has a probability on a tie."""
+    """Attention outputs that differ not on a tie of their own value are ties when each one's (image, query row,
+    head) has a probability on a tie."""
     i = int(name.split()[1])
     v, _zp, _lo, _hi = cpu[1 + _CPU_PER_BLOCK * i + 3]  # the p site: [B, H, L, L] of p / s_p
     heads, length = v.shape[1], v.shape[2]

@@ -1,0 +1,131 @@
+"""Static profile of the attention kernel: compile it for a GPU architecture on any machine (no GPU needed: Triton
+ships ptxas and nvdisasm) and count the SASS instructions of each main loop, per logit.
+
+    python benchmarks/attention_sass.py                       # sm_90, the tiled 64 x 32 tile and the short tile
+    python benchmarks/attention_sass.py --root ../old-checkout --out before.json   # an older checkout's kernel
+
+Why: the tiled kernel is issue-bound (2026-12-01: ~56 instructions per logit over both passes, ~0.29 ms of issue
+slots for ViT-B/16 at batch 256 of the 0.56 ms measured), so instructions per logit predict its speed before a GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+#: Arguments the JIT specializes as divisible by 16 at a real launch (16-byte aligned pointers, strides of 3D / D).
+_DIVISIBLE = ("qkv_ptr", "out_ptr", "D", "stride_b", "stride_l", "out_stride_b", "out_stride_l")
+_FLOATS = ("qk_scale", "sp", "zpp", "pv_scale", "so", "zo", "sm_scale")
+
+
+def load_kernel(root: Path):
+    """The attention kernel of the checkout at ``root`` (its ``kernels/qattention.py``), imported standalone."""
+    path = root / "kernels" / "qattention.py"
+    spec = importlib.util.spec_from_file_location("_sass_kernels.qattention", path)
+    pkg = importlib.util.module_from_spec(importlib.util.spec_from_loader("_sass_kernels", loader=None))
+    pkg.__path__ = [str(path.parent)]
+    sys.modules["_sass_kernels"] = pkg
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    tiled = getattr(mod, "_qattention_tiled_kernel", None) or mod._qattention_kernel
+    return tiled, mod._qattention_kernel  # before 2026-12-02 the short path had a kernel of its own
+
+
+def compile_sass(fn, constants: dict, num_warps: int, num_stages: int, arch: int) -> str:
+    names = fn.arg_names
+    sig = {}
+    for i, a in enumerate(names):
+        if fn.params[i].is_constexpr:
+            sig[a] = "constexpr"
+        else:
+            sig[a] = "*i8" if a.endswith("_ptr") else "fp32" if a in _FLOATS else "i32"
+    consts = {k: v for k, v in constants.items() if k in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE if a in names}
+    k = triton.compile(
+        ASTSource(fn, sig, consts, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages),
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    try:
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def loops(sass: str) -> list[dict]:
+    """Each backward branch spanning more than 50 instructions (a main loop): its instruction counts."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln))}
+    out = []
+    for i, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue
+        ops = collections.Counter(mm.group(1) for x in lines[labels[m.group(1)] : i + 1] if (mm := _OP.search(x)))
+        if sum(ops.values()) > 50:
+            out.append({"instructions": sum(ops.values()), "ops": dict(ops.most_common())})
+    return out
+
+
+def profile(fn, block_m: int, block_n: int, hd: int, num_warps: int, arch: int, one_pass: bool) -> dict:
+    bd = max(16, 1 << (hd - 1).bit_length())
+    constants = dict(
+        HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_m, BLOCK_D=bd, CAUSAL=False,
+        P_QMAX=255.0, O_QMAX=255.0, ONE_PASS=one_pass, SPLIT_CQ=False,
+    )  # fmt: skip
+    sass = compile_sass(fn, constants, num_warps, 1 if one_pass else 2, arch)
+    (Path(tempfile.gettempdir()) / f"qattention_{block_m}x{block_n}_w{num_warps}.sass").write_text(sass)
+    total = sum(1 for ln in sass.splitlines() if _OP.search(ln))
+    per_thread = block_m * block_n / (32 * num_warps)
+    ls = loops(sass)
+    for lp in ls:
+        lp["per_logit"] = round(lp["instructions"] / per_thread, 2)
+    return {
+        "tile": f"{block_m}x{block_n}", "head_dim": hd, "warps": num_warps, "one_pass": one_pass,
+        "kernel_instructions": total, "logits_per_thread": per_thread, "loops": ls,
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    tiled, short = load_kernel(args.root)
+    rows = [
+        profile(tiled, 64, 32, 64, 4, args.arch, False),
+        profile(tiled, 128, 64, 64, 8, args.arch, False),
+        profile(short, 64, 64, 64, 4, args.arch, True),  # ViT-B/32's 50 tokens: one tile per (image, head)
+    ]
+    for r in rows:
+        per = " + ".join(f"{lp['instructions']} ({lp['per_logit']}/logit)" for lp in r["loops"])
+        print(f"{r['tile']:>7} hd {r['head_dim']} w{r['warps']} one_pass={r['one_pass']}: {r['kernel_instructions']} "
+              f"instructions; loops {per or '-'}")  # fmt: skip
+    if args.out:
+        doc = {"arch": f"sm_{args.arch}", "triton": triton.__version__, "rows": rows}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
