@@ -192,9 +192,11 @@ def parity(q, path: Path, images: torch.Tensor) -> dict:
 
 
 def part_models(args) -> dict:
-    from benchmarks.peers import PEERS, compiled, peer_tower
+    """Per model: the engine rows first, then the peers, then the drift row - a time limit that ends the call still
+    leaves the engine's rows (2026-12-02 lost every engine row of five models to limits reached in the peers'
+    compiles); the partial JSON is rewritten after every row."""
+    from benchmarks.peers import compiled, peer_tower
     from p4q_engine.clip.loading import load_clip
-    from p4q_engine.runtime.engine import Engine
 
     res = {}
     for name in args.models:
@@ -202,12 +204,18 @@ def part_models(args) -> dict:
         torch.manual_seed(0)
         loaded = load_clip(name)
         visual = loaded.model.visual
-        size = visual.image_size
-        x = {b: torch.randn(b, 3, *size, device="cuda") for b in args.batches}
+        x = {b: torch.randn(b, 3, *visual.image_size, device="cuda") for b in args.batches}
         with torch.no_grad():
             ref = {b: visual.cuda()(x[b][:8]).float().cpu() for b in args.batches}
         visual.cpu()
-        entry = {"rows": [], "parity": {}}
+        entry = res[name] = {"rows": [], "parity": {}}
+
+        def add(row: dict, entry=entry, name=name) -> None:
+            entry["rows"].append(row)
+            log(name, row)
+            Path(args.out, f"models{args.tag}_partial.json").write_text(json.dumps(res, indent=1, default=str))
+
+        _engine_rows(args, name, loaded, x, ref, entry, add)
         if args.peers and args.eager:  # open_clip eager bf16: a reference row only (slow cuDNN conv patch embedding)
             eager = visual.cuda().bfloat16().eval()
             for b in args.batches:
@@ -217,65 +225,73 @@ def part_models(args) -> dict:
                         path="open_clip bf16 eager (reference)",
                         cos_vs_fp32_min=cosine(eager(x[b][:8].bfloat16()), ref[b]),
                     )
-                entry["rows"].append(row)
-                log(name, row)
+                add(row)
             visual.float().cpu()
             torch.cuda.empty_cache()
         for key in args.peer_names if args.peers else ():
-            peer, build = PEERS[key]
-            try:
-                fn = build(visual)
-                for b in args.batches:
-                    tc = time.perf_counter()
-                    row = measure(fn, x[b].bfloat16())
-                    row.update(path=peer, first_call_s=round(time.perf_counter() - tc, 1))
-                    with torch.no_grad():
-                        row["cos_vs_fp32_min"] = cosine(fn(x[b].bfloat16())[:8], ref[b])
-                    entry["rows"].append(row)
-                    log(name, row)
-                del fn
-                torch._dynamo.reset()
-            except Exception as e:
-                log(name, peer, "failed", repr(e)[:400])
-                traceback.print_exc()
-                entry["rows"].append({"path": peer, "error": repr(e)[:400]})
-            torch.cuda.empty_cache()
-        with tempfile.TemporaryDirectory() as d:
-            for bits in args.bits:
-                path = Path(d) / f"{bits}.p4q"
-                q = build_artifact(loaded, bits, path)
-                if args.parity:
-                    entry["parity"][bits] = parity(
-                        q, path, torch.randn(args.parity_images, 3, *size, generator=torch.Generator().manual_seed(1))
-                    )
-                    log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
-                del q
-                eng = Engine.load(path, device="cuda")
-                for b in args.batches:
-                    tc = time.perf_counter()
-                    row = measure(eng.encode, x[b])
-                    row.update(
-                        path=f"p4q engine {bits}",
-                        first_call_s=round(time.perf_counter() - tc, 1),
-                        cos_vs_fp32_min=cosine(eng.encode(x[b])[:8], ref[b]),
-                    )
-                    entry["rows"].append(row)
-                    log(name, row)
-                del eng
-                torch.cuda.empty_cache()
+            _peer_rows(key, visual, x, ref, add)
         if args.peers and args.drift:  # drift: the compile peer again at the largest batch, after everything else ran
             b = max(args.batches)
             fn = compiled(peer_tower(visual, fp8=False))
             row = measure(fn, x[b].bfloat16())
             row.update(path="compile peer, timed again at the end (drift)")
-            entry["rows"].append(row)
-            log(name, row)
+            add(row)
             del fn
             torch._dynamo.reset()
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
-        res[name] = entry
-        Path(args.out, f"models{args.tag}_partial.json").write_text(json.dumps(res, indent=1, default=str))
     return res
+
+
+def _engine_rows(args, name: str, loaded, x: dict, ref: dict, entry: dict, add) -> None:
+    """quantize -> calibrate -> fold (-> parity) -> the GPU engine's rows, per bit config."""
+    from p4q_engine.runtime.engine import Engine
+
+    size = loaded.model.visual.image_size
+    with tempfile.TemporaryDirectory() as d:
+        for bits in args.bits:
+            path = Path(d) / f"{bits}.p4q"
+            q = build_artifact(loaded, bits, path)
+            if args.parity:
+                entry["parity"][bits] = parity(
+                    q, path, torch.randn(args.parity_images, 3, *size, generator=torch.Generator().manual_seed(1))
+                )
+                log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
+            del q
+            eng = Engine.load(path, device="cuda")
+            for b in args.batches:
+                tc = time.perf_counter()
+                row = measure(eng.encode, x[b])
+                row.update(
+                    path=f"p4q engine {bits}",
+                    first_call_s=round(time.perf_counter() - tc, 1),
+                    cos_vs_fp32_min=cosine(eng.encode(x[b])[:8], ref[b]),
+                )
+                add(row)
+            del eng
+            torch.cuda.empty_cache()
+
+
+def _peer_rows(key: str, visual, x: dict, ref: dict, add) -> None:
+    """One peer of ``benchmarks/peers.py`` at every batch (a peer that fails to build or run is a row saying so)."""
+    from benchmarks.peers import PEERS
+
+    peer, build = PEERS[key]
+    try:
+        fn = build(visual)
+        for b in x:
+            tc = time.perf_counter()
+            row = measure(fn, x[b].bfloat16())
+            row.update(path=peer, first_call_s=round(time.perf_counter() - tc, 1))
+            with torch.no_grad():
+                row["cos_vs_fp32_min"] = cosine(fn(x[b].bfloat16())[:8], ref[b])
+            add(row)
+        del fn
+        torch._dynamo.reset()
+    except Exception as e:
+        log(peer, "failed", repr(e)[:400])
+        traceback.print_exc()
+        add({"path": peer, "error": repr(e)[:400]})
+    torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ profile

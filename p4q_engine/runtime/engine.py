@@ -492,9 +492,14 @@ class Engine:
             raise ConfigError(
                 f"expected images of shape [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {list(pixels.shape)}"
             )
+        pixels = self._on_device(pixels)
         if not torch.isfinite(pixels).all():
             raise ConfigError("images contain NaN or inf values")
         return self._forward(pixels)
+
+    def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pixels where the tower runs (the CPU here), so the finiteness check reads them there."""
+        return pixels
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()

@@ -139,6 +139,16 @@ def test_kernel_engine_on_cpu_needs_the_interpreter(artifacts, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without a CUDA GPU")
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_kernel_engine_rejects_non_finite_pixels(artifacts, bad):
+    """The finiteness check runs where the pixels are copied to (the GPU); a bad image is still a clear error."""
+    engine = KernelEngine(load(artifacts[("8-8-8", "release")]), DEVICE)
+    x = torch.zeros(2, 3, *engine.image_size)
+    x[1, 0, 3, 4] = bad
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        engine.encode(x)
+
+
 def test_engine_load_cuda_without_gpu_raises(artifacts):
     with pytest.raises(ConfigError, match="CUDA"):
         Engine.load(artifacts[("8-8-8", "release")], device="cuda")
