@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .limits import check_extent
 from .tuning import TileConfig, _m_bucket, pick_config
 
 
@@ -70,6 +71,7 @@ def _launch(
     x: torch.Tensor, w, b, eps: float, scale: float, zp: int, bits: int, norm: bool, config=None
 ) -> torch.Tensor:
     shape = x.shape
+    check_extent("layernorm_quant" if norm else "quantize_rows", x=x.numel())
     x2 = x.reshape(-1, shape[-1]).contiguous()
     out = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     r, d = x2.shape

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import check_extent
 from .tuning import TileConfig, pick_config
 
 
@@ -363,6 +364,7 @@ def qattention(
         raise ValueError(f"qattention expects int8 [B, L, 3D] with D divisible by {heads} heads")
     if kernel not in ("auto", "short", "tiled"):
         raise ValueError(f"unknown qattention kernel {kernel!r}")
+    check_extent("qattention", qkv=qkv.numel())
     qkv = qkv.contiguous()
     bsz, length, d3 = qkv.shape
     d = d3 // 3

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import check_extent
 from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
@@ -360,8 +361,9 @@ def qgemm(
     or the raw int32 accumulator (``raw``)."""
     if a.dtype != torch.int8 or a.dim() != 2 or a.shape[1] != w.k:
         raise ValueError(f"qgemm expects int8 activations [M, {w.k}], got {a.dtype} {list(a.shape)}")
-    a = a.contiguous()
     m, n, k = a.shape[0], w.n, w.k
+    check_extent("qgemm", activations=m * k, output=m * n)
+    a = a.contiguous()
     mode = 0 if raw else (2 if requant is not None else 1)
     dtype = torch.int32 if raw else (torch.int8 if requant is not None else out_dtype)
     out = torch.empty(m, n, dtype=dtype, device=a.device)

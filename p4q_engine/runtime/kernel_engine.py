@@ -43,6 +43,19 @@ class KLinear:
         return self.w is not None and self.site is not None
 
 
+#: Most images per kernel-engine forward (see ``KernelEngine._max_chunk``).
+MAX_CHUNK = 1024
+
+
+def _out_features(lin: KLinear) -> int:
+    """Output features of a kernel Linear (bias, float weight, or the packed weight's per-channel scales)."""
+    if lin.bias is not None:
+        return int(lin.bias.numel())
+    if lin.w_float is not None:
+        return int(lin.w_float.shape[1])
+    return int(lin.w.scale.numel())
+
+
 def _site_tuple(site: Site) -> tuple[float, int]:
     return float(site.qp.scale), int(site.qp.zero_point)
 
@@ -113,6 +126,18 @@ class KernelEngine(Engine):
         self.ln_post = tuple(v.to(dev) for v in self.ln_post)
         if self.cfg["act"] not in _ACT:
             raise ArtifactError(f"the kernel engine has no {self.cfg['act']} epilogue")
+        self.max_chunk = self._max_chunk()
+
+    def _max_chunk(self) -> int:
+        """Most images per forward: the kernels index with int32 offsets, so the widest activation of a chunk
+        (tokens x the widest of 3 x width, the MLP width and the patch vector) stays below 2^31 elements; at most
+        1024 (one CUDA graph per power-of-two bucket up to there). Larger batches run in chunks."""
+        tokens, width = self.pos.shape
+        blk = self.k_blocks[0] if self.k_blocks else None
+        mlp = _out_features(blk["c_fc"]) if blk is not None else width
+        widest = max(3 * width, mlp, 3 * self.patch[0] * self.patch[1])
+        fit = max(1, (2**31 - 1) // (tokens * widest))
+        return min(MAX_CHUNK, 1 << (fit.bit_length() - 1))
 
     # ---------------------------------------------------------------- ops
     def _codes(self, x: torch.Tensor, site: Site, ln=None) -> torch.Tensor:
@@ -286,6 +311,8 @@ class KernelEngine(Engine):
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.shape[0] > self.max_chunk:
+            return torch.cat([self._forward(c) for c in pixels.split(self.max_chunk)])
         if not self.use_graphs:
             return self._tower(pixels)
         b = pixels.shape[0]

@@ -149,6 +149,24 @@ def test_kernel_engine_rejects_non_finite_pixels(artifacts, bad):
         engine.encode(x)
 
 
+def test_large_batches_run_in_chunks(artifacts, monkeypatch):
+    """A batch past ``max_chunk`` (int32 kernel offsets, CUDA-graph buckets) runs chunk by chunk with the same
+    features as one forward; the limit keeps the widest activation under 2^31 elements."""
+    engine = KernelEngine(load(artifacts[("8-8-8", "release")]), DEVICE)
+    tokens, width = engine.pos.shape
+    assert 1 <= engine.max_chunk <= kernel_engine.MAX_CHUNK
+    mlp = kernel_engine._out_features(engine.k_blocks[0]["c_fc"])
+    assert engine.max_chunk * tokens * max(3 * width, mlp) < 2**31
+    x = torch.randn(5, 3, *engine.image_size, generator=torch.Generator().manual_seed(3))
+    whole = engine.encode(x)
+    sizes = []
+    real = engine._tower
+    monkeypatch.setattr(engine, "_tower", lambda p: sizes.append(p.shape[0]) or real(p))
+    engine.max_chunk = 2
+    assert torch.equal(engine.encode(x), whole)
+    assert sizes == [2, 2, 1]
+
+
 def test_engine_load_cuda_without_gpu_raises(artifacts):
     with pytest.raises(ConfigError, match="CUDA"):
         Engine.load(artifacts[("8-8-8", "release")], device="cuda")
