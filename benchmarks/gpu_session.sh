@@ -9,6 +9,10 @@
 # 0-7: the speed rows share the GPU only with that process's batch-1 forwards and calibration.
 # call1 tunes the shipped table (kernels/tuned) for every model; the next calls time from it (the table comes back
 # in $OUT/r and is committed; the device keeps /tmp between calls only while it stays warm, so nothing relies on it).
+# Lessons of this session (for the next one): the step limits below were too short - ViT-H/14 and L/14-336 did not
+# finish tuning in call1, and in calls 2-3 the peers' compiles (20-90 s per batch; torchao fp8 88 s) used every
+# step's time before the engine rows (vit_bench.py now times the engine first). Size a step as: artifact build +
+# engine tuning (~70 s for a new model at batch 256) + 2 peers x batches x ~25 s.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_session.sh call1|call2|call3}

@@ -165,6 +165,24 @@ def _pass1_step(mx, den, logits):
 
 
 @triton.jit
+def _pass2_step(
+    acc, q, cq_a, cq_b, k_head, v_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale, mx, inv,
+    code_bias, vc16, HD: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    SPLIT_CQ: tl.constexpr, P_QMAX: tl.constexpr,
+):  # fmt: skip
+    """One key block of pass 2: the logits again, their probability codes, ``acc += (u - z_p)(v - z_v)``."""
+    logits = _key_block(
+        q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
+        HD, BLOCK_D, MASKED, CAUSAL, SPLIT_CQ,
+    )  # fmt: skip
+    e = _exp(logits - mx[:, None])
+    vmask = (dims < HD)[None, :]
+    if MASKED:
+        vmask = vmask & (keys < L)[:, None]
+    return _pv_step(acc, e, inv, code_bias, v_head + keys[:, None] * stride_l + dims[None, :], vmask, vc16, P_QMAX)
+
+
+@triton.jit
 def _qattention_kernel(
     qkv_ptr,
     out_ptr,
@@ -241,7 +259,7 @@ def _qattention_kernel(
         if CAUSAL:
             n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
             n_full = tl.minimum(n_full, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
-        # pass 1: row max and sum of exp(logit - max)
+        # pass 1: row max and sum of exp(logit - max); whole blocks unmasked, then the masked rest
         mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         den = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, n_full, BLOCK_N):
@@ -259,23 +277,15 @@ def _qattention_kernel(
         # pass 2: the final max and sum give each probability its code (see _pv_step)
         inv = 1.0 / (den * sp)
         for n0 in range(0, n_full, BLOCK_N):
-            keys = n0 + cols
-            logits = _key_block(
-                q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-                HD, BLOCK_D, False, CAUSAL, SPLIT_CQ,
+            acc = _pass2_step(
+                acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
+                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, P_QMAX,
             )  # fmt: skip
-            e = _exp(logits - mx[:, None])
-            v_ptrs = v_head + keys[:, None] * stride_l + dims[None, :]
-            acc = _pv_step(acc, e, inv, code_bias, v_ptrs, vdm, vc16, P_QMAX)
         for n0 in range(n_full, n_end, BLOCK_N):
-            keys = n0 + cols
-            logits = _key_block(
-                q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-                HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+            acc = _pass2_step(
+                acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
+                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, P_QMAX,
             )  # fmt: skip
-            e = _exp(logits - mx[:, None])
-            v_ptrs = v_head + keys[:, None] * stride_l + dims[None, :]
-            acc = _pv_step(acc, e, inv, code_bias, v_ptrs, (keys < L)[:, None] & vdm, vc16, P_QMAX)
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
     _store_out(optr, acc, pv_scale, inv_so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
 
