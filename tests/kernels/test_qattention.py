@@ -1,16 +1,18 @@
 """Fused quantized attention (``p4q_engine.kernels.qattention``) against ``qattention_reference``.
 
 What can differ, and the tolerance: everything up to the softmax is integer or the same fp32 operations in the
-same order, and everything after the probability codes is integer again plus one fp32 multiply / divide. The only
-inexact step is the fp32 softmax itself (``exp`` and the row sum: numpy's or the GPU's vs torch's, a few ulps), and
-it matters only where a probability lies within those ulps of a rounding boundary of the probability grid
-(``p / s_p`` within ``TIE_EPS`` of ``n + 0.5``); then one probability code may differ by one, which moves that
-query row's outputs by at most ``ceil(s_p * s_v * max|v - z_v| / s_o)`` codes per flipped probability.
+same order, and everything after the probability codes is integer again plus one fp32 multiply and the output
+scale (the kernel multiplies by ``1 / s_o`` where the reference divides). The inexact steps are the fp32 softmax
+(``exp`` and the row sum: numpy's or the GPU's vs torch's, a few ulps; one reciprocal where the reference divides
+twice) and that output reciprocal. The softmax matters only where a probability lies within those ulps of a rounding
+boundary of the probability grid (``p / s_p`` within ``TIE_EPS`` of ``n + 0.5``); then one probability code may
+differ by one, which moves that query row's outputs by at most ``ceil(s_p * s_v * max|v - z_v| / s_o)`` codes per
+flipped probability. The reciprocal matters only for an output whose own ``o / s_o`` lies on a tie (one step).
 
-So the check is: every query row (per head) with no near-tie probability is **bit-exact** (interpreter and GPU);
-a row with near ties differs by at most that bound. ``TIE_EPS`` is the project's (1e-3 grid steps): ``tl.exp`` is an
-approximation on a GPU and the tiled kernel multiplies by one reciprocal where the reference divides twice. Near-tie
-rows are a small fraction (asserted < 10% where rows are short), so the exact check covers almost everything.
+So the check is: every query row (per head) with no near-tie probability is **bit-exact** (interpreter and GPU)
+except for outputs on a tie of their own value; a row with near ties differs by at most that bound. ``TIE_EPS`` is
+the project's (1e-3 grid steps). Near-tie rows are a small fraction (asserted < 10% where rows are short), so the
+exact check covers almost everything.
 """
 
 from __future__ import annotations
