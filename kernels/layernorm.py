@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .limits import check_extent
-from .tuning import TileConfig, _m_bucket, pick_config
+from .tuning import INVARIANT_ROWS, TileConfig, _m_bucket, batch_invariant, pick_config
 
 
 @triton.jit
@@ -107,7 +107,9 @@ _RESOLVED: dict[tuple, TileConfig] = {}  # per call signature: the launch path i
 def _config(x2, w, b, eps, scale, zp, bits, norm) -> TileConfig:
     if x2.device.type != "cuda":
         return INTERPRET_LN
-    sig = (norm, _m_bucket(x2.shape[0]), x2.shape[1], bits, x2.device, os.environ.get("P4Q_AUTOTUNE"))
+    fixed = norm and batch_invariant()  # the row reduction's order follows the tile: one tile for every batch
+    rows = INVARIANT_ROWS if fixed else x2.shape[0]
+    sig = (norm, _m_bucket(rows), x2.shape[1], bits, x2.device, os.environ.get("P4Q_AUTOTUNE"), fixed)
     if sig in _RESOLVED:
         return _RESOLVED[sig]
 
@@ -116,7 +118,7 @@ def _config(x2, w, b, eps, scale, zp, bits, norm) -> TileConfig:
 
     # fit_m = 16: every candidate (<= 16 rows) fits any row count
     name = "ln-quant" if norm else "quant-rows"
-    cfg = pick_config(name, x2.shape[0], x2.shape[1], 0, bits, x2.device, bench, LN_CANDIDATES, fit_m=16)
+    cfg = pick_config(name, rows, x2.shape[1], 0, bits, x2.device, None if fixed else bench, LN_CANDIDATES, fit_m=16)
     _RESOLVED[sig] = cfg
     return cfg
 

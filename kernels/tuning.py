@@ -94,6 +94,21 @@ def _m_bucket(m: int) -> int:
     return b
 
 
+#: The bucket whose tile every batch size uses under :func:`batch_invariant` (LayerNorm rows; attention batch x
+#: heads): ViT-B/32's batch 256 (12 800 rows, 3 072 heads).
+INVARIANT_ROWS = 16384
+INVARIANT_HEADS = 4096
+
+
+def batch_invariant() -> bool:
+    """``P4Q_BATCH_INVARIANT=1``: the kernels with float reductions (LayerNorm rows, attention row sums) take one
+    tile per shape whatever the batch, so an image's codes do not depend on what it is batched with (the GEMMs
+    accumulate exact integers under any tile, their epilogues are elementwise). The tile is the one shipped or cached
+    for the reference bucket, else the first candidate: looked up, never timed (a tile tuned later in the process
+    would change the answers)."""
+    return os.environ.get("P4Q_BATCH_INVARIANT", "0") == "1"
+
+
 def _key(name: str, m: int, n: int, k: int, bits: int, device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return f"{gpu}|{name}|m{_m_bucket(m)}|n{n}|k{k}|b{bits}"

@@ -101,6 +101,11 @@ def add_serve_parser(sub, choice: Callable) -> None:
         default="cpu",
         help="cpu (Pillow) or cuda[:N]: baseline JPEGs decoded by nvJPEG via torchvision, same limits",
     )
+    v.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="GPU engine: the same answer for an image whatever it is batched with (one LN/attention tile per shape)",
+    )
     add_ray_args(v)
     v.set_defaults(func=cmd_serve)
 
@@ -175,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         decode_memory_mb=args.decode_memory_mb,
         decode_processes=args.decode_processes,
         decode_device=args.decode_device,
+        batch_invariant=args.batch_invariant,
         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )
     if args.backend == "ray":

@@ -46,6 +46,9 @@ class ServeConfig:
     access_log: bool = False
     #: Run every batch bucket once before /readyz turns 200 (GPU engine: autotuning and CUDA-graph capture).
     warmup: bool = True
+    #: GPU engine: the same answer for an image whatever it is batched with (one LayerNorm and attention tile per
+    #: shape: ``P4Q_BATCH_INVARIANT=1``, see kernels/tuning.py), at some cost in speed where other tiles were faster.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -252,7 +252,7 @@ class EngineReplica:
         hub: Any,
     ) -> None:
         from p4q_engine.runtime.engine import Engine
-        from p4q_engine.serve.server import resolve_device, warm_up
+        from p4q_engine.serve.server import engine_settings, resolve_device, warm_up
 
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -261,6 +261,7 @@ class EngineReplica:
             self.engine = Engine.load(path, resolve_device(device))
         finally:
             os.unlink(path)
+        engine_settings(config)
         if config.warmup:
             warm_up(self.engine, config.max_batch)
         self.config, self.hooks = config, hooks or FaultHooks()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ def resolve_device(device: str) -> str:
     import torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def engine_settings(config: ServeConfig) -> None:
+    """Process-wide engine settings of a serving process: after the artifact loaded, before the first forward (the
+    kernels read them when they pick their tiles)."""
+    if config.batch_invariant:
+        os.environ["P4Q_BATCH_INVARIANT"] = "1"
 
 
 def warm_up(engine, max_batch: int) -> list[int]:
@@ -283,6 +291,7 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     engine = Engine.load(artifact, device)  # a bad artifact fails here, before any process-wide setting changes
+    engine_settings(config)
     warmed = warm_up(engine, config.max_batch) if config.warmup else []
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

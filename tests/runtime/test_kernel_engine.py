@@ -167,6 +167,19 @@ def test_large_batches_run_in_chunks(artifacts, monkeypatch):
     assert sizes == [2, 2, 1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_batch_invariant_features_on_the_gpu(artifacts, monkeypatch):
+    """``P4Q_BATCH_INVARIANT=1``: an image's features are the same alone, in a batch of 5 and in one of 37 (three
+    batch buckets; LN and attention keep one tile, the integer GEMMs are exact under any)."""
+    monkeypatch.setenv("P4Q_BATCH_INVARIANT", "1")
+    engine = KernelEngine(load(artifacts[("4-4-8", "full")]), DEVICE)  # every block Linear and attention fused
+    x = torch.randn(37, 3, *engine.image_size, generator=torch.Generator().manual_seed(4))
+    alone = torch.cat([engine.encode(x[i : i + 1]) for i in range(5)])
+    assert torch.equal(engine.encode(x[:5]), alone)
+    assert torch.equal(engine.encode(x)[:5], alone)
+
+
 def test_engine_load_cuda_without_gpu_raises(artifacts):
     with pytest.raises(ConfigError, match="CUDA"):
         Engine.load(artifacts[("8-8-8", "release")], device="cuda")

@@ -158,3 +158,23 @@ def test_warm_up_runs_every_bucket_once_on_graph_engines():
     eng.use_graphs = False
     eng.seen.clear()
     assert warm_up(eng, 48) == [] and eng.seen == []
+
+
+def test_batch_invariant_flag_reaches_the_kernels(monkeypatch):
+    """``p4q serve --batch-invariant`` -> ``ServeConfig.batch_invariant`` -> ``P4Q_BATCH_INVARIANT=1`` in the serving
+    process (read by kernels/tuning.py when the warm-up picks tiles); off by default."""
+    import os
+
+    from p4q_engine.kernels import tuning
+
+    from p4q_engine.cli import build_parser
+    from p4q_engine.serve.config import ServeConfig
+    from p4q_engine.serve.server import engine_settings
+
+    assert build_parser().parse_args(["serve", "m.p4q"]).batch_invariant is False
+    assert build_parser().parse_args(["serve", "m.p4q", "--batch-invariant"]).batch_invariant is True
+    monkeypatch.setenv("P4Q_BATCH_INVARIANT", "0")  # restored after the test
+    engine_settings(ServeConfig())
+    assert not tuning.batch_invariant()
+    engine_settings(ServeConfig(batch_invariant=True))
+    assert os.environ["P4Q_BATCH_INVARIANT"] == "1" and tuning.batch_invariant()
