@@ -53,7 +53,7 @@ def bench_ms(fn, rep: int = 100) -> float:
 # ------------------------------------------------------------------------------------------------ attention
 #: Written before the 2026-12-02 run, for the kernel change it measures against ``--baseline-root`` (one kernel for both
 #: paths; per logit no int-to-float conversion, floor or subnormal fix-up, the key-sum zero-point term from the tensor
-#: cores, unmasked whole key blocks; ``benchmarks/attention_sass.py``: 889 -> 484 main-loop instructions per 64 x 32
+#: cores, unmasked whole key blocks; ``benchmarks/kernel_sass.py``: 889 -> 484 main-loop instructions per 64 x 32
 #: block and both passes, 1394 -> 799 at 128 x 64): the tiled kernel 1.5-1.8x faster if issue-bound (the 2026-12-01
 #: static count predicted its measured time within 2x), the 50-token path 1.2-1.4x (2416 -> 1096 static instructions,
 #: the output division's slow path among them, not all executed).

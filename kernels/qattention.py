@@ -21,7 +21,7 @@ one - and, causal, the diagonal ones - does). The probabilities differ from the 
 of the row sum and of one reciprocal, and round half to even (ties, ``p4q_engine.quant.ties``).
 
 Per logit the main loops issue no int-to-float conversion, ``floor`` or subnormal fix-up (2026-12-02: 216 and 268
-SASS instructions per 64 x 32 block and pass on sm_90, from 373 and 516; ``benchmarks/attention_sass.py``).
+SASS instructions per 64 x 32 block and pass on sm_90, from 373 and 516; ``benchmarks/kernel_sass.py``).
 """
 
 from __future__ import annotations

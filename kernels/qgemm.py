@@ -67,6 +67,7 @@ def _qgemm_kernel(
     OFFSET: tl.constexpr,
     DIRECT8: tl.constexpr,
     NIB: tl.constexpr,
+    PACKED: tl.constexpr,
     SWAP: tl.constexpr,
     SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -109,7 +110,7 @@ def _qgemm_kernel(
                     mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0,
                 )
-                acc = _mma(acc, a, _field(wb, i, NIB), SWAP)
+                acc = _mma(acc, a, _field(wb, i, NIB, PACKED), SWAP)
     else:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -246,6 +247,7 @@ def _qgemm_tma_kernel(
     OFFSET: tl.constexpr,
     DIRECT8: tl.constexpr,
     NIB: tl.constexpr,
+    PACKED: tl.constexpr,
     SWAP: tl.constexpr,
     SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -285,7 +287,7 @@ def _qgemm_tma_kernel(
                 wb = w_desc0.load([off_n, g * SUB])
                 for i in tl.static_range(FIELDS):
                     a = a_desc.load([off_m, g * SUB * FIELDS + i * SUB])
-                    acc = _mma(acc, a, _field(wb, i, NIB), SWAP)
+                    acc = _mma(acc, a, _field(wb, i, NIB, PACKED), SWAP)
         else:
             for kt in range(k_tiles):
                 a = a_desc.load([off_m, kt * BLOCK_K])
@@ -402,6 +404,7 @@ def qgemm(
         OFFSET=1 << (w.bits - 1) if planes else 0,
         DIRECT8=direct,
         NIB=w.layout.lane if nib else 0,
+        PACKED=nib and packed_fields(a.device),
         SWAP=cfg.swap and (direct or nib),  # the plane path keeps its one orientation
         SUB=SUB_K,
         **epi,
@@ -525,6 +528,12 @@ def _descriptors(a: torch.Tensor, w: PackedWeight, cfg: TileConfig):
     d0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
     d1 = TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1 else d0
     return a_desc, d0, d1
+
+
+def packed_fields(device: torch.device) -> bool:
+    """``P4Q_NIB_PACKED=1`` (GPU only; off until measured on one): interleaved low-bit fields unpacked four bytes
+    per register (``weight_layout._field_packed``). The interpreter runs no inline PTX."""
+    return device.type == "cuda" and os.environ.get("P4Q_NIB_PACKED", "0") == "1"
 
 
 def kernel_choice() -> str:

@@ -108,17 +108,54 @@ def unpack_interleaved(packed: torch.Tensor, layout: DeviceLayout, k: int) -> to
 
 # ---------------------------------------------------------------------------------------------- readers (Triton)
 @triton.jit
-def _field(wb, I: tl.constexpr, LANE: tl.constexpr):
+def _field(wb, I: tl.constexpr, LANE: tl.constexpr, PACKED: tl.constexpr = False):
     """Field ``I`` of interleaved weight bytes (``weight_layout``) as int8 ``code * 2^(8 - LANE)``: one shift for
-    the lowest field, one mask for the highest, both between (the cast wraps, dropping the fields above)."""
+    the lowest field, one mask for the highest, both between (the cast wraps, dropping the fields above).
+
+    ``PACKED`` (GPU only, ``P4Q_NIB_PACKED=1``): the same bytes four to a 32-bit register, ``shl.b32`` + ``and.b32``
+    with the mask repeated per byte - half an instruction per weight instead of the compiler's per-byte unpack,
+    shift, mask and repack (~2 per weight on sm_90, ``benchmarks/kernel_sass.py``-style count). A shift's spill
+    into the next byte lands in its low ``SH <= 8 - LANE`` bits, which the mask clears."""
     SH: tl.constexpr = 8 - LANE * (I + 1)
     HI: tl.constexpr = -(1 << (8 - LANE))
+    if PACKED:
+        return _field_packed(wb.to(tl.int8), SH, LANE)
     x = wb
     if SH > 0:
         x = x << SH
     if I > 0:
         x = x & HI
     return x.to(tl.int8)
+
+
+@triton.jit
+def _field_packed(wb, SH: tl.constexpr, LANE: tl.constexpr):
+    """``(bytes << SH) & top-LANE-bits`` on four bytes per register (literal PTX per case: the lanes of the layouts
+    are 4 (3- and 4-bit weights) and 2)."""
+    tl.static_assert(LANE == 4 or LANE == 2, "interleaved layouts have 2- or 4-bit lanes")
+    if LANE == 4:
+        if SH == 4:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r", [wb], tl.int8, True, 4
+            )
+        else:
+            y = tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [wb], tl.int8, True, 4)
+    else:
+        if SH == 6:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, 6; and.b32 $0, t, 0xC0C0C0C0; }", "=r,r", [wb], tl.int8, True, 4
+            )
+        elif SH == 4:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xC0C0C0C0; }", "=r,r", [wb], tl.int8, True, 4
+            )
+        elif SH == 2:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, 2; and.b32 $0, t, 0xC0C0C0C0; }", "=r,r", [wb], tl.int8, True, 4
+            )
+        else:
+            y = tl.inline_asm_elementwise("and.b32 $0, $1, 0xC0C0C0C0;", "=r,r", [wb], tl.int8, True, 4)
+    return y
 
 
 @triton.jit

@@ -408,6 +408,33 @@ def test_gpu_full_shape_raw_exact(bits, shape):
         assert torch.equal(out.to(torch.int64), ref[255]), cfg
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(50, 2304, 768), (51200, 768, 3072)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_packed_fields_raw_exact(monkeypatch, bits, shape):
+    """``P4Q_NIB_PACKED=1``: the interleaved low-bit fields unpacked four bytes per register by inline PTX give the
+    exact accumulator, with the tuned tile, every TMA candidate and a pointer-kernel tile of each orientation."""
+    monkeypatch.setenv("P4Q_NIB_PACKED", "1")
+    m, n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("gpu-packed", bits, shape)).encode()))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (n, k), generator=g, device="cuda", dtype=torch.int16).to(torch.int8)
+    codes[0], codes[1] = lo, hi
+    w = PackedWeight.from_codes(codes, torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-3, bits)
+    assert w.interleaved is not None  # the layout the packed unpack reads
+    a = torch.randint(-128, 128, (m, k), generator=g, device="cuda", dtype=torch.int16).to(torch.int8)
+    ref = gpu_raw_reference(a, 255, codes)
+    ptr = [TileConfig(32, 64, 128, 8, 4, 3), TileConfig(32, 64, 128, 8, 4, 3, swap=True)]
+    for cfg in [None, *ptr, *[c for c in GPU_CANDIDATES if c.kernel == "tma" and c.block_m <= max(64, m)]]:
+        try:
+            out = qgemm(a, 0.01, 255, w, raw=True, config=cfg)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        torch.cuda.synchronize()
+        assert torch.equal(out.to(torch.int64), ref), cfg
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [50, 51200])
 @pytest.mark.gpu

@@ -122,3 +122,26 @@ def test_every_gpu_candidate_is_exact(device, bits):
     ref = qgemm_reference(a, 0.01, 9, codes, scale, raw=True)
     for cfg in GPU_CANDIDATES:
         assert torch.equal(qgemm(a, 0.01, 9, w, raw=True, config=cfg).cpu(), ref), cfg
+
+
+@pytest.mark.parametrize("lane", [4, 2])
+def test_packed_field_arithmetic_matches_the_per_byte_fields(lane):
+    """The GPU-only packed unpack (``_field_packed``: ``(word << SH) & mask-per-byte`` on four bytes per register)
+    computes every byte's field exactly as ``_field`` does per byte, for every byte value in every position: a
+    shift's spill into the next byte is cleared by the mask. (The PTX itself runs only on a GPU:
+    ``test_gpu_packed_fields_raw_exact`` in test_qgemm.py.)"""
+    import numpy as np
+
+    g = np.random.default_rng(lane)
+    words = np.concatenate([np.arange(256, dtype=np.uint32) * 0x01010101, g.integers(0, 2**32, 4096, dtype=np.uint32)])
+    hi = (-(1 << (8 - lane))) & 0xFF
+    mask = np.uint32(hi * 0x01010101)
+    for i in range(8 // lane):
+        sh = 8 - lane * (i + 1)
+        packed = ((words << np.uint32(sh)) & mask).astype(np.uint32)  # what the PTX computes
+        for pos in range(4):
+            byte = (words >> np.uint32(8 * pos)) & np.uint32(0xFF)
+            want = (byte << np.uint32(sh)) & np.uint32(0xFF)  # _field: the int8 shift drops the bits above
+            if i > 0:
+                want &= np.uint32(hi)
+            assert np.array_equal((packed >> np.uint32(8 * pos)) & np.uint32(0xFF), want), (lane, i, pos)
