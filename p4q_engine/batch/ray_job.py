@@ -97,18 +97,19 @@ class DecodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         h, w = self.frontend.transform.size
+        dtype = np.uint8 if getattr(self.frontend.transform, "raw_ok", False) else np.float32  # decode_item's pixels
         index, source, pixels, error = [], [], [], []
         for blob in batch["unit"]:
             for item in read_unit(pickle.loads(blob), self.options.max_file_bytes):
                 i, src, px, err = decode_item(self.frontend.transform, item, self.options.max_pixels)
                 index.append(i)
                 source.append(src)
-                pixels.append(px.numpy() if px is not None else np.zeros((3, h, w), np.float32))
+                pixels.append(px.numpy() if px is not None else np.zeros((3, h, w), dtype))
                 error.append(err or "")
         return {
             "index": np.asarray(index, np.int64),
             "source": np.asarray(source, object),
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, h, w), np.float32),
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, h, w), dtype),
             "error": np.asarray(error, object),
         }
 
@@ -137,7 +138,7 @@ class EngineActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.float32))  # a writable copy
+        pixels = torch.from_numpy(np.array(batch["pixels"]))  # a writable copy, uint8 (or float32) as decoded
         decoded = [
             (int(i), str(s), None if e else pixels[k], e or None)
             for k, (i, s, e) in enumerate(zip(batch["index"], batch["source"], batch["error"]))

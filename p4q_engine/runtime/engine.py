@@ -487,11 +487,16 @@ class Engine:
         return F.layer_norm(x, x.shape[-1:], wb[0], wb[1], self.eps)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image features (before normalisation) of preprocessed pixels ``[B, 3, H, W]``."""
+        """Image features (before normalisation) of preprocessed pixels ``[B, 3, H, W]``: float, or uint8 from
+        ``Preprocess.load(raw=True)`` (normalised on the engine's device after a 4x smaller copy)."""
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, *self.image_size):
             raise ConfigError(
                 f"expected images of shape [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {list(pixels.shape)}"
             )
+        if pixels.dtype == torch.uint8:  # 8-bit pixels (Preprocess.load(raw=True)): normalised where they land
+            if not getattr(self.transform, "raw_ok", False):
+                raise ConfigError("this artifact's preprocess has no 8-bit path: pass float pixels")
+            return self._forward(self.transform.normalize(self._on_device(pixels)))
         pixels = self._on_device(pixels)
         if not torch.isfinite(pixels).all():
             raise ConfigError("images contain NaN or inf values")

@@ -241,6 +241,21 @@ class _ToNormalizedTensor:
         x /= self.std
         return torch.from_numpy(x)
 
+    def raw(self, img: Any) -> Optional[torch.Tensor]:
+        """The 8-bit ``[3, H, W]`` pixels this step would normalise (None where it would take the torch path): a
+        quarter of the bytes to queue, pickle or copy to a GPU; :meth:`normalize` finishes them where they land."""
+        if not isinstance(img, Image.Image) or img.mode != "RGB" or self.normalize.inplace:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def normalize_u8(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., 3, H, W]`` uint8 -> the float32 pixels of :meth:`__call__`, on ``x``'s device, bit for bit: the same
+        correctly rounded divisions and subtraction. The divisors are tensors, not Python scalars - CUDA divides by a
+        scalar as a multiply by its reciprocal, which is not the same rounding."""
+        dev = x.device
+        y = x.to(torch.float32) / torch.full((1, 1, 1), 255.0, device=dev)
+        return (y - torch.from_numpy(self.mean).to(dev)) / torch.from_numpy(self.std).to(dev)
+
 
 def _fast_tail(transform: Any) -> Any:
     """``transform`` with a trailing (to-tensor, Normalize) pair replaced by :class:`_ToNormalizedTensor` where the
@@ -287,6 +302,17 @@ class Preprocess:
             interpolation=cfg.get("interpolation", "bicubic"),
         )
         self.transform = _fast_tail(self.reference_transform)
+        steps = getattr(self.transform, "transforms", [])
+        self._tail = steps[-1] if steps and isinstance(steps[-1], _ToNormalizedTensor) else None
+        #: whether :meth:`load` can return 8-bit pixels (``raw=True``) for :meth:`normalize` to finish elsewhere
+        self.raw_ok = self._tail is not None and not self._tail.normalize.inplace
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """8-bit pixels from ``load(..., raw=True)`` (``[3, H, W]`` or a batch) -> the float32 pixels ``load`` would
+        have returned, bit for bit, computed on ``x``'s device (e.g. after a 4x smaller copy to the GPU)."""
+        if not self.raw_ok:
+            raise ImageError("this preprocess has no 8-bit path (its transform does not end in ToTensor, Normalize)")
+        return self._tail.normalize_u8(x)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` the resize step produces from a ``width x height`` image (as torchvision and
@@ -330,11 +356,14 @@ class Preprocess:
         name: Optional[str] = None,
         max_pixels: Optional[int] = None,
         reserve: Optional[Callable[[int], ContextManager[Any]]] = None,
+        raw: bool = False,
     ) -> torch.Tensor:
         """Decode ``src`` (reduced-scale where possible), check the resize, transform -> ``[3, H, W]``; every
         failure is an :class:`ImageError` naming the input. ``reserve(nbytes)`` is entered with the decode's memory
         bound from the header, before decoding, until the decoded image is freed (the server's decode budget).
-        Images this call decodes are closed before it returns, so their pixel memory is freed at once."""
+        Images this call decodes are closed before it returns, so their pixel memory is freed at once. ``raw``
+        (with :attr:`raw_ok`): uint8 pixels before normalisation, finished by :meth:`normalize` (the engines do it
+        themselves); float32 otherwise."""
         cap = self.max_pixels if max_pixels is None else max_pixels
         label = _label(src, name)
         with ExitStack() as stack:
@@ -346,6 +375,12 @@ class Preprocess:
             rgb = _to_rgb(img, label, owned)
             try:
                 try:
+                    if raw and self.raw_ok:  # resize and crop, then the 8-bit pixels
+                        img8 = rgb
+                        for step in self.transform.transforms[:-1]:
+                            img8 = step(img8)
+                        out = self._tail.raw(img8)  # None only for a non-RGB step output: convert, stay 8-bit
+                        return out if out is not None else self._tail.raw(img8.convert("RGB"))
                     return self.transform(rgb)
                 except _DECODE_ERRORS as e:
                     raise ImageError(f"{label}: cannot preprocess image ({e.__class__.__name__})") from None

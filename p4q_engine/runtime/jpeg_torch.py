@@ -60,6 +60,8 @@ class TorchJpegLoader:
         self.std = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
         #: Images decoded by torchvision / handed to Pillow (for tests and metrics).
         self.decoded = self.fallbacks = 0
+        #: no 8-bit path: its pixels are normalised on the decode device already (not the Preprocess's attribute)
+        self.raw_ok = False
 
     def __getattr__(self, name: str) -> Any:  # resized_size, check, draft_size ...: the Pillow transform's
         return getattr(self.preprocess, name)

@@ -196,6 +196,16 @@ def test_classify_paths_equals_preprocessed_tensor(engine, png_paths, tiny_prepr
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(png_paths)), atol=1e-5)
 
 
+def test_uint8_pixels_give_the_float_pixels_answers(engine, png_paths):
+    """8-bit pixels (``Preprocess.load(raw=True)``: what the server queues) normalised inside the engine give the
+    same features as the float pixels, bit for bit."""
+    raw = torch.stack([engine.transform.load(p, raw=True) for p in png_paths])
+    floats = torch.stack([engine.transform.load(p) for p in png_paths])
+    assert raw.dtype == torch.uint8
+    assert torch.equal(engine.encode(raw), engine.encode(floats))
+    assert torch.equal(engine.logits(raw), engine.logits(floats))
+
+
 def test_undecodable_file_names_the_path(engine, png_paths, tmp_path):
     bad = tmp_path / "not_really.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")

@@ -62,3 +62,41 @@ def test_a_rounding_change_is_caught():
     x = np.asarray(img, dtype=np.float64).transpose(2, 0, 1) / 255
     x = (x - np.asarray(MEAN).reshape(3, 1, 1)) / np.asarray(STD).reshape(3, 1, 1)
     assert not torch.equal(torch.from_numpy(x.astype(np.float32)), pre.reference_transform(img))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['resize_mode']}-{c['size']}")
+def test_raw_pixels_normalized_later_are_the_same_bits(cfg):
+    """``load(raw=True)`` returns the 8-bit pixels and ``normalize`` finishes them (alone or batched) into exactly
+    what ``load`` returns - the path the server takes to queue, pickle and copy a quarter of the bytes."""
+    import io
+
+    pre = build_transform({**cfg, "mean": MEAN, "std": STD})
+    assert pre.raw_ok
+    rng = np.random.default_rng(7 + len(str(cfg)))
+    raws, floats = [], []
+    for mode in MODES:
+        buf = io.BytesIO()
+        image(rng, mode).save(buf, format="TIFF" if mode == "CMYK" else "PNG")
+        u, f = pre.load(buf.getvalue(), raw=True), pre.load(buf.getvalue())
+        assert u.dtype == torch.uint8 and f.dtype == torch.float32 and u.shape == f.shape
+        assert torch.equal(pre.normalize(u), f), mode
+        raws.append(u)
+        floats.append(f)
+    if all(r.shape == raws[0].shape for r in raws):
+        assert torch.equal(pre.normalize(torch.stack(raws)), torch.stack(floats))
+
+
+def test_no_raw_path_without_the_standard_tail():
+    """A transform that does not end in (ToTensor, Normalize) has no 8-bit path: ``raw`` is ignored, ``normalize``
+    refuses."""
+    from torchvision.transforms import Compose
+
+    from p4q_engine.runtime.images import ImageError
+
+    pre = build_transform({"size": 16, "mean": MEAN, "std": STD})
+    pre.transform = Compose(pre.reference_transform.transforms[:-1] + [lambda x: x * 2])
+    pre._tail, pre.raw_ok = None, False
+    img = image(np.random.default_rng(1), "RGB")
+    assert pre.load(img, raw=True).dtype == torch.float32
+    with pytest.raises(ImageError, match="no 8-bit path"):
+        pre.normalize(torch.zeros(3, 16, 16, dtype=torch.uint8))

@@ -180,6 +180,14 @@ def test_batch_invariant_features_on_the_gpu(artifacts, monkeypatch):
     assert torch.equal(engine.encode(x)[:5], alone)
 
 
+def test_kernel_engine_takes_uint8_pixels(artifacts):
+    """8-bit pixels are copied first and normalised on the engine's device (a quarter of the bytes over PCIe), to
+    the float path's features bit for bit (on a GPU this checks CUDA's division by tensor divisors too)."""
+    engine = KernelEngine(load(artifacts[("8-8-8", "release")]), DEVICE)
+    raw = torch.randint(0, 256, (3, 3, *engine.image_size), generator=torch.Generator().manual_seed(5)).to(torch.uint8)
+    assert torch.equal(engine.encode(raw), engine.encode(engine.transform.normalize(raw)))
+
+
 def test_engine_load_cuda_without_gpu_raises(artifacts):
     with pytest.raises(ConfigError, match="CUDA"):
         Engine.load(artifacts[("8-8-8", "release")], device="cuda")
