@@ -96,9 +96,10 @@ def versions() -> dict:
 def engine_ceiling(
     artifact: str, sizes: list[int], threads: int, seconds: float = 3.0, device: str = "cpu"
 ) -> dict[int | str, float]:
-    """In-process ``Engine.embed`` images/s per batch size (preprocessed pixels: no HTTP, no decoding), with the
-    pixels where a server holds them (the CPU); on a GPU also with the pixels already there (``"<b> on device"``):
-    the difference is the host-side cost per image (2026-12-02: 1530 vs ~41 600 images/s at 256 on an H200)."""
+    """In-process ``Engine.embed`` images/s per batch size (preprocessed pixels - 8-bit where the artifact's
+    preprocess allows, as the servers hand them over - no HTTP, no decoding), with the pixels where a server holds
+    them (the CPU); on a GPU also with the pixels already there (``"<b> on device"``): the difference is the
+    host-side cost per image (2026-12-02, float32 pixels: 1530 vs ~41 600 images/s at 256 on an H200)."""
     from p4q_engine.runtime.engine import Engine
 
     torch.set_num_threads(threads)
@@ -107,7 +108,11 @@ def engine_ceiling(
     places = [("", "cpu")] + ([(" on device", device)] if device != "cpu" else [])
     for suffix, where in places:
         for b in sizes:
-            x = torch.randn(b, 3, *engine.image_size, device=where)
+            shape = (b, 3, *engine.image_size)
+            if getattr(engine.transform, "raw_ok", False):  # what the servers hand over: 8-bit pixels
+                x = torch.randint(0, 256, shape, dtype=torch.uint8).to(where)
+            else:
+                x = torch.randn(shape, device=where)
             engine.embed(x, batch_size=b)
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
