@@ -223,8 +223,9 @@ class _ToNormalizedTensor:
     operations (``u8 / 255``, ``- mean``, ``/ std``, each correctly rounded), so the same bits, but no torch intra-op
     thread pool. The server decodes in many threads at once; each torch op on a 224 px image fans out to the pool
     (it exceeds torch's grain size), so N decode threads x T torch threads oversubscribe the cores. On the 2-core dev
-    box the numpy tail gave 1.4x / 1.8x / 2.7x the images/s at 1x2 / 4x8 / 16x16 torch x decode threads
-    (benchmarks/results/preprocess_cpu.md). Other inputs take the torch path."""
+    box the numpy tail gave 1.4x / 2.2x / 2.4x the images/s at 1x2 / 4x8 / 16x16 torch x decode threads, the 8-bit
+    path (:meth:`raw`, the server's) 1.7x / 2.4x / 3.3x (benchmarks/results/preprocess_cpu.md, 2026-12-02). Other
+    inputs take the torch path."""
 
     def __init__(self, to_tensor: Callable[[Any], torch.Tensor], normalize: Any) -> None:
         self.to_tensor, self.normalize = to_tensor, normalize
