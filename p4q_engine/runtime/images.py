@@ -253,9 +253,23 @@ class _ToNormalizedTensor:
         """``[..., 3, H, W]`` uint8 -> the float32 pixels of :meth:`__call__`, on ``x``'s device, bit for bit: the same
         correctly rounded divisions and subtraction. The divisors are tensors, not Python scalars - CUDA divides by a
         scalar as a multiply by its reciprocal, which is not the same rounding."""
-        dev = x.device
-        y = x.to(torch.float32) / torch.full((1, 1, 1), 255.0, device=dev)
-        return (y - torch.from_numpy(self.mean).to(dev)) / torch.from_numpy(self.std).to(dev)
+        div, mean, std = self._constants(x.device)
+        return (x.to(torch.float32) / div - mean) / std
+
+    def __getstate__(self) -> dict:
+        """Pickled (to decode processes) without the per-device constants: no CUDA tensor crosses a process."""
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """255, mean and std as tensors on ``device``, made once per device (not per batch on the serving path)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            cache[device] = (
+                torch.full((1, 1, 1), 255.0, device=device),
+                torch.from_numpy(self.mean).to(device),
+                torch.from_numpy(self.std).to(device),
+            )
+        return cache[device]
 
 
 def _fast_tail(transform: Any) -> Any:

@@ -100,3 +100,17 @@ def test_no_raw_path_without_the_standard_tail():
     assert pre.load(img, raw=True).dtype == torch.float32
     with pytest.raises(ImageError, match="no 8-bit path"):
         pre.normalize(torch.zeros(3, 16, 16, dtype=torch.uint8))
+
+
+def test_the_transform_pickles_without_its_device_constants():
+    """Decode processes receive the transform by pickle: the constants ``normalize`` caches per device stay home."""
+    import pickle
+
+    pre = build_transform({"size": 16, "mean": MEAN, "std": STD})
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    y = pre.normalize(x)
+    tail = pre.transform.transforms[-1]
+    assert tail.__dict__.get("_on_device")  # cached after the first call
+    back = pickle.loads(pickle.dumps(pre))
+    assert "_on_device" not in back.transform.transforms[-1].__dict__
+    assert torch.equal(back.normalize(x), y)
