@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import triton
@@ -175,7 +176,13 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="attention,gemm")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    doc = {"arch": f"sm_{args.arch}", "triton": triton.__version__}
+    doc = {
+        "arch": f"sm_{args.arch}",
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "root": str(args.root),
+        "command": "python benchmarks/kernel_sass.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     if "attention" in args.parts:
         doc["rows"] = attention_rows(args.root, args.arch)
         for r in doc["rows"]:

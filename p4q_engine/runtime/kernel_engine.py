@@ -305,8 +305,8 @@ class KernelEngine(Engine):
         return 1 << max(0, (b - 1).bit_length())
 
     def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Copied first, checked on the GPU: a CPU ``isfinite`` pass over a batch of 256 images (38.5 M floats) costs
-        more than the tower's forward there."""
+        """Copied first, checked on the GPU: a CPU ``isfinite`` pass over a batch of 256 images (38.5 M floats) is
+        host work the size of the copy itself, against a 6 ms tower on an H200 (not measured separately)."""
         return pixels.to(self.device, non_blocking=True)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
