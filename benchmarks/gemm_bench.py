@@ -65,7 +65,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     from p4q_engine.kernels import tuning
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    with env_var("P4Q_WEIGHT_LAYOUT", layout):
+    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout == "packed" else layout):
         codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
         w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
     a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
@@ -81,10 +81,11 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     if layout == "planes":  # the candidates before operand swapping existed
         qg.GPU_CANDIDATES = tuple(c for c in saved if not c.swap)
     try:
-        t0 = time.perf_counter()
-        qg.qgemm(a, 0.01, 128, w, **kw)  # tunes (or reads the table)
-        tune_s = time.perf_counter() - t0
-        ms = bench_ms(lambda: qg.qgemm(a, 0.01, 128, w, **kw))
+        with env_var("P4Q_NIB_PACKED", "1" if layout == "packed" else "0"):
+            t0 = time.perf_counter()
+            qg.qgemm(a, 0.01, 128, w, **kw)  # tunes (or reads the table)
+            tune_s = time.perf_counter() - t0
+            ms = bench_ms(lambda: qg.qgemm(a, 0.01, 128, w, **kw))
     finally:
         qg.GPU_CANDIDATES = saved
     chosen = [v for key, v in tuning._memory.items() if f"|m{tuning._m_bucket(m)}|n{n}|k{k}|b{bits}" in key]
@@ -99,6 +100,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="each shape with its engine epilogue (default: requantize everywhere, one compile set per layout)",
     )
+    ap.add_argument("--bits", type=lambda v: [int(x) for x in v.split(",")], default=[8, 4, 3, 2])
+    ap.add_argument(
+        "--layouts",
+        type=lambda v: v.split(","),
+        default=["nib", "packed", "planes"],
+        help="low-bit main loops: nib (interleaved), packed (the same, P4Q_NIB_PACKED=1), planes (the artifact's)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -108,14 +116,15 @@ def main(argv=None) -> int:
             ops = 2.0 * m * n * k
             used = epi if args.engine_epilogues else "requant"
             row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": used, **references(m, n, k)}
-            for bits in (8, 4, 3, 2):
-                for layout in ("nib", "planes") if bits < 8 else ("nib",):
+            for bits in args.bits:
+                for layout in args.layouts if bits < 8 else ("nib",):
                     r = run_qgemm(m, n, k, epi if args.engine_epilogues else "requant", bits, layout)
-                    tag = f"w{bits}" + ("_planes" if layout == "planes" else "")
+                    tag = f"w{bits}" + ("" if layout == "nib" else f"_{layout}")
                     row[f"{tag}_ms"], row[f"{tag}_config"], row[f"{tag}_tune_s"] = r["ms"], r["config"], r["tune_s"]
             for key in [x for x in list(row) if x.endswith("_ms")]:
                 row[key.replace("_ms", "_tops")] = ops / (row[key] * 1e-3) / 1e12
-            row["w8_pct_of_int8_peak"] = 100 * row["w8_tops"] / INT8_PEAK_TOPS
+            if "w8_tops" in row:
+                row["w8_pct_of_int8_peak"] = 100 * row["w8_tops"] / INT8_PEAK_TOPS
             rows.append(row)
             log("gemm", {x: (round(v, 4) if isinstance(v, float) else v) for x, v in row.items()})
             Path(args.out, "gemm.json").write_text(json.dumps({"env": env(), "rows": rows}, indent=1))
@@ -125,8 +134,11 @@ def main(argv=None) -> int:
 
 
 def table(rows: list) -> str:
-    head = "| M | layer | bf16 ms | fp8 ms | W8 ms (TOP/s) | W4 ms | W4 planes ms | W3 ms | W2 ms | W2 planes ms |"
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| M | layer | bf16 ms | fp8 ms | W8 ms (TOP/s) | W4 ms | W4 packed ms | W4 planes ms | W3 ms | W3 packed ms "
+        "| W2 ms | W2 packed ms | W2 planes ms |"
+    )
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
 
         def f(key: str) -> str:
@@ -135,8 +147,8 @@ def table(rows: list) -> str:
 
         lines.append(
             f"| {r['m']} | {r['layer']} | {f('bf16_cublas_ms')} | {f('fp8_rowwise_ms')} | {f('w8_ms')} "
-            f"({r['w8_tops']:.0f}) | {f('w4_ms')} | {f('w4_planes_ms')} | {f('w3_ms')} | {f('w2_ms')} | "
-            f"{f('w2_planes_ms')} |"
+            f"({r.get('w8_tops', 0.0):.0f}) | {f('w4_ms')} | {f('w4_packed_ms')} | {f('w4_planes_ms')} | "
+            f"{f('w3_ms')} | {f('w3_packed_ms')} | {f('w2_ms')} | {f('w2_packed_ms')} | {f('w2_planes_ms')} |"
         )
     return "\n".join(lines) + "\n"
 

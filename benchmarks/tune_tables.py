@@ -2,6 +2,7 @@
 
     python benchmarks/tune_tables.py --models ViT-B-32,ViT-B-16 --bits 8-8-8,4-4-8 --batches 1,8,64,256,1024
     python benchmarks/tune_tables.py --artifact model.p4q --batches 1,8,64      # a user's own artifact
+    python benchmarks/tune_tables.py --from-cache tuning.json --gpu "NVIDIA H200"  # merge a run's cache (no GPU)
 
 Each model is exported with random weights (tile choice does not depend on values) or taken from ``--artifact``,
 loaded on the GPU engine, and run once per batch bucket with autotuning on, into a fresh cache file; the tuned
@@ -29,7 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", action="append", default=[], help="also (or only, with --models '') this .p4q")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 64, 256, 1024])
     ap.add_argument("--out", type=Path, default=None, help="directory of the tables (default: kernels/tuned)")
+    ap.add_argument("--from-cache", type=Path, help="merge this P4Q_TUNE_CACHE file (a benchmark's) and exit")
+    ap.add_argument("--gpu", help="with --from-cache: the GPU name whose entries are merged")
+    ap.add_argument("--measured", default="", help="with --from-cache: the GPU, versions and date it was tuned on")
     args = ap.parse_args(argv)
+    if args.from_cache is not None:
+        return merge_cache(args.from_cache, args.gpu, args.measured, args.out)
     if not torch.cuda.is_available():
         print("tune_tables: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -59,6 +65,29 @@ def main(argv=None) -> int:
             del eng
             torch.cuda.empty_cache()
             write_table(tuning, args.out)  # after every model: a time limit still leaves what was tuned
+    return 0
+
+
+def merge_cache(cache: Path, gpu: str | None, measured: str, out: Path | None) -> int:
+    """Merge the entries one GPU run tuned (its ``P4Q_TUNE_CACHE`` file) into that GPU's shipped table, on any
+    machine: a benchmark that autotuned what the table lacked leaves the table to commit."""
+    from p4q_engine.kernels import tuning
+
+    if not gpu:
+        print("tune_tables: --from-cache needs --gpu (the name torch.cuda.get_device_name gave)", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(cache.read_text())
+        tuned = {k: tuning.TileConfig(**v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError) as e:
+        print(f"tune_tables: {cache} is not a tuning cache ({e})", file=sys.stderr)
+        return 2
+    target = tuning.table_path(gpu, out)
+    previous = json.loads(target.read_text()) if target.exists() else None
+    table = tuning.table_file(gpu, tuned, measured or (previous or {}).get("measured", gpu), previous)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {len(table['configs'])} entries to {target}", flush=True)
     return 0
 
 

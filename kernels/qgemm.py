@@ -467,6 +467,8 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
     m, n, k = a.shape[0], w.n, w.k
     kind = kernel_choice()
     layout = w.layout.name if w.interleaved is not None or w.direct is not None else "planes"
+    if w.interleaved is not None and packed_fields(a.device):
+        layout += "-packed"  # another main loop: its own tiles (and a before/after in one process)
     # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours other
     # tiles
     out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))

@@ -1,0 +1,46 @@
+"""``tune_tables.py --from-cache``: a GPU run's tuning cache merges into that GPU's shipped table on a CPU machine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from p4q_engine.kernels.tuning import GPU_CANDIDATES, table_path
+
+from benchmarks.tune_tables import main
+
+
+def test_merge_cache_keeps_previous_entries_and_only_that_gpu(tmp_path):
+    a, b, c = GPU_CANDIDATES[0], GPU_CANDIDATES[1], GPU_CANDIDATES[2]
+    out = tmp_path / "tuned"
+    out.mkdir()
+    target = table_path("NVIDIA H200", out)
+    target.write_text(
+        json.dumps(
+            {
+                "gpu": "NVIDIA H200",
+                "applies_to": ["NVIDIA H100"],
+                "measured": "old",
+                "configs": {"old|m16": asdict(a), "both|m16": asdict(a)},
+            }
+        )
+    )
+    cache = tmp_path / "tuning.json"
+    cache.write_text(
+        json.dumps(
+            {"NVIDIA H200|both|m16": asdict(b), "NVIDIA H200|new|m64": asdict(c), "NVIDIA H100|other|m16": asdict(c)}
+        )
+    )
+    assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--measured", "run x", "--out", str(out)]) == 0
+    table = json.loads(target.read_text())
+    assert table["configs"] == {"both|m16": asdict(b), "new|m64": asdict(c), "old|m16": asdict(a)}
+    assert table["applies_to"] == ["NVIDIA H100"] and table["measured"] == "run x"
+
+
+def test_merge_cache_rejects_a_file_that_is_not_a_cache(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"NVIDIA H200|k": {"block_m": "x", "nope": 1}}')
+    assert main(["--from-cache", str(bad), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 2
+    assert "not a tuning cache" in capsys.readouterr().err
+    assert main(["--from-cache", str(bad), "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.glob("NVIDIA*"))
