@@ -65,7 +65,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     from p4q_engine.kernels import tuning
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout == "packed" else layout):
+    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout in ("packed", "ws") else layout):
         codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
         w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
     a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
@@ -81,14 +81,18 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     if layout == "planes":  # the candidates before operand swapping existed
         qg.GPU_CANDIDATES = tuple(c for c in saved if not c.swap)
     try:
-        with env_var("P4Q_NIB_PACKED", "1" if layout == "packed" else "0"):
+        with (
+            env_var("P4Q_NIB_PACKED", "1" if layout == "packed" else "0"),
+            env_var("P4Q_QGEMM_WS", "1" if layout == "ws" else "0"),
+        ):
             t0 = time.perf_counter()
             qg.qgemm(a, 0.01, 128, w, **kw)  # tunes (or reads the table)
             tune_s = time.perf_counter() - t0
             ms = bench_ms(lambda: qg.qgemm(a, 0.01, 128, w, **kw))
     finally:
         qg.GPU_CANDIDATES = saved
-    chosen = [v for key, v in tuning._memory.items() if f"|m{tuning._m_bucket(m)}|n{n}|k{k}|b{bits}" in key]
+    key_part = f"|m{tuning._m_bucket(m)}|n{n}|k{k}|b{bits}"
+    chosen = [v for key, v in tuning._memory.items() if key_part in key and ("-ws|" in key) == (layout == "ws")]
     return {"ms": ms, "tune_s": round(tune_s, 1), "config": str(chosen[-1]) if chosen else None}
 
 
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
         "--layouts",
         type=lambda v: v.split(","),
         default=["nib", "packed", "planes"],
-        help="low-bit main loops: nib (interleaved), packed (the same, P4Q_NIB_PACKED=1), planes (the artifact's)",
+        help="main loops: nib (interleaved low-bit / direct 8-bit), packed (nib with P4Q_NIB_PACKED=1), planes (the "
+        "artifact's), ws (8-bit with the warp-specialized TMA tiles, P4Q_QGEMM_WS=1)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
             used = epi if args.engine_epilogues else "requant"
             row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": used, **references(m, n, k)}
             for bits in args.bits:
-                for layout in args.layouts if bits < 8 else ("nib",):
+                low = [x for x in args.layouts if x != "ws"]
+                for layout in low if bits < 8 else ["nib"] + [x for x in args.layouts if x == "ws"]:
                     r = run_qgemm(m, n, k, epi if args.engine_epilogues else "requant", bits, layout)
                     tag = f"w{bits}" + ("" if layout == "nib" else f"_{layout}")
                     row[f"{tag}_ms"], row[f"{tag}_config"], row[f"{tag}_tune_s"] = r["ms"], r["config"], r["tune_s"]
@@ -134,22 +140,19 @@ def main(argv=None) -> int:
 
 
 def table(rows: list) -> str:
-    head = (
-        "| M | layer | bf16 ms | fp8 ms | W8 ms (TOP/s) | W4 ms | W4 packed ms | W4 planes ms | W3 ms | W3 packed ms "
-        "| W2 ms | W2 packed ms | W2 planes ms |"
-    )
-    lines = [head, "|" + "---|" * 13]
+    """Milliseconds per path (the columns the run measured, in its order); W8's TOP/s beside it."""
+    cols = list(dict.fromkeys(key for r in rows for key in r if key.endswith("_ms")))
+    names = [c[: -len("_ms")].replace("_cublas", "").replace("_rowwise", "").replace("_", " ") for c in cols]
+    lines = ["| M | layer | " + " | ".join(f"{n} ms" for n in names) + " |", "|" + "---|" * (2 + len(cols))]
     for r in rows:
-
-        def f(key: str) -> str:
-            v = r.get(key)
-            return f"{v:.4f}" if isinstance(v, float) else "-"
-
-        lines.append(
-            f"| {r['m']} | {r['layer']} | {f('bf16_cublas_ms')} | {f('fp8_rowwise_ms')} | {f('w8_ms')} "
-            f"({r.get('w8_tops', 0.0):.0f}) | {f('w4_ms')} | {f('w4_packed_ms')} | {f('w4_planes_ms')} | "
-            f"{f('w3_ms')} | {f('w3_packed_ms')} | {f('w2_ms')} | {f('w2_packed_ms')} | {f('w2_planes_ms')} |"
-        )
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cell = f"{v:.4f}" if isinstance(v, float) else "-"
+            if c == "w8_ms" and "w8_tops" in r:
+                cell += f" ({r['w8_tops']:.0f} TOP/s)"
+            cells.append(cell)
+        lines.append(f"| {r['m']} | {r['layer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of one GPU session (2026-12-02, second session of the day), so what ran is in the repository
-# word for word.
+# The device calls of the next GPU session (written 2026-12-02; this session's device time had been spent by the
+# previous try at the same work), so what runs is in the repository word for word.
 #
 # Run on the device machine from a `git archive` of HEAD unpacked in .gpurun (wheels in ../.whl):
 #     cd .gpurun && bash benchmarks/gpu_session.sh call1
@@ -41,27 +41,28 @@ case $call in
   call1)
     parity 8-8-8 480 &
     P=$!
-    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 130 python3 -m pytest -m gpu tests/kernels tests/runtime -q \
-      -p no:cacheprovider >"$R/pytest_gpu.log" 2>&1
-    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 60 python3 -m pytest tests/runtime/test_kernel_engine.py -q \
-      -p no:cacheprovider >"$R/pytest_gpu_kernel_engine.log" 2>&1
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu tests/kernels tests/runtime \
+      tests/runtime/test_kernel_engine.py -q -p no:cacheprovider >"$R/pytest_gpu.log" 2>&1
+    speed ViT-B-32 8-8-8 210 _b32 1024,256,64,8,1
     speed ViT-B-16 8-8-8 150 _b16 256,64,1 --no-drift
-    speed ViT-L-14 8-8-8 200 _l14 256,64,1 --no-drift
     wait $P
     ;;
   call2)
-    parity 4-4-8 540 &
+    parity 4-4-8 520 &
     P=$!
+    speed ViT-L-14 8-8-8 200 _l14 256,64,1 --no-drift
     speed ViT-H-14 8-8-8 290 _h14 256,64,1 --no-drift
-    speed ViT-L-14-336 8-8-8 270 _l14_336 256,64,1 --no-drift
     wait $P
     ;;
   call3)
-    speed ViT-B-32 8-8-8 210 _b32 1024,256,64,8,1
+    speed ViT-L-14-336 8-8-8 270 _l14_336 256,64,1 --no-drift
     speed ViT-B-32 4-4-8 45 _b32_448 1024,256,64,8,1 --no-peers
     P4Q_NIB_PACKED=1 speed ViT-B-32 4-4-8 80 _b32_448_packed 1024,256,64,8,1 --no-peers
-    P4Q_TUNE_CACHE=/tmp/gemm_tune.json taskset -c 0-7 timeout 100 python3 benchmarks/gemm_bench.py --ms 400,50 \
-      --bits 8,4,2 --layouts nib,packed --out "$R" >"$R/log_gemm.txt" 2>&1
+    # the warp-specialized W8 tiles (P4Q_QGEMM_WS=1) against the plain ones, in one process, at M = 51200
+    P4Q_TUNE_CACHE=/tmp/gemm_tune.json taskset -c 0-7 timeout 110 python3 benchmarks/gemm_bench.py --ms 51200 \
+      --bits 8 --layouts nib,ws --engine-epilogues --out "$R" >"$R/log_gemm.txt" 2>&1
+    taskset -c 0-7 timeout 45 $VB --parts profile --models ViT-B-32 --bits 8-8-8 --batches 1024 --tag _profile \
+      >"$R/log_profile.txt" 2>&1
     ;;
 esac
 tar -czf "$OUT/$call.tgz" -C "$OUT" r

@@ -2,7 +2,7 @@
 ships ptxas and nvdisasm) and count the SASS instructions of each main loop - per logit for attention, per weight
 element for the GEMM's low-bit layouts.
 
-    python benchmarks/kernel_sass.py                      # sm_90: attention tiles, then the GEMM main loops
+    python benchmarks/kernel_sass.py                      # sm_90: attention tiles, GEMM main loops, TMA kernels
     python benchmarks/kernel_sass.py --root ../old-checkout --parts attention --out before.json   # an older kernel
 
 Why: the tiled attention kernel was issue-bound (2026-12-01: ~56 instructions per logit over both passes, ~0.29 ms
@@ -57,8 +57,15 @@ def load_kernel(root: Path):
 
 
 def compile_sass(
-    fn, constants: dict, num_warps: int, num_stages: int, arch: int, types: dict | None = None, divisible=_DIVISIBLE
-) -> str:
+    fn,
+    constants: dict,
+    num_warps: int,
+    num_stages: int,
+    arch: int,
+    types: dict | None = None,
+    divisible=_DIVISIBLE,
+    with_metadata: bool = False,
+):
     """SASS of ``fn`` specialised like a real launch (``types``: argument -> Triton type, else ``*i8`` for ``*_ptr``,
     fp32 for the attention scales, i32; ``divisible``: arguments the JIT would see as multiples of 16)."""
     names = fn.arg_names
@@ -81,7 +88,8 @@ def compile_sass(
         f.write(k.asm["cubin"])
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     try:
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return (sass, k.metadata) if with_metadata else sass
     finally:
         os.unlink(f.name)
 
@@ -149,6 +157,46 @@ def gemm_profile(mod, bits: int, block_m: int, block_n: int, swap: bool, packed:
     return {"bits": bits, "tile": f"{block_m}x{block_n}", "swap": swap, "packed": packed, "loops": ls}
 
 
+def tma_profile(mod, block_m: int, block_n: int, ws: bool, epilogue: str, arch: int) -> dict:
+    """The persistent TMA kernel with direct 8-bit weights (``num_warps`` 4 as the warp-specialized candidates, 8 as
+    the plain ones): warps after Triton's partitioning, shared memory, instructions, and the warp-specialization
+    markers (``USETMAXREG``: registers moved between partitions)."""
+    fn = mod._qgemm_tma_kernel
+    warps = 4 if ws else 8
+    out_ty = "*fp32" if epilogue == "residual" else "*i8"
+    types = {
+        "a_desc": f"tensordesc<i8[{block_m}, 128]>", "w_desc0": f"tensordesc<i8[{block_n}, 128]>",
+        "w_desc1": f"tensordesc<i8[{block_n}, 128]>", **_GEMM_TYPES, "out_ptr": out_ty, "a_corr": "i32",
+    }  # fmt: skip
+    consts = dict(
+        W0=8, W1=0, OFFSET=0, DIRECT8=True, NIB=0, PACKED=False, SWAP=False, SUB=64, HAS_BIAS=True,
+        HAS_RES=epilogue == "residual", ACT=1 if epilogue == "gelu" else 0, OUT_MODE=1 if epilogue == "residual" else 2,
+        OUT_QMAX=255.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, FLATTEN=not ws, WS=ws,
+    )  # fmt: skip
+    divisible = tuple(x for x in _GEMM_DIVISIBLE if x in fn.arg_names)
+    sass, meta = compile_sass(fn, consts, warps, 3, arch, types, divisible, with_metadata=True)
+    ops = collections.Counter(m.group(1) for ln in sass.splitlines() if (m := _OP.search(ln)))
+    return {
+        "tile": f"{block_m}x{block_n}", "ws": ws, "epilogue": epilogue, "warps_asked": warps,
+        "warps": meta.num_warps, "shared_bytes": meta.shared, "kernel_instructions": sum(ops.values()),
+        "setmaxnreg": ops.get("USETMAXREG", 0), "mma": ops.get("IGMMA", 0),
+    }  # fmt: skip
+
+
+def tma_rows(root: Path, arch: int) -> list[dict]:
+    mod = load_module(root, "qgemm")
+    has_ws = "WS" in mod._qgemm_tma_kernel.arg_names
+    rows = []
+    for epilogue in ("requant", "gelu", "residual"):
+        for bm, bn in ((128, 128), (128, 256)):
+            for ws in (False, True) if has_ws else (False,):
+                try:
+                    rows.append(tma_profile(mod, bm, bn, ws, epilogue, arch))
+                except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: recorded, not fatal
+                    rows.append({"tile": f"{bm}x{bn}", "ws": ws, "epilogue": epilogue, "error": str(e)[:200]})
+    return rows
+
+
 def attention_rows(root: Path, arch: int) -> list[dict]:
     tiled, short = load_kernel(root)
     return [
@@ -173,7 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--parts", default="attention,gemm")
+    ap.add_argument("--parts", default="attention,gemm,tma")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     doc = {
@@ -194,6 +242,14 @@ def main(argv=None) -> int:
         for r in doc["gemm"]:
             per = " + ".join(f"{lp['instructions']} ({lp['per_weight']}/weight)" for lp in r["loops"])
             print(f"gemm W{r['bits']} {r['tile']} swap={r['swap']} packed={r['packed']}: loop {per}")
+    if "tma" in args.parts:
+        doc["tma"] = tma_rows(args.root, args.arch)
+        for r in doc["tma"]:
+            print(f"tma W8 {r['tile']} ws={r['ws']} {r['epilogue']}: " + (
+                f"error {r['error']}" if "error" in r else
+                f"{r['warps']} warps (asked {r['warps_asked']}), {r['shared_bytes']} B shared, "
+                f"{r['kernel_instructions']} instructions, {r['setmaxnreg']} setmaxnreg, {r['mma']} wgmma"
+            ))  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

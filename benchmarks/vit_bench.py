@@ -315,6 +315,7 @@ def part_profile(args) -> dict:
             x = torch.randn(b, 3, *loaded.model.visual.image_size, device="cuda")
             ranges = {"_attention_block": "attention block", "_mlp_block": "mlp block"}
             saved = {m: getattr(ke.KernelEngine, m) for m in ranges}
+            kernels_saved = {f: getattr(ke, f) for f in SITE_LABELS}
 
             def wrap(method, label):
                 def inner(self, *a, **k):
@@ -323,8 +324,17 @@ def part_profile(args) -> dict:
 
                 return inner
 
+            def wrap_site(fn, name):  # one range per kernel call, named by its site (the GEMM's N x K, epilogue)
+                def inner(*a, **k):
+                    with torch.profiler.record_function(SITE_LABELS[name](a, k)):
+                        return fn(*a, **k)
+
+                return inner
+
             for m, label in ranges.items():
                 setattr(ke.KernelEngine, m, wrap(saved[m], label))
+            for f, fn in kernels_saved.items():
+                setattr(ke, f, wrap_site(fn, f))
             try:
                 with torch.no_grad():
                     for _ in range(3):
@@ -338,17 +348,48 @@ def part_profile(args) -> dict:
             finally:
                 for m in ranges:
                     setattr(ke.KernelEngine, m, saved[m])
+                for f, fn in kernels_saved.items():
+                    setattr(ke, f, fn)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
             kernels = [
                 {"name": e.key[:80], "calls": e.count, "cuda_ms": e.device_time_total / 1e3}
                 for e in prof.key_averages()
                 if e.device_time_total > 0
             ]
-            res[f"{name} {bits} b{b}"] = {"table": table, "kernels": kernels, "floors": floors(eng, b)}
+            sites = site_times(prof)
+            res[f"{name} {bits} b{b}"] = {"table": table, "kernels": kernels, "sites": sites, "floors": floors(eng, b)}
+            log("per site (CUDA ms per call, calls):", sites)
             log(table)
             del eng
             torch.cuda.empty_cache()
     return res
+
+
+def _gemm_label(a, k) -> str:
+    w = a[3]
+    epi = k.get("act", "none") if k.get("act", "none") != "none" else ""
+    epi += "+res" if k.get("residual") is not None else ""
+    epi += "+requant" if k.get("requant") is not None else ""
+    return f"qgemm n{w.n} k{w.k} w{w.bits} {epi or 'float'}"
+
+
+#: kernel_engine's kernel entry points and the profile range each call gets (the same Triton kernel serves every
+#: GEMM site, so the kernel table alone cannot say which site costs what).
+SITE_LABELS = {
+    "qgemm": _gemm_label,
+    "qattention": lambda a, k: f"qattention L{a[0].shape[1]}",
+    "layernorm_quant": lambda a, k: "layernorm_quant",
+}
+
+
+def site_times(prof) -> dict:
+    """CUDA time per site range: ``{label: {"calls", "cuda_ms_per_call", "cuda_ms"}}``, largest first."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith(("qgemm n", "qattention L", "layernorm_quant")) and e.count:
+            total = e.device_time_total / 1e3
+            out[e.key] = {"calls": e.count, "cuda_ms_per_call": round(total / e.count, 4), "cuda_ms": round(total, 3)}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["cuda_ms"]))
 
 
 def floors(eng, b: int) -> dict:

@@ -39,9 +39,23 @@ class TileConfig:
     #: overlap a single program per SM lacks (its tensor cores idle through every epilogue); needs the tile to fit
     #: twice in shared memory and registers, else the candidate runs one per SM or fails and is skipped
     occupancy: int = 1
+    #: Triton's Hopper warp specialization of the persistent TMA loop (direct 8-bit weights; ``num_warps`` 4 becomes
+    #: a producer warpgroup issuing the TMA loads and two consumer warpgroups running MMAs and epilogues, with
+    #: ``setmaxnreg`` moving registers to the consumers). Falls back to the plain loop where Triton cannot build it.
+    ws: bool = False
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
+
+
+def config_json(cfg: TileConfig) -> dict:
+    """A configuration as a table / cache entry: ``ws`` only where set, so entries without it stay readable by
+    releases that predate the field (they skip a whole file that has an unknown key)."""
+    d = asdict(cfg)
+    if not d["ws"]:
+        del d["ws"]
+    return d
+
 
 #: Candidates for Hopper/Ampere-class GPUs: large tiles for the M = 51200 GEMMs, thin ones for batch 1 (M = 50).
 #: Pruned on 2026-12-01 to the tiles that won at least one ViT-B/32 shape x width x M on an H200
@@ -57,6 +71,10 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     # two persistent programs per SM (not yet measured: the tuner keeps them only where they win)
     TileConfig(128, 128, 128, 8, 4, 3, "tma", occupancy=2),
     TileConfig(128, 128, 128, 8, 4, 3, "tma", swap=True, occupancy=2),
+    # warp-specialized (compiled for sm_90 by Triton 3.6 as 12 warps, not yet timed): tried only under
+    # P4Q_QGEMM_WS=1 (qgemm.warp_specialized), and kept only where they win
+    TileConfig(128, 128, 128, 8, 4, 3, "tma", ws=True),
+    TileConfig(128, 256, 128, 8, 4, 3, "tma", ws=True),
     TileConfig(128, 128, 64, 8, 4, 4),
     TileConfig(64, 128, 128, 8, 4, 4),
     TileConfig(128, 64, 128, 8, 4, 4),
@@ -134,7 +152,7 @@ def table_file(gpu: str, tuned: dict[str, TileConfig], measured: str, previous: 
     ``previous`` (the file's current content: its entries and ``applies_to`` are kept unless re-tuned)."""
     configs = dict((previous or {}).get("configs", {}))
     prefix = f"{gpu}|"
-    configs.update({k[len(prefix) :]: asdict(v) for k, v in tuned.items() if k.startswith(prefix)})
+    configs.update({k[len(prefix) :]: config_json(v) for k, v in tuned.items() if k.startswith(prefix)})
     return {
         "gpu": gpu,
         "applies_to": list((previous or {}).get("applies_to", [])),
@@ -167,7 +185,7 @@ def _save_file() -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in _user.items()}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({k: config_json(v) for k, v in _user.items()}, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs re-tuning in the next process

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 from p4q_engine.kernels.tuning import GPU_CANDIDATES, table_path
+from p4q_engine.kernels.tuning import config_json as asdict
 
 from benchmarks.tune_tables import main
 

@@ -8,13 +8,12 @@ table and its "file loaded" flag) is replaced per test so nothing leaks into the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
 import triton.testing
 from p4q_engine.kernels import tuning
-from p4q_engine.kernels.tuning import GPU_CANDIDATES, INTERPRET_CONFIG, TileConfig, pick_config
+from p4q_engine.kernels.tuning import GPU_CANDIDATES, INTERPRET_CONFIG, TileConfig, config_json, pick_config
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def test_key_buckets_m_by_powers_of_two(fake_gpu):
 
 
 def test_cache_file_roundtrip(fresh_cache, monkeypatch):
-    a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256)
+    a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256, kernel="tma", ws=True)
     tuning._user.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
     tuning._save_file()  # creates the parent directory
     data = json.loads(fresh_cache.read_text())
@@ -77,7 +76,8 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
         "kernel": "ptr",
         "swap": False,
         "occupancy": 1,
-    }
+    }  # no "ws": a cache or table without warp-specialized entries stays readable by older releases
+    assert data["Fake GPU|qgemm|m65536|n768|k3072|b2"]["ws"] is True
     assert not fresh_cache.with_suffix(".tmp").exists()  # written atomically (temp file + rename)
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process
@@ -155,7 +155,7 @@ def test_gpu_branch_tunes_once_and_persists(fake_gpu, fresh_cache, monkeypatch):
     n = len(benched)
     assert pick_config("qgemm", 60, 768, 768, 4, fake_gpu, bench) == cfg and len(benched) == n  # same bucket
     # the winner alone is on disk (field by field format: test_cache_file_roundtrip)
-    assert json.loads(fresh_cache.read_text()) == {"Fake GPU|qgemm|m64|n768|k768|b4": asdict(fastest_fitting)}
+    assert json.loads(fresh_cache.read_text()) == {"Fake GPU|qgemm|m64|n768|k768|b4": config_json(fastest_fitting)}
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: the file answers, no benchmark
     monkeypatch.setattr(tuning, "_user", {})
