@@ -223,17 +223,15 @@ def rank(
 ) -> list[dict[str, Any]]:
     """Top-k labels/probabilities of logits rows ``[n, C]`` - the same computation as :meth:`Engine.classify`
     after its ``logits`` call (softmax over the subset, k clamped to the class count)."""
-    idx = list(range(len(classnames))) if subset is None else list(subset)
     if subset is not None:
-        logits = logits[:, idx]
+        logits = logits[:, list(subset)]
     probs = logits.softmax(dim=-1)
     k = max(1, min(top_k, probs.shape[1]))
     top = probs.topk(k, dim=-1)
+    # plain lists once (iterating tensors row by row costs a tensor per row on the event loop)
+    values, indices = top.values.tolist(), top.indices.tolist()
+    if subset is not None:
+        indices = [[subset[i] for i in row] for row in indices]
     return [
-        {
-            "labels": [classnames[idx[i]] for i in ii.tolist()],
-            "probs": pp.tolist(),
-            "indices": [idx[i] for i in ii.tolist()],
-        }
-        for pp, ii in zip(top.values, top.indices)
+        {"labels": [classnames[i] for i in ii], "probs": pp, "indices": ii} for pp, ii in zip(values, indices)
     ]
