@@ -11,7 +11,10 @@
 # table lacks (ViT-H/14, ViT-L/14-336, the packed low-bit main loop) is tuned inside its step, into $OUT/r/tuning.json,
 # which `tune_tables.py --from-cache` merges into kernels/tuned on the CPU machine afterwards.
 # Step sizes (from the previous session's logs): a peer row costs its compile (7-37 s) + ~5 s of timing; a new
-# model's engine tuning ~70-150 s at batch 256.
+# model's engine tuning ~70-150 s at batch 256. The three calls add up to ~26 min of commands: start call2 and call3
+# right after the previous one returns (the machine is given back after 30 s idle). Afterwards, on the CPU machine:
+#     python benchmarks/tune_tables.py --from-cache <r>/tuning.json --gpu "NVIDIA H200" --measured "..."
+# for each call's tuning.json (the packed and ws entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_session.sh call1|call2|call3}
@@ -41,28 +44,25 @@ case $call in
   call1)
     parity 8-8-8 480 &
     P=$!
-    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu tests/kernels tests/runtime \
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 140 python3 -m pytest -m gpu tests/kernels tests/runtime \
       tests/runtime/test_kernel_engine.py -q -p no:cacheprovider >"$R/pytest_gpu.log" 2>&1
     speed ViT-B-32 8-8-8 210 _b32 1024,256,64,8,1
     speed ViT-B-16 8-8-8 150 _b16 256,64,1 --no-drift
     wait $P
     ;;
   call2)
-    parity 4-4-8 520 &
+    parity 4-4-8 540 &
     P=$!
     speed ViT-L-14 8-8-8 200 _l14 256,64,1 --no-drift
-    speed ViT-H-14 8-8-8 290 _h14 256,64,1 --no-drift
+    speed ViT-H-14 8-8-8 360 _h14 256,64,1 --no-drift
     wait $P
     ;;
   call3)
-    speed ViT-L-14-336 8-8-8 270 _l14_336 256,64,1 --no-drift
+    speed ViT-L-14-336 8-8-8 340 _l14_336 256,64,1 --no-drift
     speed ViT-B-32 4-4-8 45 _b32_448 1024,256,64,8,1 --no-peers
     P4Q_NIB_PACKED=1 speed ViT-B-32 4-4-8 80 _b32_448_packed 1024,256,64,8,1 --no-peers
-    # the warp-specialized W8 tiles (P4Q_QGEMM_WS=1) against the plain ones, in one process, at M = 51200
-    P4Q_TUNE_CACHE=/tmp/gemm_tune.json taskset -c 0-7 timeout 110 python3 benchmarks/gemm_bench.py --ms 51200 \
-      --bits 8 --layouts nib,ws --engine-epilogues --out "$R" >"$R/log_gemm.txt" 2>&1
-    taskset -c 0-7 timeout 45 $VB --parts profile --models ViT-B-32 --bits 8-8-8 --batches 1024 --tag _profile \
-      >"$R/log_profile.txt" 2>&1
+    # the warp-specialized W8 tiles in the tuner's candidates (keys of their own: tuned here) vs call1's rows
+    P4Q_QGEMM_WS=1 speed ViT-B-32 8-8-8 60 _b32_ws 1024,256 --no-peers
     ;;
 esac
 tar -czf "$OUT/$call.tgz" -C "$OUT" r
