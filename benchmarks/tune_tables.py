@@ -78,13 +78,23 @@ def merge_cache(cache: Path, gpu: str | None, measured: str, out: Path | None) -
         return 2
     try:
         data = json.loads(cache.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
         tuned = {k: tuning.TileConfig(**v) for k, v in data.items()}
     except (OSError, ValueError, TypeError) as e:
         print(f"tune_tables: {cache} is not a tuning cache ({e})", file=sys.stderr)
         return 2
     target = tuning.table_path(gpu, out)
-    previous = json.loads(target.read_text()) if target.exists() else None
-    table = tuning.table_file(gpu, tuned, measured or (previous or {}).get("measured", gpu), previous)
+    try:
+        previous = json.loads(target.read_text()) if target.exists() else None
+        if previous is not None and not isinstance(previous.get("configs"), dict):
+            raise ValueError("no configs object")
+    except (OSError, ValueError, AttributeError) as e:
+        print(f"tune_tables: {target} is not a tuning table ({e}); nothing written", file=sys.stderr)
+        return 2
+    # provenance: what the caller says, else the cache's name - never the previous run's line for new entries
+    measured = measured or f"{gpu}, merged from {cache.name} on {time.strftime('%Y-%m-%d')} (versions not given)"
+    table = tuning.table_file(gpu, tuned, measured, previous)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {len(table['configs'])} entries to {target}", flush=True)

@@ -493,6 +493,11 @@ class Engine:
             raise ConfigError(
                 f"expected images of shape [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {list(pixels.shape)}"
             )
+        if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
+            # an int64 / bool tensor of raw 0..255 values would run as if it were normalised: refuse it
+            raise ConfigError(f"pixels must be float (normalised) or uint8 (raw 8-bit), got {pixels.dtype}")
+        if pixels.shape[0] == 0:  # every engine answers an empty batch alike (no kernel launch, no graph bucket)
+            return torch.zeros(0, self.proj_dim, device=self.device)
         if pixels.dtype == torch.uint8:  # 8-bit pixels (Preprocess.load(raw=True)): normalised where they land
             if not getattr(self.transform, "raw_ok", False):
                 raise ConfigError("this artifact's preprocess has no 8-bit path: pass float pixels")

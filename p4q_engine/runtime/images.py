@@ -327,6 +327,10 @@ class Preprocess:
         have returned, bit for bit, computed on ``x``'s device (e.g. after a 4x smaller copy to the GPU)."""
         if not self.raw_ok:
             raise ImageError("this preprocess has no 8-bit path (its transform does not end in ToTensor, Normalize)")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-3] != 3:
+            # float pixels would be normalised twice, [1, H, W] broadcast to three channels: refuse, do not guess
+            what = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ImageError(f"normalize takes uint8 pixels [..., 3, H, W] from load(raw=True), got {what}")
         return self._tail.normalize_u8(x)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from p4q_engine.errors import ConfigError
 from p4q_engine.kernels.layernorm import layernorm_quant, quantize_rows
 from p4q_engine.kernels.qattention import AttnSites, qattention
 from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm
+from p4q_engine.kernels.tuning import batch_invariant
 from p4q_engine.runtime.engine import Engine, Site, patchify, unpack_weight
 
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -70,7 +71,7 @@ class KernelEngine(Engine):
             raise ConfigError("device cuda requested but no CUDA GPU is available")
         if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ConfigError("the kernel engine on the CPU needs TRITON_INTERPRET=1 (use the CPU Engine instead)")
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.use_graphs = self.device.type == "cuda"
 
     # ---------------------------------------------------------------- build
@@ -317,9 +318,10 @@ class KernelEngine(Engine):
             return self._tower(pixels)
         b = pixels.shape[0]
         size = self.bucket(b)
-        if size not in self._graphs:
-            self._graphs[size] = self._capture(size)
-        graph, static_in, static_out = self._graphs[size]
+        key = (size, batch_invariant())  # a graph replays the tiles picked at capture: one set per mode
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(size)
+        graph, static_in, static_out = self._graphs[key]
         static_in[:b].copy_(pixels)
         if b < size:
             static_in[b:].copy_(pixels[:1].expand(size - b, -1, -1, -1))

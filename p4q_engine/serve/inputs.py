@@ -232,6 +232,4 @@ def rank(
     values, indices = top.values.tolist(), top.indices.tolist()
     if subset is not None:
         indices = [[subset[i] for i in row] for row in indices]
-    return [
-        {"labels": [classnames[i] for i in ii], "probs": pp, "indices": ii} for pp, ii in zip(values, indices)
-    ]
+    return [{"labels": [classnames[i] for i in ii], "probs": pp, "indices": ii} for pp, ii in zip(values, indices)]

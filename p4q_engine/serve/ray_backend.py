@@ -251,19 +251,15 @@ class EngineReplica:
         hooks: Optional[FaultHooks],
         hub: Any,
     ) -> None:
-        from p4q_engine.runtime.engine import Engine
-        from p4q_engine.serve.server import engine_settings, resolve_device, warm_up
+        from p4q_engine.serve.server import load_engine
 
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         path = _artifact_file(_fetch(artifact))
         try:
-            self.engine = Engine.load(path, resolve_device(device))
+            self.engine, _ = load_engine(path, config, device)
         finally:
             os.unlink(path)
-        engine_settings(config)
-        if config.warmup:
-            warm_up(self.engine, config.max_batch)
         self.config, self.hooks = config, hooks or FaultHooks()
         self.metrics = Metrics()
         self.batcher: Optional[Batcher] = None

@@ -20,6 +20,7 @@ Every such protocol-level answer is JSON and counted in ``/metrics`` (endpoint `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from p4q_engine.errors import ConfigError
 from p4q_engine.serve.config import ServeConfig
@@ -44,11 +45,33 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def engine_settings(config: ServeConfig) -> None:
-    """Process-wide engine settings of a serving process: after the artifact loaded, before the first forward (the
-    kernels read them when they pick their tiles)."""
+@contextlib.contextmanager
+def engine_settings(config: ServeConfig) -> Iterator[None]:
+    """Process-wide engine settings of a serving process, set around ``Engine.load`` (the kernels read them when
+    they pick their tiles, and the load's self-test is the first forward): kept if the load succeeds, undone if it
+    raises (a process that fails to serve leaves its environment as it was)."""
+    old = os.environ.get("P4Q_BATCH_INVARIANT")
     if config.batch_invariant:
         os.environ["P4Q_BATCH_INVARIANT"] = "1"
+    try:
+        yield
+    except BaseException:
+        if old is None:
+            os.environ.pop("P4Q_BATCH_INVARIANT", None)
+        else:
+            os.environ["P4Q_BATCH_INVARIANT"] = old
+        raise
+
+
+def load_engine(artifact: Any, config: ServeConfig, device: Optional[str] = None) -> tuple[Any, list[int]]:
+    """The serving engine of ``artifact`` and the batch buckets warmed. The settings apply before the load: its
+    self-test is the first forward (on a GPU it captures the batch-1 graph), so a batch-invariant server must
+    already pick its tiles there. A bad artifact fails here, with the settings undone."""
+    from p4q_engine.runtime.engine import Engine
+
+    with engine_settings(config):
+        engine = Engine.load(artifact, resolve_device(device or config.device))
+    return engine, (warm_up(engine, config.max_batch) if config.warmup else [])
 
 
 def warm_up(engine, max_batch: int) -> list[int]:
@@ -283,16 +306,12 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
     from PIL import Image
     from prometheus_client import disable_created_metrics
 
-    from p4q_engine.runtime.engine import Engine
     from p4q_engine.runtime.images import JPEG_DECLARED_FACTOR
     from p4q_engine.serve.app import create_app
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    engine = Engine.load(artifact, device)  # a bad artifact fails here, before any process-wide setting changes
-    engine_settings(config)
-    warmed = warm_up(engine, config.max_batch) if config.warmup else []
+    engine, warmed = load_engine(artifact, config)
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_created_metrics()
@@ -301,7 +320,11 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, config.max_pixels * JPEG_DECLARED_FACTOR)
     app = create_app(engine, config)
     log.info(
-        "loaded %s on %s: %d classes; warmed batch buckets %s", artifact, device, len(engine.classnames), warmed or "-"
+        "loaded %s on %s: %d classes; warmed batch buckets %s",
+        artifact,
+        engine.device,
+        len(engine.classnames),
+        warmed or "-",
     )
 
     limits = limits or ConnectionLimits()

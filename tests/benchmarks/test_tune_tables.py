@@ -43,4 +43,18 @@ def test_merge_cache_rejects_a_file_that_is_not_a_cache(tmp_path, capsys):
     assert main(["--from-cache", str(bad), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 2
     assert "not a tuning cache" in capsys.readouterr().err
     assert main(["--from-cache", str(bad), "--out", str(tmp_path)]) == 2
+    bad.write_text("[]")
+    assert main(["--from-cache", str(bad), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.glob("NVIDIA*"))
+
+
+def test_merge_cache_keeps_a_broken_table_and_names_the_merge(tmp_path, capsys):
+    cache = tmp_path / "tuning.json"
+    cache.write_text(json.dumps({"NVIDIA H200|k|m16": asdict(GPU_CANDIDATES[0])}))
+    target = table_path("NVIDIA H200", tmp_path)
+    target.write_text("not json")
+    assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 2
+    assert target.read_text() == "not json" and "not a tuning table" in capsys.readouterr().err
+    target.unlink()
+    assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 0
+    assert "merged from tuning.json" in json.loads(target.read_text())["measured"]

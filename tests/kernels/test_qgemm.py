@@ -354,7 +354,7 @@ def test_ws_config_computes_the_same_integers(poison, device, bits):
     assert torch.equal(out, ref)
 
 
-def _fake_tma(calls: list, fail_ws: bool):
+def _fake_tma(calls: list, fail_ws, error=None):
     """A stand-in for the TMA kernel's launch that records its WS flag and fails to 'compile' warp-specialized."""
 
     class Launcher:
@@ -362,7 +362,7 @@ def _fake_tma(calls: list, fail_ws: bool):
             def run(*args, WS=False, **kwargs):
                 calls.append(WS)
                 if WS and fail_ws:
-                    raise RuntimeError("PassManager::run failed")
+                    raise error or RuntimeError("PassManager::run failed")
 
             return run
 
@@ -394,6 +394,15 @@ def test_ws_compile_failure_falls_back_only_for_looked_up_tiles(monkeypatch, dev
     monkeypatch.setattr(qgemm_mod, "_WS_FAILED", [])
     qgemm(a, 0.01, 3, w, raw=True)
     assert calls == [True]
+    # out of resources (the 12-warp partition needs more than the plain tile): a table's entry runs plain, with
+    # warp specialization still allowed for other tiles; the tuner's candidate raises (skipped)
+    calls.clear()
+    oor = triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+    monkeypatch.setattr(qgemm_mod, "_qgemm_tma_kernel", _fake_tma(calls, True, oor))
+    qgemm(a, 0.01, 3, w, raw=True)
+    assert calls == [True, False] and qgemm_mod._WS_FAILED == []
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        qgemm(a, 0.01, 3, w, raw=True, config=cfg)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -239,6 +239,19 @@ def test_wrong_tensor_shape(engine, shape):
         engine.classify(torch.zeros(shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.int8, torch.bool])
+def test_integer_pixels_other_than_uint8_rejected(engine, dtype):
+    """uint8 means raw 8-bit pixels; an int64 tensor of the same values would otherwise run as if normalised."""
+    with pytest.raises(ConfigError, match="float .normalised. or uint8"):
+        engine.classify(torch.zeros(2, 3, *engine.image_size, dtype=dtype))
+
+
+def test_empty_batch_gives_no_rows(engine):
+    for dtype in (torch.float32, torch.uint8):
+        out = engine.encode(torch.zeros(0, 3, *engine.image_size, dtype=dtype))
+        assert out.shape == (0, engine.proj_dim) and out.dtype == torch.float32
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_pixels(engine, bad):
     x = make_images(3, seed=9)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from p4q_engine.errors import ImageError
 from p4q_engine.runtime.images import _ToNormalizedTensor, build_transform
 
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -84,6 +85,19 @@ def test_raw_pixels_normalized_later_are_the_same_bits(cfg):
         floats.append(f)
     if all(r.shape == raws[0].shape for r in raws):
         assert torch.equal(pre.normalize(torch.stack(raws)), torch.stack(floats))
+
+
+@pytest.mark.parametrize(
+    "x",
+    [torch.zeros(3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.uint8), torch.zeros(2, 4, 8, 8, dtype=torch.uint8),
+     torch.zeros(8, 8, dtype=torch.uint8), np.zeros((3, 8, 8), dtype=np.uint8)],
+    ids=["float", "one-channel", "four-channel", "2d", "numpy"],
+)  # fmt: skip
+def test_normalize_takes_only_3_channel_uint8(x):
+    """Float pixels would be normalised twice and [1, H, W] broadcast to three channels: both are refused."""
+    pre = build_transform({"size": 8, "mean": MEAN, "std": STD})
+    with pytest.raises(ImageError, match="uint8 pixels"):
+        pre.normalize(x)
 
 
 def test_no_raw_path_without_the_standard_tail():

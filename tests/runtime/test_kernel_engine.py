@@ -192,6 +192,16 @@ def test_kernel_engine_takes_uint8_pixels(artifacts):
     assert torch.equal(engine.encode(raw), engine.encode(engine.transform.normalize(raw)))
 
 
+def test_kernel_engine_rejects_integer_pixels_and_answers_an_empty_batch(artifacts):
+    """The same input contract as the CPU engine: int64 pixels are a typed error, an empty batch zero rows (no kernel
+    launch, no graph bucket)."""
+    engine = KernelEngine(load(artifacts[("8-8-8", "release")]), DEVICE)
+    with pytest.raises(ConfigError, match="uint8"):
+        engine.encode(torch.zeros(2, 3, *engine.image_size, dtype=torch.int64))
+    out = engine.encode(torch.zeros(0, 3, *engine.image_size))
+    assert out.shape == (0, engine.proj_dim)
+
+
 def test_engine_load_cuda_without_gpu_raises(artifacts):
     with pytest.raises(ConfigError, match="CUDA"):
         Engine.load(artifacts[("8-8-8", "release")], device="cuda")

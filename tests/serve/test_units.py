@@ -174,7 +174,40 @@ def test_batch_invariant_flag_reaches_the_kernels(monkeypatch):
     assert build_parser().parse_args(["serve", "m.p4q"]).batch_invariant is False
     assert build_parser().parse_args(["serve", "m.p4q", "--batch-invariant"]).batch_invariant is True
     monkeypatch.setenv("P4Q_BATCH_INVARIANT", "0")  # restored after the test
-    engine_settings(ServeConfig())
+    with engine_settings(ServeConfig()):
+        pass
     assert not tuning.batch_invariant()
-    engine_settings(ServeConfig(batch_invariant=True))
+    with engine_settings(ServeConfig(batch_invariant=True)):
+        pass
     assert os.environ["P4Q_BATCH_INVARIANT"] == "1" and tuning.batch_invariant()
+
+
+def test_batch_invariant_setting_precedes_the_engine_load(monkeypatch):
+    """The load's self-test is the engine's first forward (on a GPU it captures the batch-1 graph): the serving
+    settings are in effect there already, and a load that fails leaves the environment as it was."""
+    from p4q_engine.kernels import tuning
+
+    from p4q_engine.artifact.format import ArtifactError
+    from p4q_engine.runtime import engine as engine_mod
+    from p4q_engine.serve.config import ServeConfig
+    from p4q_engine.serve.server import load_engine
+
+    seen = []
+
+    class Loaded:
+        use_graphs = False
+
+    def fake_load(path, device):
+        seen.append((tuning.batch_invariant(), device))
+        if path == "bad":
+            raise ArtifactError("bad artifact")
+        return Loaded()
+
+    monkeypatch.setattr(engine_mod.Engine, "load", staticmethod(fake_load))
+    monkeypatch.delenv("P4Q_BATCH_INVARIANT", raising=False)
+    with pytest.raises(ArtifactError):
+        load_engine("bad", ServeConfig(batch_invariant=True, device="cpu"))
+    assert seen == [(True, "cpu")] and not tuning.batch_invariant()
+    engine, warmed = load_engine("good", ServeConfig(batch_invariant=True, device="cpu"))
+    assert isinstance(engine, Loaded) and warmed == [] and seen[-1] == (True, "cpu") and tuning.batch_invariant()
+    monkeypatch.delenv("P4Q_BATCH_INVARIANT")
