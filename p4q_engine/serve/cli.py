@@ -106,6 +106,12 @@ def add_serve_parser(sub, choice: Callable) -> None:
         action="store_true",
         help="GPU engine: the same answer for an image whatever it is batched with (one LN/attention tile per shape)",
     )
+    v.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes on one port, one engine each: the HTTP work on N cores (default 1; --backend local)",
+    )
     add_ray_args(v)
     v.set_defaults(func=cmd_serve)
 
@@ -181,9 +187,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         decode_processes=args.decode_processes,
         decode_device=args.decode_device,
         batch_invariant=args.batch_invariant,
+        workers=args.workers,
         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )
     if args.backend == "ray":
+        if config.workers != 1:
+            raise ConfigError("--workers is for the local backend; Ray Serve scales with --http-replicas")
         from p4q_engine.serve.ray_backend import RayOptions, require_ray, serve_ray
 
         require_ray()

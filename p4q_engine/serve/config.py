@@ -49,10 +49,14 @@ class ServeConfig:
     #: GPU engine: the same answer for an image whatever it is batched with (one LayerNorm and attention tile per
     #: shape: ``P4Q_BATCH_INVARIANT=1``, see kernels/tuning.py), at some cost in speed where other tiles were faster.
     batch_invariant: bool = False
+    #: Serving processes on one listening socket (:mod:`p4q_engine.serve.workers`): the HTTP host work on that many
+    #: cores, one engine per process.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "--port must be in 0..65535"),
+            (1 <= self.workers <= 64, "--workers must be in 1..64"),
             (self.max_batch >= 1, "--max-batch must be >= 1"),
             (self.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),
             (self.max_queue >= 1, "--max-queue must be >= 1"),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from p4q_engine.errors import ConfigError
 from p4q_engine.serve.config import ServeConfig
@@ -299,8 +299,22 @@ def _server_class():
     return _Server
 
 
-def serve(artifact: str | Path, config: ServeConfig, limits: Optional[ConnectionLimits] = None) -> int:
-    """Load ``artifact`` and serve it until SIGTERM/SIGINT; return the exit status (0 after a graceful stop)."""
+def serve(
+    artifact: str | Path,
+    config: ServeConfig,
+    limits: Optional[ConnectionLimits] = None,
+    sockets: Optional[list] = None,
+    on_loaded: Optional[Callable[[Any], None]] = None,
+) -> int:
+    """Load ``artifact`` and serve it until SIGTERM/SIGINT; return the exit status (0 after a graceful stop).
+    ``config.workers > 1``: that many of these processes on one socket (:mod:`p4q_engine.serve.workers`);
+    ``sockets`` (a worker's inherited listening socket) replaces binding ``host:port``; ``on_loaded`` is called
+    with the engine once it is loaded and warmed, before the first request is accepted."""
+    if config.workers > 1 and sockets is None:
+        from p4q_engine.serve.workers import serve_workers
+
+        limits = limits or ConnectionLimits()
+        return serve_workers(artifact, config, limits, limits.grace_s(config))
     import torch
     import uvicorn
     from PIL import Image
@@ -350,8 +364,10 @@ def serve(artifact: str | Path, config: ServeConfig, limits: Optional[Connection
         app.state.serve.begin_drain(grace)
 
     server.on_exit_signal = draining
+    if on_loaded is not None:
+        on_loaded(engine)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit:  # uvicorn exits this way when it cannot bind or the lifespan startup fails (logged above)
         sys.stderr.write(f"p4q: error: could not start the server on {config.host}:{config.port}\n")
         return 2
