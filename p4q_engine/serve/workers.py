@@ -12,7 +12,8 @@ ready when every worker has loaded; a worker that fails to load stops all of the
 single server would); a worker that dies while serving stops the rest (exit 1: the process manager restarts the
 service, rather than it running on fewer workers unnoticed). SIGTERM / SIGINT are passed to the workers, each of
 which drains as a single server does; stragglers are killed after the grace period. Each worker answers
-``/metrics`` and ``/readyz`` for itself.
+``/readyz`` for itself; ``/metrics`` sums every worker's samples (prometheus_client's multiprocess mode, in a
+directory the supervisor owns and removes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import queue
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any, Optional
 
 from p4q_engine.errors import ConfigError, P4QError
 from p4q_engine.serve.config import ServeConfig, usable_cores
+from p4q_engine.serve.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("p4q.serve")
 
@@ -94,6 +97,9 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    metrics_dir = tempfile.TemporaryDirectory(prefix="p4q-serve-metrics-")
+    saved_env = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir.name  # the workers' /metrics: all of them (spawned with this env)
     try:
         for p in procs:
             p.start()
@@ -104,6 +110,11 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
         _stop_all(procs, grace_s)
         sock.close()
         ready.close()
+        if saved_env is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = saved_env
+        metrics_dir.cleanup()
     return code
 
 
@@ -131,6 +142,8 @@ def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig, grace_
             sys.stderr.write(f"p4q: error: {len(procs) - len(loaded)} workers not loaded in {LOAD_TIMEOUT_S:g} s\n")
             return 2
         dead = [p for p in procs if not p.is_alive()]
+        for p in dead:  # its live gauges leave the sum (counters and histograms keep what it counted)
+            _mark_dead(p.pid)
         if dead:
             try:  # a worker that failed to load may have said why just before it exited
                 index, what, detail = ready.get(timeout=0.5)
@@ -142,6 +155,13 @@ def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig, grace_
                 sys.stderr.write(f"p4q: error: {detail}\n")
                 return 2
             loaded.add(index)
+
+
+def _mark_dead(pid: Optional[int]) -> None:
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 def _stop_all(procs: list, grace_s: float) -> None:

@@ -85,6 +85,15 @@ def test_two_workers_answer_like_the_engine_and_stop_together(two_workers, engin
             got = r.json()["results"]
             assert [g["labels"] for g in got] == [e.labels for e in expected]
             assert all(abs(a - b) < 1e-4 for g, e in zip(got, expected) for a, b in zip(g["probs"], e.probs))
+    # /metrics sums both workers (multiprocess mode): every classify request counted, whichever worker answered
+    counted = 0.0
+    for _ in range(4):  # new connections: several scrapes, possibly different workers, all the same totals
+        text = httpx.get(two_workers.url + "/metrics").text
+        lines = [ln for ln in text.splitlines() if ln.startswith('p4q_serve_requests_total{endpoint="/v1/classify"')]
+        counted = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+        assert counted == 3.0, text
+        alive = [ln for ln in text.splitlines() if ln.startswith("p4q_serve_worker_alive")]
+        assert alive and float(alive[0].rsplit(" ", 1)[1]) == 2.0, alive
     two_workers.terminate()
     assert two_workers.proc.wait(30) == 0, two_workers.log()
     assert wait_until(lambda: not any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids), 10)
