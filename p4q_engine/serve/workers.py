@@ -1,11 +1,15 @@
-"""``p4q serve --workers N``: N serving processes on one listening socket.
+"""``p4q serve --workers N``: N serving processes on one port.
 
 One serving process parses HTTP, multipart and JSON on one event loop; on a GPU that loop, not the engine, bounds
 the requests per second (the 2026-12-01c run: ~3.5 ms of host work per request against a tower that needs a few
-hundredths of that). N workers are N complete servers - engine, batcher, decode pool, limits - sharing the listening
-socket the supervisor bound, so the kernel hands each new connection to one of them and the host work runs on N
-cores. What that costs: N engines in memory (ViT-B/32 8-8-8: 85 MB of weights each, plus a CUDA context per process
-on a GPU) and N batchers, each forming batches of the requests it was handed.
+hundredths of that). N workers are N complete servers - engine, batcher, decode pool, limits - each listening on the
+port with ``SO_REUSEPORT``, so the kernel spreads new connections over them by a hash of the connection; with one
+shared listening socket the first worker to wake takes a whole burst (8 keep-alive clients, 2 workers: a mean
+batch of 8, so all on one). The host work then runs on N cores. The supervisor holds the port (bound, not
+listening) from before the workers start until they have stopped, so no other program takes it meanwhile; where
+``SO_REUSEPORT`` does not exist the workers share the supervisor's listening socket instead. What it costs: N
+engines in memory (ViT-B/32 8-8-8: 85 MB of weights each, plus a CUDA context per process on a GPU) and N batchers,
+each forming batches of the requests it was handed.
 
 The supervisor (this process) never loads a model or touches CUDA: workers are spawned, not forked. It reports
 ready when every worker has loaded; a worker that fails to load stops all of them (exit 2 with its message, as a
@@ -54,15 +58,36 @@ def worker_config(config: ServeConfig) -> ServeConfig:
     )
 
 
-def _worker(artifact: str, config: ServeConfig, limits: Any, sock: socket.socket, ready: Any, index: int) -> None:
-    """A worker process: the single-process server on the inherited socket; tells the supervisor when it is
-    loaded, or why it could not load."""
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+
+
+def _socket(host: str, port: int, listen: bool) -> socket.socket:
+    """A TCP socket on ``host:port`` with ``SO_REUSEPORT`` (where the platform has it), listening or only bound."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker(artifact: str, config: ServeConfig, limits: Any, shared: Any, ready: Any, index: int) -> None:
+    """A worker process: the single-process server on its own ``SO_REUSEPORT`` socket (or the supervisor's shared
+    one); tells the supervisor when it is loaded, or why it could not load."""
     from p4q_engine.serve.server import serve
 
     def loaded(engine) -> None:
         ready.put((index, "ready", f"pid {os.getpid()} on {engine.device}"))
 
     try:
+        sock = shared if shared is not None else _socket(config.host, config.port, listen=True)
         code = serve(artifact, config, limits, sockets=[sock], on_loaded=loaded)
     except P4QError as e:
         ready.put((index, "error", str(e)))
@@ -82,15 +107,17 @@ class _Stop:
 
 def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_s: float) -> int:
     """Bind, spawn ``config.workers`` servers, supervise them until a signal or a failure; the exit status."""
-    try:
-        sock = socket.create_server((config.host, config.port), backlog=2048)
+    try:  # holds the port (an ephemeral one for port 0) until the workers are gone
+        sock = _socket(config.host, config.port, listen=not REUSE_PORT)
     except OSError as e:
         raise ConfigError(f"could not listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    config = replace(config, port=sock.getsockname()[1])
     ctx = multiprocessing.get_context("spawn")  # no CUDA state, no locks of this process copied into workers
     ready = ctx.Queue()
     wc = worker_config(config)
+    shared = None if REUSE_PORT else sock
     procs = [
-        ctx.Process(target=_worker, args=(str(artifact), wc, limits, sock, ready, i), name=f"p4q-serve-{i}")
+        ctx.Process(target=_worker, args=(str(artifact), wc, limits, shared, ready, i), name=f"p4q-serve-{i}")
         for i in range(config.workers)
     ]
     if not logging.getLogger().handlers:
