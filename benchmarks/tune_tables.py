@@ -92,8 +92,14 @@ def merge_cache(cache: Path, gpu: str | None, measured: str, out: Path | None) -
     except (OSError, ValueError, AttributeError) as e:
         print(f"tune_tables: {target} is not a tuning table ({e}); nothing written", file=sys.stderr)
         return 2
-    # provenance: what the caller says, else the cache's name - never the previous run's line for new entries
-    measured = measured or f"{gpu}, merged from {cache.name} on {time.strftime('%Y-%m-%d')} (versions not given)"
+    if not any(k.startswith(f"{gpu}|") for k in tuned):
+        gpus = sorted({k.split("|", 1)[0] for k in tuned})
+        print(f"tune_tables: {cache} has no entries for {gpu!r} (it has: {', '.join(gpus) or 'none'})", file=sys.stderr)
+        return 2
+    # provenance: what the caller says, else the previous line with this merge appended (never silently replaced)
+    merged = f"merged from {cache.name} on {time.strftime('%Y-%m-%d')} (versions not given)"
+    before = (previous or {}).get("measured")
+    measured = measured or (f"{before}; {merged}" if before else f"{gpu}, {merged}")
     table = tuning.table_file(gpu, tuned, measured, previous)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(table, indent=1) + "\n")

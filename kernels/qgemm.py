@@ -482,9 +482,12 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
     # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours other
     # tiles
     out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
+    # the warp-specialized candidates exist only for direct 8-bit weights in the TMA kernel: elsewhere the switch
+    # changes nothing, and the shipped entries stay in use
+    ws_here = warp_specialized() and w.direct is not None and kind != "ptr"
     sig = (
         kind,
-        warp_specialized(),
+        ws_here,
         layout,
         out_tag,
         residual is not None,
@@ -503,14 +506,14 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
 
     cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
-    if not warp_specialized():
+    if not ws_here:
         cands = tuple(c for c in cands if not c.ws)
     cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
     name = (
         ("qgemm" if kind == "auto" else f"qgemm-{kind}")
         + f"-{layout}-{out_tag}"
         + ("-res" if residual is not None else "")
-        + ("-ws" if warp_specialized() else "")  # other candidates: tuned apart from the table's entries
+        + ("-ws" if ws_here else "")  # other candidates: tuned apart from the table's entries
     )
     cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
     if a.device.type == "cuda":

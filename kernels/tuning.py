@@ -184,7 +184,7 @@ def _save_file() -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes (serve --workers) may save at once
         tmp.write_text(json.dumps({k: config_json(v) for k, v in _user.items()}, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError:

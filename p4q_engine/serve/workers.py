@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,61 +62,110 @@ def worker_config(config: ServeConfig) -> ServeConfig:
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
 
 
-def _socket(host: str, port: int, listen: bool) -> socket.socket:
-    """A TCP socket on ``host:port`` with ``SO_REUSEPORT`` (where the platform has it), listening or only bound."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _addresses(host: str, port: int) -> list[tuple]:
+    """Every address ``host`` names, as uvicorn (asyncio's ``create_server``) binds them: ``""`` is all interfaces,
+    ``localhost`` may be both 127.0.0.1 and ::1."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+
+
+def _sockets(host: str, port: int, reuse_port: bool, listen: bool) -> list[socket.socket]:
+    """One TCP socket per address of ``host:port`` (``SO_REUSEPORT`` if asked), bound, listening if asked. Port 0:
+    the first address's ephemeral port for all of them."""
+    out: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if REUSE_PORT:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        if listen:
-            sock.listen(2048)
+        for family, addr in _addresses(host, port):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin is its own socket
+            if out[0] is not sock and port == 0:
+                addr = (addr[0], out[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            if listen:
+                sock.listen(2048)
     except BaseException:
-        sock.close()
+        for sock in out:
+            sock.close()
         raise
-    return sock
+    return out
+
+
+def _listen_error(config: ServeConfig, e: OSError) -> str:
+    return f"could not listen on {config.host}:{config.port}: {e.strerror or e}"
+
+
+def _watch_parent() -> None:
+    """Drain when the supervisor is gone (killed with SIGKILL, say): a worker never serves on alone."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="p4q-parent-watch", daemon=True).start()
 
 
 def _worker(artifact: str, config: ServeConfig, limits: Any, shared: Any, ready: Any, index: int) -> None:
-    """A worker process: the single-process server on its own ``SO_REUSEPORT`` socket (or the supervisor's shared
-    one); tells the supervisor when it is loaded, or why it could not load."""
+    """A worker process: the single-process server on its own ``SO_REUSEPORT`` sockets (bound now, listening only
+    once the engine is loaded, as a single server binds after its load), or on the supervisor's shared ones; tells
+    the supervisor when it is loaded, or why it could not load (one line, as the CLI would print it)."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops every worker in order
+    _watch_parent()
     from p4q_engine.serve.server import serve
 
     def loaded(engine) -> None:
         ready.put((index, "ready", f"pid {os.getpid()} on {engine.device}"))
 
+    code = 2
     try:
-        sock = shared if shared is not None else _socket(config.host, config.port, listen=True)
-        code = serve(artifact, config, limits, sockets=[sock], on_loaded=loaded)
+        try:
+            socks = shared if shared is not None else _sockets(config.host, config.port, True, listen=False)
+        except OSError as e:
+            raise ConfigError(_listen_error(config, e)) from None
+        code = serve(artifact, config, limits, sockets=socks, on_loaded=loaded)
     except P4QError as e:
         ready.put((index, "error", str(e)))
-        code = 2
+    except Exception as e:  # noqa: BLE001 - a bug: the supervisor prints its one line, the log has the traceback
+        log.exception("worker %d failed", index)
+        ready.put((index, "error", f"worker {index}: {e.__class__.__name__}: {e}"))
     sys.exit(code)
 
 
 class _Stop:
-    """The supervisor's shutdown request (a signal), recorded for its wait loop."""
+    """The supervisor's shutdown requests (signals), counted for its wait loop: the first drains the workers, a
+    second kills them."""
 
     def __init__(self) -> None:
-        self.signal: Optional[int] = None
+        self.signals: list[int] = []
 
     def __call__(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        self.signals.append(signum)
 
 
 def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_s: float) -> int:
-    """Bind, spawn ``config.workers`` servers, supervise them until a signal or a failure; the exit status."""
-    try:  # holds the port (an ephemeral one for port 0) until the workers are gone
-        sock = _socket(config.host, config.port, listen=not REUSE_PORT)
+    """Check and hold the port, spawn ``config.workers`` servers, supervise them until a signal or a failure;
+    the exit status."""
+    try:
+        # a listener already there (another server, or workers orphaned by a killed supervisor) makes this fail:
+        # a socket without SO_REUSEPORT cannot join their group
+        for probe in _sockets(config.host, config.port, False, listen=False):
+            probe.close()
+        # then the port stays held (bound, SO_REUSEPORT; an ephemeral one for port 0) until the workers are gone
+        held = _sockets(config.host, config.port, REUSE_PORT, listen=not REUSE_PORT)
     except OSError as e:
-        raise ConfigError(f"could not listen on {config.host}:{config.port}: {e.strerror or e}") from None
-    config = replace(config, port=sock.getsockname()[1])
+        raise ConfigError(_listen_error(config, e)) from None
+    config = replace(config, port=held[0].getsockname()[1])
     ctx = multiprocessing.get_context("spawn")  # no CUDA state, no locks of this process copied into workers
     ready = ctx.Queue()
     wc = worker_config(config)
-    shared = None if REUSE_PORT else sock
+    shared = None if REUSE_PORT else held
     procs = [
         ctx.Process(target=_worker, args=(str(artifact), wc, limits, shared, ready, i), name=f"p4q-serve-{i}")
         for i in range(config.workers)
@@ -124,64 +174,72 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    metrics_dir = tempfile.TemporaryDirectory(prefix="p4q-serve-metrics-")
     saved_env = os.environ.get(MULTIPROC_ENV)
-    os.environ[MULTIPROC_ENV] = metrics_dir.name  # the workers' /metrics: all of them (spawned with this env)
+    metrics_dir = None
     try:
-        for p in procs:
-            p.start()
-        code = _supervise(procs, ready, stop, config, grace_s)
+        metrics_dir = tempfile.TemporaryDirectory(prefix="p4q-serve-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir.name  # the workers' /metrics: all of them (spawned with this env)
+        return _supervise(procs, ready, stop, config)
     finally:
+        _stop_all(procs, grace_s, stop)  # signal handlers still ours: a second signal kills instead of waiting
         for s, h in old.items():
             signal.signal(s, h)
-        _stop_all(procs, grace_s)
-        sock.close()
+        for sock in held:
+            sock.close()
         ready.close()
         if saved_env is None:
             os.environ.pop(MULTIPROC_ENV, None)
         else:
             os.environ[MULTIPROC_ENV] = saved_env
-        metrics_dir.cleanup()
-    return code
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
 
 
-def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig, grace_s: float) -> int:
+def _next_message(ready: Any, timeout: float) -> Optional[tuple]:
+    try:
+        return ready.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig) -> int:
+    """Start worker 0 alone (on a GPU it compiles and tunes what the shipped table lacks, timed on an idle GPU, into
+    the caches the others then read), the rest once it is ready; then watch them."""
+    procs[0].start()
     loaded: set[int] = set()
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while True:
-        try:
-            index, what, detail = ready.get(timeout=0.2)
-        except queue.Empty:
-            pass
-        else:
+        msg = _next_message(ready, 0.2)
+        if msg is not None:
+            index, what, detail = msg
             if what == "error":
                 sys.stderr.write(f"p4q: error: {detail}\n")
                 return 2
             loaded.add(index)
             log.info("worker %d ready (%s)", index, detail)
+            if index == 0:
+                for p in procs[1:]:
+                    p.start()
             if len(loaded) == len(procs):
                 log.info("all %d workers ready on %s:%d", len(procs), config.host, config.port)
             continue
-        if stop.signal is not None:
-            log.info("signal %d: stopping %d workers", stop.signal, len(procs))
+        if stop.signals:
+            log.info("signal %d: stopping %d workers", stop.signals[0], len(procs))
             return 0
         if len(loaded) < len(procs) and time.monotonic() > deadline:
             sys.stderr.write(f"p4q: error: {len(procs) - len(loaded)} workers not loaded in {LOAD_TIMEOUT_S:g} s\n")
             return 2
-        dead = [p for p in procs if not p.is_alive()]
+        dead = [p for p in procs if p.pid is not None and not p.is_alive()]
         for p in dead:  # its live gauges leave the sum (counters and histograms keep what it counted)
             _mark_dead(p.pid)
         if dead:
-            try:  # a worker that failed to load may have said why just before it exited
-                index, what, detail = ready.get(timeout=0.5)
-            except queue.Empty:
-                p = dead[0]
-                sys.stderr.write(f"p4q: error: worker {p.name} exited with {p.exitcode}; stopping the others\n")
-                return 2 if len(loaded) < len(procs) else 1
-            if what == "error":
-                sys.stderr.write(f"p4q: error: {detail}\n")
+            msg = _next_message(ready, 0.5)  # a worker that failed to load may have said why just before it exited
+            if msg is not None and msg[1] == "error":
+                sys.stderr.write(f"p4q: error: {msg[2]}\n")
                 return 2
-            loaded.add(index)
+            p = dead[0]
+            sys.stderr.write(f"p4q: error: worker {p.name} exited with {p.exitcode}; stopping the others\n")
+            return 2 if len(loaded) < len(procs) else 1
 
 
 def _mark_dead(pid: Optional[int]) -> None:
@@ -191,14 +249,19 @@ def _mark_dead(pid: Optional[int]) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def _stop_all(procs: list, grace_s: float) -> None:
-    """SIGTERM every live worker (each drains as a single server), then kill what outlives the grace period."""
-    for p in procs:
+def _stop_all(procs: list, grace_s: float, stop: _Stop) -> None:
+    """SIGTERM every live worker (each drains as a single server), then kill what outlives the grace period - or
+    everything at once if another signal arrives meanwhile."""
+    started = [p for p in procs if p.pid is not None]
+    first = len(stop.signals)
+    for p in started:
         if p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     end = time.monotonic() + grace_s + 10
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
+    while any(p.is_alive() for p in started) and time.monotonic() < end and len(stop.signals) <= first:
+        for p in started:
+            p.join(0.1)
+    for p in started:
         if p.is_alive():
             p.kill()
             p.join(5)

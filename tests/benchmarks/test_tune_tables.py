@@ -58,3 +58,17 @@ def test_merge_cache_keeps_a_broken_table_and_names_the_merge(tmp_path, capsys):
     target.unlink()
     assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 0
     assert "merged from tuning.json" in json.loads(target.read_text())["measured"]
+
+
+def test_merge_cache_for_another_gpu_changes_nothing(tmp_path, capsys):
+    cache = tmp_path / "tuning.json"
+    cache.write_text(json.dumps({"NVIDIA H200|k|m16": asdict(GPU_CANDIDATES[0])}))
+    target = table_path("NVIDIA H100 80GB HBM3", tmp_path)
+    target.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "measured": "H100 run", "configs": {}}))
+    assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path)]) == 2
+    assert "no entries for" in capsys.readouterr().err and json.loads(target.read_text())["measured"] == "H100 run"
+    target.unlink()
+    target = table_path("NVIDIA H200", tmp_path)
+    target.write_text(json.dumps({"gpu": "NVIDIA H200", "measured": "H200, torch 2.11", "configs": {}}))
+    assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--out", str(tmp_path)]) == 0
+    assert json.loads(target.read_text())["measured"].startswith("H200, torch 2.11; merged from tuning.json")

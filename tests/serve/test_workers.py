@@ -115,6 +115,26 @@ def test_a_worker_that_dies_stops_the_service(two_workers):
     assert wait_until(lambda: not _alive(pids[1]), 15)
 
 
+def test_workers_of_a_killed_supervisor_stop_and_free_the_port(two_workers, artifact, tmp_path):
+    """A supervisor killed with SIGKILL: its workers notice and drain (they never serve on alone), and a new
+    service can take the port; while any listener is there, a second service is refused with one line."""
+    pids = spawned_workers(two_workers, 2)
+    port = two_workers.url.rsplit(":", 1)[1]
+    busy = subprocess.run(
+        [sys.executable, "-m", "p4q_engine.cli", "serve", str(artifact), "--workers", "2", "--port", port,
+         "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert busy.returncode == 2 and "could not listen" in busy.stderr, busy.stderr
+    two_workers.proc.kill()
+    two_workers.proc.wait(10)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 30), [_alive(p) for p in pids]
+    with socket.socket() as s:  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(port)))
+        s.listen()
+
+
 def test_a_bad_artifact_fails_every_worker_with_one_line(tmp_path):
     bad = tmp_path / "bad.p4q"
     bad.write_bytes(b"not an artifact at all" * 10)
