@@ -369,6 +369,9 @@ def serve(
     try:
         server.run(sockets=sockets)
     except SystemExit:  # uvicorn exits this way when it cannot bind or the lifespan startup fails (logged above)
-        sys.stderr.write(f"p4q: error: could not start the server on {config.host}:{config.port}\n")
+        message = f"could not start the server on {config.host}:{config.port}"
+        if sockets is not None:  # a --workers worker: its supervisor prints the one line
+            raise ConfigError(message) from None
+        sys.stderr.write(f"p4q: error: {message}\n")
         return 2
     return 0

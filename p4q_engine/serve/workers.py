@@ -22,10 +22,12 @@ directory the supervisor owns and removes).
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -69,7 +71,7 @@ def _addresses(host: str, port: int) -> list[tuple]:
     return list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
 
 
-def _sockets(host: str, port: int, reuse_port: bool, listen: bool) -> list[socket.socket]:
+def _sockets(host: str, port: int, reuse_port: bool, listen: bool, reuse_addr: bool = True) -> list[socket.socket]:
     """One TCP socket per address of ``host:port`` (``SO_REUSEPORT`` if asked), bound, listening if asked. Port 0:
     the first address's ephemeral port for all of them."""
     out: list[socket.socket] = []
@@ -77,7 +79,8 @@ def _sockets(host: str, port: int, reuse_port: bool, listen: bool) -> list[socke
         for family, addr in _addresses(host, port):
             sock = socket.socket(family, socket.SOCK_STREAM)
             out.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_addr:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
@@ -92,6 +95,23 @@ def _sockets(host: str, port: int, reuse_port: bool, listen: bool) -> list[socke
             sock.close()
         raise
     return out
+
+
+def _hold(config: ServeConfig) -> list[socket.socket]:
+    """The port, held until the workers are gone (an ephemeral one for port 0). First a probe: a listener already
+    there (another server, or workers orphaned by a killed supervisor) makes a plain bind fail. Then the hold:
+    ``SO_REUSEPORT`` without ``SO_REUSEADDR``, which no other program's socket can share - except where a recent
+    server left connections in TIME_WAIT, which refuse that; then with ``SO_REUSEADDR`` too (the probe passed)."""
+    for probe in _sockets(config.host, config.port, False, listen=False):
+        probe.close()
+    if not REUSE_PORT:
+        return _sockets(config.host, config.port, False, listen=True)  # the workers share it
+    try:
+        return _sockets(config.host, config.port, True, listen=False, reuse_addr=False)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        return _sockets(config.host, config.port, True, listen=False)
 
 
 def _listen_error(config: ServeConfig, e: OSError) -> str:
@@ -117,10 +137,18 @@ def _worker(artifact: str, config: ServeConfig, limits: Any, shared: Any, ready:
     the supervisor when it is loaded, or why it could not load (one line, as the CLI would print it)."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops every worker in order
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started with it ignored (see _start)
     _watch_parent()
     from p4q_engine.serve.server import serve
 
+    socks: list = []
+
     def loaded(engine) -> None:
+        try:  # listening before "ready": a failure here is this worker's error, not a silent non-listener
+            for sock in socks:
+                sock.listen(2048)
+        except OSError as e:
+            raise ConfigError(_listen_error(config, e)) from None
         ready.put((index, "ready", f"pid {os.getpid()} on {engine.device}"))
 
     code = 2
@@ -153,12 +181,7 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
     """Check and hold the port, spawn ``config.workers`` servers, supervise them until a signal or a failure;
     the exit status."""
     try:
-        # a listener already there (another server, or workers orphaned by a killed supervisor) makes this fail:
-        # a socket without SO_REUSEPORT cannot join their group
-        for probe in _sockets(config.host, config.port, False, listen=False):
-            probe.close()
-        # then the port stays held (bound, SO_REUSEPORT; an ephemeral one for port 0) until the workers are gone
-        held = _sockets(config.host, config.port, REUSE_PORT, listen=not REUSE_PORT)
+        held = _hold(config)
     except OSError as e:
         raise ConfigError(_listen_error(config, e)) from None
     config = replace(config, port=held[0].getsockname()[1])
@@ -177,7 +200,8 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
     saved_env = os.environ.get(MULTIPROC_ENV)
     metrics_dir = None
     try:
-        metrics_dir = tempfile.TemporaryDirectory(prefix="p4q-serve-metrics-")
+        _sweep_metrics_dirs()
+        metrics_dir = tempfile.TemporaryDirectory(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         os.environ[MULTIPROC_ENV] = metrics_dir.name  # the workers' /metrics: all of them (spawned with this env)
         return _supervise(procs, ready, stop, config)
     finally:
@@ -195,6 +219,24 @@ def serve_workers(artifact: str | Path, config: ServeConfig, limits: Any, grace_
             metrics_dir.cleanup()
 
 
+METRICS_PREFIX = "p4q-serve-metrics-"
+
+
+def _sweep_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that died without cleaning up (SIGKILL): this user's, whose
+    pid is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        try:
+            pid = int(d.name[len(METRICS_PREFIX) :].split("-", 1)[0])
+            if d.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
 def _next_message(ready: Any, timeout: float) -> Optional[tuple]:
     try:
         return ready.get(timeout=timeout)
@@ -205,7 +247,7 @@ def _next_message(ready: Any, timeout: float) -> Optional[tuple]:
 def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig) -> int:
     """Start worker 0 alone (on a GPU it compiles and tunes what the shipped table lacks, timed on an idle GPU, into
     the caches the others then read), the rest once it is ready; then watch them."""
-    procs[0].start()
+    _start(procs[0])
     loaded: set[int] = set()
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while True:
@@ -219,7 +261,7 @@ def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig) -> int
             log.info("worker %d ready (%s)", index, detail)
             if index == 0:
                 for p in procs[1:]:
-                    p.start()
+                    _start(p)
             if len(loaded) == len(procs):
                 log.info("all %d workers ready on %s:%d", len(procs), config.host, config.port)
             continue
@@ -242,6 +284,16 @@ def _supervise(procs: list, ready: Any, stop: _Stop, config: ServeConfig) -> int
             return 2 if len(loaded) < len(procs) else 1
 
 
+def _start(p: Any) -> None:
+    """Start a worker with SIGINT ignored: a Ctrl-C during its seconds of imports (before it leaves the terminal's
+    process group) would otherwise end it with a traceback; the worker restores the handler itself."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        p.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _mark_dead(pid: Optional[int]) -> None:
     if pid is not None and os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
@@ -253,12 +305,12 @@ def _stop_all(procs: list, grace_s: float, stop: _Stop) -> None:
     """SIGTERM every live worker (each drains as a single server), then kill what outlives the grace period - or
     everything at once if another signal arrives meanwhile."""
     started = [p for p in procs if p.pid is not None]
-    first = len(stop.signals)
+    force = 2 if stop.signals else 1  # signals in all that end the wait: the one that stopped us, and one more
     for p in started:
         if p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     end = time.monotonic() + grace_s + 10
-    while any(p.is_alive() for p in started) and time.monotonic() < end and len(stop.signals) <= first:
+    while any(p.is_alive() for p in started) and time.monotonic() < end and len(stop.signals) < force:
         for p in started:
             p.join(0.1)
     for p in started:

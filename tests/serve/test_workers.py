@@ -176,3 +176,71 @@ def test_workers_are_for_the_local_backend(artifact, capsys):
 
     assert main(["serve", str(artifact), "--backend", "ray", "--workers", "2"]) == 2
     assert "--workers is for the local backend" in capsys.readouterr().err
+
+
+def test_the_held_port_refuses_other_programs():
+    """While worker 0 loads, only the supervisor's hold is on the port: another program's socket (SO_REUSEADDR, as
+    servers set it) must not get in, while a worker's SO_REUSEPORT socket does."""
+    from p4q_engine.serve import workers as workers_mod
+
+    held = workers_mod._hold(ServeConfig(host="127.0.0.1", port=0, workers=2))
+    port = held[0].getsockname()[1]
+    try:
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+                other.listen()
+        mine = workers_mod._sockets("127.0.0.1", port, True, listen=True)
+        assert mine[0].getsockname()[1] == port
+        for s in mine:
+            s.close()
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_stale_metrics_dirs_of_dead_supervisors_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    from p4q_engine.serve import workers as workers_mod
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{workers_mod.METRICS_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{workers_mod.METRICS_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "p4q-serve-metrics-notapid-x"
+    for d in (stale, live, other):
+        d.mkdir()
+    workers_mod._sweep_metrics_dirs()
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+class _FakeProc:
+    def __init__(self):
+        self.pid, self.killed, self.alive = 10**7, False, True
+
+    def is_alive(self):
+        return self.alive
+
+    def join(self, timeout=None):
+        time.sleep(min(timeout or 0, 0.05))
+
+    def kill(self):
+        self.killed, self.alive = True, False
+
+
+def test_a_second_signal_kills_instead_of_waiting(monkeypatch):
+    """Shutdown by one signal waits up to the grace period for draining workers; one more signal kills them at
+    once - also when both arrived together."""
+    from p4q_engine.serve import workers as workers_mod
+
+    monkeypatch.setattr(workers_mod.os, "kill", lambda pid, sig: None)
+    for signals in ([signal.SIGTERM, signal.SIGTERM], [signal.SIGINT, signal.SIGTERM, signal.SIGTERM]):
+        stop = workers_mod._Stop()
+        stop.signals.extend(signals)
+        p = _FakeProc()
+        t0 = time.monotonic()
+        workers_mod._stop_all([p], 60.0, stop)
+        assert p.killed and time.monotonic() - t0 < 5
