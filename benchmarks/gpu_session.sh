@@ -35,9 +35,14 @@ parity() {  # $1: bits, $2: seconds; GPU vs CPU engine (tie rule) with this comm
     --parity-images 1 --tag "_parity${1//-/}" >"$R/log_parity${1//-/}.txt" 2>&1
 }
 
+pack() {  # after every step: a call cut short by the device-time limit still returns what it finished
+  tar -czf "$OUT/$call.tgz" -C "$OUT" r
+}
+
 speed() {  # $1: model, $2: bits, $3: seconds, $4: tag, $5: batches; engine vs peers, from the shipped table
   taskset -c 0-7 timeout "$3" $VB --parts models --models "$1" --bits "$2" --batches "$5" --no-parity \
     --no-eager "${@:6}" --tag "$4" >"$R/log$4.txt" 2>&1
+  pack
 }
 
 case $call in
@@ -65,5 +70,5 @@ case $call in
     P4Q_QGEMM_WS=1 speed ViT-B-32 8-8-8 90 _b32_ws 1024,256 --no-peers
     ;;
 esac
-tar -czf "$OUT/$call.tgz" -C "$OUT" r
+pack
 ls -la "$R"
