@@ -65,7 +65,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     from p4q_engine.kernels import tuning
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout in ("packed", "ws") else layout):
+    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout == "packed" else layout):
         codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
         w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
     a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
@@ -81,10 +81,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     if layout == "planes":  # the candidates before operand swapping existed
         qg.GPU_CANDIDATES = tuple(c for c in saved if not c.swap)
     try:
-        with (
-            env_var("P4Q_NIB_PACKED", "1" if layout == "packed" else "0"),
-            env_var("P4Q_QGEMM_WS", "1" if layout == "ws" else "0"),
-        ):
+        with env_var("P4Q_NIB_PACKED", "1" if layout == "packed" else "0"):
             t0 = time.perf_counter()
             qg.qgemm(a, 0.01, 128, w, **kw)  # tunes (or reads the table)
             tune_s = time.perf_counter() - t0
@@ -92,7 +89,7 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     finally:
         qg.GPU_CANDIDATES = saved
     key_part = f"|m{tuning._m_bucket(m)}|n{n}|k{k}|b{bits}"
-    chosen = [v for key, v in tuning._memory.items() if key_part in key and ("-ws|" in key) == (layout == "ws")]
+    chosen = [v for key, v in tuning._memory.items() if key_part in key and ("-packed" in key) == (layout == "packed")]
     return {"ms": ms, "tune_s": round(tune_s, 1), "config": str(chosen[-1]) if chosen else None}
 
 
@@ -110,7 +107,7 @@ def main(argv=None) -> int:
         type=lambda v: v.split(","),
         default=["nib", "packed", "planes"],
         help="main loops: nib (interleaved low-bit / direct 8-bit), packed (nib with P4Q_NIB_PACKED=1), planes (the "
-        "artifact's), ws (8-bit with the warp-specialized TMA tiles, P4Q_QGEMM_WS=1)",
+        "artifact's)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
@@ -122,8 +119,7 @@ def main(argv=None) -> int:
             used = epi if args.engine_epilogues else "requant"
             row = {"m": m, "layer": name, "n": n, "k": k, "epilogue": used, **references(m, n, k)}
             for bits in args.bits:
-                low = [x for x in args.layouts if x != "ws"]
-                for layout in low if bits < 8 else ["nib"] + [x for x in args.layouts if x == "ws"]:
+                for layout in args.layouts if bits < 8 else ["nib"]:
                     r = run_qgemm(m, n, k, epi if args.engine_epilogues else "requant", bits, layout)
                     tag = f"w{bits}" + ("" if layout == "nib" else f"_{layout}")
                     row[f"{tag}_ms"], row[f"{tag}_config"], row[f"{tag}_tune_s"] = r["ms"], r["config"], r["tune_s"]

@@ -66,8 +66,6 @@ case $call in
     speed ViT-L-14-336 8-8-8 340 _l14_336 256,64,1 --no-drift
     speed ViT-B-32 4-4-8 45 _b32_448 1024,256,64,8,1 --no-peers
     P4Q_NIB_PACKED=1 speed ViT-B-32 4-4-8 80 _b32_448_packed 1024,256,64,8,1 --no-peers
-    # the warp-specialized W8 tiles in the tuner's candidates (keys of their own: tuned here) vs call1's rows
-    P4Q_QGEMM_WS=1 speed ViT-B-32 8-8-8 90 _b32_ws 1024,256 --no-peers
     ;;
 esac
 pack

@@ -171,7 +171,8 @@ def tma_profile(mod, block_m: int, block_n: int, ws: bool, epilogue: str, arch: 
     consts = dict(
         W0=8, W1=0, OFFSET=0, DIRECT8=True, NIB=0, PACKED=False, SWAP=False, SUB=64, HAS_BIAS=True,
         HAS_RES=epilogue == "residual", ACT=1 if epilogue == "gelu" else 0, OUT_MODE=1 if epilogue == "residual" else 2,
-        OUT_QMAX=255.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, FLATTEN=not ws, WS=ws,
+        OUT_QMAX=255.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8,
+        **({"FLATTEN": not ws, "WS": ws} if "WS" in fn.arg_names else {}),  # a root from before the withdrawal
     )  # fmt: skip
     divisible = tuple(x for x in _GEMM_DIVISIBLE if x in fn.arg_names)
     sass, meta = compile_sass(fn, consts, warps, 3, arch, types, divisible, with_metadata=True)

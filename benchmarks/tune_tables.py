@@ -80,7 +80,7 @@ def merge_cache(cache: Path, gpu: str | None, measured: str, out: Path | None) -
         data = json.loads(cache.read_text())
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}, not an object")
-        tuned = {k: tuning.TileConfig(**v) for k, v in data.items()}
+        tuned = tuning.config_entries(data)
     except (OSError, ValueError, TypeError) as e:
         print(f"tune_tables: {cache} is not a tuning cache ({e})", file=sys.stderr)
         return 2

@@ -23,9 +23,8 @@ definition the tests compare against (integer accumulator bit-exact; float epilo
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -261,8 +260,6 @@ def _qgemm_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     num_programs,
-    FLATTEN: tl.constexpr = True,
-    WS: tl.constexpr = False,
 ):
     """Persistent variant: ``num_programs`` programs walk the output tiles; A and the weight words arrive by TMA
     (out-of-bounds rows and K columns read as zero, so the main loop has no masks: a zero activation code times any
@@ -275,7 +272,7 @@ def _qgemm_tma_kernel(
     group = GROUP_M * num_n
     PER0: tl.constexpr = 32 // W0
     PER1: tl.constexpr = 32 // W1 if W1 > 0 else 1
-    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WS):
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         first_m = (tile // group) * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
         off_m = (first_m + (tile % group) % size_m) * BLOCK_M
@@ -376,7 +373,6 @@ def qgemm(
         residual = residual.contiguous()
         if residual.shape != (m, n):
             raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
-    strict = config is not None  # an explicit tile (the tuner's, a test's) fails loudly; a looked-up one falls back
     if config is None:
         config = _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw)
     cfg = effective_config(config, w)
@@ -423,27 +419,21 @@ def qgemm(
     if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
         a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
         programs = min(tiles, _num_programs(a.device) * cfg.occupancy)
-
-        def launch(ws: bool) -> None:
-            _qgemm_tma_kernel[(programs,)](
-                a_desc,
-                w_desc0,
-                w_desc1,
-                *ptrs,
-                m,
-                n,
-                k,
-                res_stride,
-                out.stride(0),
-                float(a_scale),
-                int(128 - a_zp),
-                **consts,
-                num_programs=programs,
-                FLATTEN=not ws,  # Triton's Hopper warp specialization does not partition a flattened loop
-                WS=ws,
-            )
-
-        _launch_ws(launch, cfg.ws and direct, strict)
+        _qgemm_tma_kernel[(programs,)](
+            a_desc,
+            w_desc0,
+            w_desc1,
+            *ptrs,
+            m,
+            n,
+            k,
+            res_stride,
+            out.stride(0),
+            float(a_scale),
+            int(128 - a_zp),
+            **consts,
+            num_programs=programs,
+        )
         return out
     wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
     wp1 = w.planes[1] if w1 and not nib else wp0
@@ -482,12 +472,8 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
     # the epilogue is part of the key: an int32 or fp32 output moves 4x the bytes of int8 codes and favours other
     # tiles
     out_tag = "raw" if raw else ("requant" if requant is not None else str(out_dtype).replace("torch.", ""))
-    # the warp-specialized candidates exist only for direct 8-bit weights in the TMA kernel: elsewhere the switch
-    # changes nothing, and the shipped entries stay in use
-    ws_here = warp_specialized() and w.direct is not None and kind != "ptr"
     sig = (
         kind,
-        ws_here,
         layout,
         out_tag,
         residual is not None,
@@ -506,14 +492,11 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
 
     cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
-    if not ws_here:
-        cands = tuple(c for c in cands if not c.ws)
     cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
     name = (
         ("qgemm" if kind == "auto" else f"qgemm-{kind}")
         + f"-{layout}-{out_tag}"
         + ("-res" if residual is not None else "")
-        + ("-ws" if ws_here else "")  # other candidates: tuned apart from the table's entries
     )
     cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
     if a.device.type == "cuda":
@@ -524,10 +507,7 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
 def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
     """What a candidate means for this weight: the interleaved layouts fix the K step (one group of
     ``SUB_K * fields``), so candidates that differ only in ``block_k`` are the same kernel there (tuned once);
-    ``swap`` has no effect on the artifact-plane path; ``ws`` only on direct 8-bit weights (register-built weight
-    tiles fail Triton's warp-specialization pass)."""
-    if cfg.ws and w.direct is None:  # Triton's Hopper warp specialization builds the TMA-to-MMA loop only
-        cfg = replace(cfg, ws=False)
+    ``swap`` has no effect on the artifact-plane path."""
     if w.interleaved is not None:
         return replace(cfg, block_k=w.layout.group)
     if w.direct is None and cfg.swap:
@@ -556,13 +536,6 @@ def packed_fields(device: torch.device) -> bool:
     """``P4Q_NIB_PACKED=1`` (GPU only; off until measured on one): interleaved low-bit fields unpacked four bytes
     per register (``weight_layout._field_packed``). The interpreter runs no inline PTX."""
     return device.type == "cuda" and os.environ.get("P4Q_NIB_PACKED", "0") == "1"
-
-
-def warp_specialized() -> bool:
-    """``P4Q_QGEMM_WS=1`` (off until timed on a GPU): the tuner also tries the warp-specialized TMA tiles
-    (``TileConfig.ws``), under keys of their own (``...-ws``), so the shipped entries tuned without them stay as
-    they were."""
-    return os.environ.get("P4Q_QGEMM_WS", "0") == "1"
 
 
 def kernel_choice() -> str:
@@ -605,42 +578,6 @@ def _num_programs(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-#: Set when a warp-specialized TMA compile failed in this process (a Triton without Hopper warp specialization):
-#: every later ``ws`` configuration launches its plain form instead of failing again.
-_WS_FAILED: list[str] = []
-
-
-def _launch_ws(launch: Callable[[bool], None], ws: bool, strict: bool) -> None:
-    """Launch with warp specialization if asked and not known to fail here. A looked-up ``ws`` tile (a shipped
-    table's) whose warp-specialized compile fails (Triton 3.8 rejects what 3.6 builds) runs the same tile without
-    it, so such an entry never breaks an engine on another Triton release (both compute the same integers); an
-    explicit one (``strict``: the tuner's candidate, a test's) raises, so the tuner never records a ``ws`` tile it
-    did not time as one."""
-    if not ws:
-        launch(False)
-        return
-    if _WS_FAILED and not strict:
-        launch(False)
-        return
-    try:
-        launch(True)
-    except triton.runtime.errors.OutOfResources:
-        if strict:
-            raise  # this tile does not fit (the tuner skips it)
-        launch(False)  # the 12-warp partition needs more than the plain tile: a table's entry still runs
-    except Exception as e:  # noqa: BLE001 - Triton's compile errors have no common type across releases
-        if strict:
-            raise
-        _WS_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
-        warnings.warn(
-            f"warp-specialized qgemm failed to compile on triton {triton.__version__} ({_WS_FAILED[0]}); "
-            "using the same tiles without it",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        launch(False)
 
 
 # ---------------------------------------------------------------------------------------------- torch reference

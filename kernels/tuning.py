@@ -39,22 +39,27 @@ class TileConfig:
     #: overlap a single program per SM lacks (its tensor cores idle through every epilogue); needs the tile to fit
     #: twice in shared memory and registers, else the candidate runs one per SM or fails and is skipped
     occupancy: int = 1
-    #: Triton's Hopper warp specialization of the persistent TMA loop (direct 8-bit weights; ``num_warps`` 4 becomes
-    #: a producer warpgroup issuing the TMA loads and two consumer warpgroups running MMAs and epilogues, with
-    #: ``setmaxnreg`` moving registers to the consumers). Falls back to the plain loop where Triton cannot build it.
-    ws: bool = False
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
 
 
 def config_json(cfg: TileConfig) -> dict:
-    """A configuration as a table / cache entry: ``ws`` only where set, so entries without it stay readable by
-    releases that predate the field (they skip a whole file that has an unknown key)."""
-    d = asdict(cfg)
-    if not d["ws"]:
-        del d["ws"]
-    return d
+    """A configuration as a table / cache entry."""
+    return asdict(cfg)
+
+
+def config_entries(data: dict) -> dict[str, TileConfig]:
+    """``{key: config}`` from a table's or cache's JSON object. The warp-specialized tiles of one release (a ``ws``
+    field, keys with ``-ws``), withdrawn after they faulted on an H200 (benchmarks/results/gpu_2026-12-02b), are
+    dropped and their shapes tuned again, instead of the whole file being skipped; any other unknown field raises
+    ``TypeError``."""
+    out = {}
+    for k, v in data.items():
+        if "-ws|" in k or (isinstance(v, dict) and "ws" in v):
+            continue
+        out[k] = TileConfig(**v)
+    return out
 
 
 #: Candidates for Hopper/Ampere-class GPUs: large tiles for the M = 51200 GEMMs, thin ones for batch 1 (M = 50).
@@ -71,10 +76,6 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     # two persistent programs per SM (not yet measured: the tuner keeps them only where they win)
     TileConfig(128, 128, 128, 8, 4, 3, "tma", occupancy=2),
     TileConfig(128, 128, 128, 8, 4, 3, "tma", swap=True, occupancy=2),
-    # warp-specialized (compiled for sm_90 by Triton 3.6 as 12 warps, not yet timed): tried only under
-    # P4Q_QGEMM_WS=1 (qgemm.warp_specialized), and kept only where they win
-    TileConfig(128, 128, 128, 8, 4, 3, "tma", ws=True),
-    TileConfig(128, 256, 128, 8, 4, 3, "tma", ws=True),
     TileConfig(128, 128, 64, 8, 4, 4),
     TileConfig(64, 128, 128, 8, 4, 4),
     TileConfig(128, 64, 128, 8, 4, 4),
@@ -139,7 +140,7 @@ def load_shipped(directory: Optional[Path] = None) -> dict[str, TileConfig]:
         try:
             data = json.loads(path.read_text())
             gpus = [data["gpu"], *data.get("applies_to", [])]
-            configs = {k: TileConfig(**v) for k, v in data["configs"].items()}
+            configs = config_entries(data["configs"])
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue
         for gpu in gpus:
@@ -173,7 +174,7 @@ def _load_file() -> None:
     _memory.update(load_shipped())
     try:
         data = json.loads(cache_path().read_text())
-        entries = {k: TileConfig(**v) for k, v in data.items()}
+        entries = config_entries(data)
         _user.update(entries)
         _memory.update(entries)
     except (OSError, ValueError, TypeError, AttributeError):  # unreadable, not JSON, not {key: config}

@@ -338,73 +338,6 @@ def test_tma_ineligible_falls_back_to_pointer_kernel(poison, device, monkeypatch
     assert tma_eligible(make_acts(4, 128, g, device), w3, TMA_CONFIG)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_ws_config_computes_the_same_integers(poison, device, bits):
-    """A warp-specialized tile (``ws``) is the same tile and loop body (the interpreter ignores the partitioning, the
-    GPU test runs it for real): exact accumulators and the same requantized codes; a low-bit weight takes it as its
-    plain form (``effective_config``)."""
-    m, n, k = 45, 72, 256
-    g = gen("ws", bits)
-    codes, scale, w = make_weight(bits, n, k, g, device)
-    a = make_acts(m, k, g, device)
-    cfg = TileConfig(32, 32, 128, 2, 4, 1, "tma", ws=True)
-    assert qgemm_mod.effective_config(cfg, w).ws == (bits == 8)
-    ref = qgemm_reference(a, 0.01, 9, codes, scale, raw=True)
-    (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=9, w=w, raw=True, config=cfg)
-    assert torch.equal(out, ref)
-
-
-def _fake_tma(calls: list, fail_ws, error=None):
-    """A stand-in for the TMA kernel's launch that records its WS flag and fails to 'compile' warp-specialized."""
-
-    class Launcher:
-        def __getitem__(self, grid):
-            def run(*args, WS=False, **kwargs):
-                calls.append(WS)
-                if WS and fail_ws:
-                    raise error or RuntimeError("PassManager::run failed")
-
-            return run
-
-    return Launcher()
-
-
-def test_ws_compile_failure_falls_back_only_for_looked_up_tiles(monkeypatch, device):
-    """On a Triton that cannot build the warp-specialized loop, a tile from a table runs its plain form (one warning,
-    then no more attempts), while an explicit tile (the tuner's candidate) raises, so it is skipped, never recorded."""
-    g = gen("ws-fallback")
-    _, _, w = make_weight(8, 40, 128, g, device)
-    a = make_acts(17, 128, g, device)
-    cfg = TileConfig(32, 32, 128, 2, 4, 1, "tma", ws=True)
-    calls: list = []
-    monkeypatch.setattr(qgemm_mod, "_qgemm_tma_kernel", _fake_tma(calls, fail_ws=True))
-    monkeypatch.setattr(qgemm_mod, "_WS_FAILED", [])
-    monkeypatch.setattr(qgemm_mod, "tma_eligible", lambda *_: True)
-    with pytest.raises(RuntimeError, match="PassManager"):
-        qgemm(a, 0.01, 3, w, raw=True, config=cfg)
-    assert calls == [True] and qgemm_mod._WS_FAILED == []
-    monkeypatch.setattr(qgemm_mod, "_tuned_config", lambda *_: cfg)
-    with pytest.warns(RuntimeWarning, match="without it"):
-        qgemm(a, 0.01, 3, w, raw=True)
-    assert calls == [True, True, False] and len(qgemm_mod._WS_FAILED) == 1
-    qgemm(a, 0.01, 3, w, raw=True)  # known to fail here: straight to the plain loop
-    assert calls == [True, True, False, False]
-    calls.clear()
-    monkeypatch.setattr(qgemm_mod, "_qgemm_tma_kernel", _fake_tma(calls, fail_ws=False))
-    monkeypatch.setattr(qgemm_mod, "_WS_FAILED", [])
-    qgemm(a, 0.01, 3, w, raw=True)
-    assert calls == [True]
-    # out of resources (the 12-warp partition needs more than the plain tile): a table's entry runs plain, with
-    # warp specialization still allowed for other tiles; the tuner's candidate raises (skipped)
-    calls.clear()
-    oor = triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-    monkeypatch.setattr(qgemm_mod, "_qgemm_tma_kernel", _fake_tma(calls, True, oor))
-    qgemm(a, 0.01, 3, w, raw=True)
-    assert calls == [True, False] and qgemm_mod._WS_FAILED == []
-    with pytest.raises(triton.runtime.errors.OutOfResources):
-        qgemm(a, 0.01, 3, w, raw=True, config=cfg)
-
-
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_raise(device):
     g = gen("errors")
@@ -471,10 +404,6 @@ def test_gpu_full_shape_raw_exact(bits, shape):
             out = qgemm(a, 0.01, 255, w, raw=True, config=cfg)
         except triton.runtime.errors.OutOfResources:  # too much shared memory for this epilogue: the autotuner
             continue  # skips such a candidate too
-        except Exception:  # noqa: BLE001 - a Triton that cannot warp-specialize this loop: the tuner skips it too,
-            if cfg.ws:  # a table entry runs it plain (test_ws_compile_failure_falls_back_only_for_looked_up_tiles)
-                continue
-            raise
         torch.cuda.synchronize()
         assert torch.equal(out.to(torch.int64), ref[255]), cfg
 

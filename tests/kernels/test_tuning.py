@@ -62,7 +62,7 @@ def test_key_buckets_m_by_powers_of_two(fake_gpu):
 
 
 def test_cache_file_roundtrip(fresh_cache, monkeypatch):
-    a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256, kernel="tma", ws=True)
+    a, b = TileConfig(128, 64, 128, 8, 4, 4), TileConfig(16, 64, 256, kernel="tma", swap=True)
     tuning._user.update({"Fake GPU|qgemm|m64|n768|k768|b4": a, "Fake GPU|qgemm|m65536|n768|k3072|b2": b})
     tuning._save_file()  # creates the parent directory
     data = json.loads(fresh_cache.read_text())
@@ -76,8 +76,8 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
         "kernel": "ptr",
         "swap": False,
         "occupancy": 1,
-    }  # no "ws": a cache or table without warp-specialized entries stays readable by older releases
-    assert data["Fake GPU|qgemm|m65536|n768|k3072|b2"]["ws"] is True
+    }
+    assert data["Fake GPU|qgemm|m65536|n768|k3072|b2"]["swap"] is True
     assert not list(fresh_cache.parent.glob("*.tmp"))  # written atomically (temp file + rename)
 
     monkeypatch.setattr(tuning, "_memory", {})  # a new process
@@ -88,6 +88,28 @@ def test_cache_file_roundtrip(fresh_cache, monkeypatch):
     tuning._memory.clear()
     tuning._load_file()  # loads once per process
     assert tuning._memory == {}
+
+
+def test_withdrawn_warp_specialized_entries_are_dropped_not_the_file(fresh_cache, tmp_path):
+    """A cache or table written by the release with warp-specialized tiles (``"ws"`` fields, ``-ws`` keys; they
+    faulted on an H200 and were withdrawn) loads without those entries, which are tuned again; the rest stays."""
+    plain = {"block_m": 32, "block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
+    data = {
+        "G|qgemm-direct8-requant|m64|n768|k768|b8": plain,
+        "G|qgemm-direct8-requant-ws|m64|n768|k768|b8": plain,
+        "G|qgemm-direct8-requant|m65536|n768|k768|b8": {**plain, "kernel": "tma", "ws": True},
+    }
+    assert list(tuning.config_entries(data)) == ["G|qgemm-direct8-requant|m64|n768|k768|b8"]
+    with pytest.raises(TypeError):  # any other unknown field is still an error (the file is skipped)
+        tuning.config_entries({"G|x|m64|n1|k1|b8": {**plain, "bogus": 1}})
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(json.dumps(data))
+    tuning._load_file()
+    assert set(tuning._user) == {"G|qgemm-direct8-requant|m64|n768|k768|b8"}
+    (tmp_path / "G.json").write_text(
+        json.dumps({"gpu": "G", "measured": "x", "configs": {k[2:]: v for k, v in data.items()}})
+    )
+    assert list(tuning.load_shipped(tmp_path)) == ["G|qgemm-direct8-requant|m64|n768|k768|b8"]
 
 
 def test_cache_file_from_before_the_kernel_field(fresh_cache):
