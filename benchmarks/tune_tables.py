@@ -99,7 +99,8 @@ def merge_cache(cache: Path, gpu: str | None, measured: str, out: Path | None) -
     # provenance: what the caller says, else the previous line with this merge appended (never silently replaced)
     merged = f"merged from {cache.name} on {time.strftime('%Y-%m-%d')} (versions not given)"
     before = (previous or {}).get("measured")
-    measured = measured or (f"{before}; {merged}" if before else f"{gpu}, {merged}")
+    what = f"{measured} (merged from {cache.name} on {time.strftime('%Y-%m-%d')})" if measured else merged
+    measured = f"{before}; {what}" if before else (what if measured else f"{gpu}, {merged}")
     table = tuning.table_file(gpu, tuned, measured, previous)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(table, indent=1) + "\n")

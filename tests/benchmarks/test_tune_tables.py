@@ -34,7 +34,7 @@ def test_merge_cache_keeps_previous_entries_and_only_that_gpu(tmp_path):
     assert main(["--from-cache", str(cache), "--gpu", "NVIDIA H200", "--measured", "run x", "--out", str(out)]) == 0
     table = json.loads(target.read_text())
     assert table["configs"] == {"both|m16": asdict(b), "new|m64": asdict(c), "old|m16": asdict(a)}
-    assert table["applies_to"] == ["NVIDIA H100"] and table["measured"] == "run x"
+    assert table["applies_to"] == ["NVIDIA H100"] and table["measured"].startswith("old; run x (merged from ")
 
 
 def test_merge_cache_rejects_a_file_that_is_not_a_cache(tmp_path, capsys):
