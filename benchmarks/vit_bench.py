@@ -258,6 +258,8 @@ def _engine_rows(args, name: str, loaded, x: dict, ref: dict, entry: dict, add) 
                 log(name, bits, "parity", json.dumps(entry["parity"][bits], default=str)[:600])
             del q
             eng = Engine.load(path, device="cuda")
+            entry.setdefault("precompile", {})[bits] = eng.precompile(args.batches)  # parallel, before any capture
+            log(name, bits, "precompile", json.dumps(entry["precompile"][bits]))
             for b in args.batches:
                 tc = time.perf_counter()
                 row = measure(eng.encode, x[b])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .compile_ahead import launch
 from .limits import check_extent
 from .tuning import INVARIANT_ROWS, TileConfig, _m_bucket, batch_invariant, pick_config
 
@@ -79,7 +80,9 @@ def _launch(
         return out.view(shape)
     cfg = config or _config(x2, w, b, eps, scale, zp, bits, norm)
     block = max(16, 1 << (d - 1).bit_length())
-    _ln_quant_kernel[(triton.cdiv(r, cfg.block_m),)](
+    launch(
+        _ln_quant_kernel,
+        (triton.cdiv(r, cfg.block_m),),
         x2,
         w if w is not None else x2,
         b if b is not None else x2,

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_ahead import launch
 from .limits import check_extent
 from .tuning import INVARIANT_HEADS, TileConfig, batch_invariant, pick_config
 
@@ -411,7 +412,9 @@ def qattention(
         cfg = config or _tiled_config(qkv, heads, sites, causal, block_m, block_n, num_warps)
         block_m, block_n = cfg.block_m, cfg.block_n
         grid = (bsz * heads, triton.cdiv(length, block_m))
-    _qattention_kernel[grid](
+    launch(
+        _qattention_kernel,
+        grid,
         *common,
         HD=hd,
         BLOCK_M=block_m,

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_ahead import launch
 from .limits import check_extent
 from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
 from .weight_layout import PLANES as _PLANES
@@ -419,7 +420,9 @@ def qgemm(
     if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
         a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
         programs = min(tiles, _num_programs(a.device) * cfg.occupancy)
-        _qgemm_tma_kernel[(programs,)](
+        launch(
+            _qgemm_tma_kernel,
+            (programs,),
             a_desc,
             w_desc0,
             w_desc1,
@@ -437,7 +440,9 @@ def qgemm(
         return out
     wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
     wp1 = w.planes[1] if w1 and not nib else wp0
-    _qgemm_kernel[(tiles,)](
+    launch(
+        _qgemm_kernel,
+        (tiles,),
         a,
         wp0,
         wp1,

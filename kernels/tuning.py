@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import compile_ahead
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -233,6 +235,8 @@ def pick_config(
         _load_file()
         if key in _memory:
             return _memory[key]
+    if bench is not None and compile_ahead.active():
+        raise compile_ahead.NotTuned(key)  # timing needs real launches: the real forward tunes it
     # none fits (e.g. only the TMA candidates, all >= 128 rows, for M = 4): every candidate, smallest tiles first -
     # the largest one can need more shared memory than the GPU has (a 278 KB tile failed on an H200 this way)
     fitting = [c for c in candidates if _fits(c, fit_m)] or sorted(

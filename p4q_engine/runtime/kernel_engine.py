@@ -13,6 +13,7 @@ The same class also runs on the CPU under ``TRITON_INTERPRET=1``, which is how C
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -73,6 +74,7 @@ class KernelEngine(Engine):
             raise ConfigError("the kernel engine on the CPU needs TRITON_INTERPRET=1 (use the CPU Engine instead)")
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.use_graphs = self.device.type == "cuda"
+        self._graph_pool: Optional[tuple] = None
 
     # ---------------------------------------------------------------- build
     def _linear(self, art: Artifact, prefix: str) -> KLinear:
@@ -328,6 +330,39 @@ class KernelEngine(Engine):
         graph.replay()
         return static_out[:b].clone()
 
+    @torch.no_grad()
+    def precompile(self, sizes: list[int], workers: Optional[int] = None) -> dict:
+        """Compile every kernel the forwards of these batch sizes launch, in parallel (``kernels/compile_ahead.py``),
+        so that capturing their graphs afterwards compiles nothing. A bucket whose tiles are not shipped or cached
+        stops at its first such kernel (its real forward tunes it). Returns what was done, for the caller's log."""
+        from p4q_engine.kernels import compile_ahead
+
+        workers = compile_ahead.default_workers() if workers is None else workers
+        buckets = sorted(
+            {self.bucket(min(b, self.max_chunk)) for b in sizes if b > 0}
+            - {k[0] for k in self._graphs if k[1] == batch_invariant()}
+        )
+        done: dict = {"workers": workers, "buckets": [], "untuned": {}}
+        if not self.use_graphs or not buckets:
+            return done
+        t0 = time.perf_counter()
+        with compile_ahead.compile_ahead(workers) as on:
+            if not on:
+                return done
+            for size in buckets:
+                try:
+                    self._tower(torch.zeros(size, 3, *self.image_size, device=self.device))
+                    done["buckets"].append(size)
+                except compile_ahead.NotTuned as e:
+                    done["untuned"][size] = str(e)
+        done["seconds"] = round(time.perf_counter() - t0, 2)
+        return done
+
+    def self_test(self) -> None:
+        """The base self-test, its batch-1 kernels compiled in parallel first."""
+        self.precompile([1])
+        super().self_test()
+
     def _capture(self, size: int):
         static_in = torch.zeros(size, 3, *self.image_size, device=self.device)
         static_in.normal_()
@@ -338,6 +373,11 @@ class KernelEngine(Engine):
                 self._tower(static_in)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # one memory pool for every bucket's graph: the engine replays one graph at a time and copies its output out
+        # before the next replay, so a graph may reuse what another's intermediates occupy (the pattern vLLM relies
+        # on; pytorch/pytorch#166975) - the pools cost the largest bucket's activations, not the sum over buckets
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self._tower(static_in)
+        if self._graph_pool is None:
+            self._graph_pool = graph.pool()
         return graph, static_in, static_out

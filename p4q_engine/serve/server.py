@@ -86,6 +86,9 @@ def warm_up(engine, max_batch: int) -> list[int]:
     if not getattr(engine, "use_graphs", False):
         return []
     sizes = sorted({engine.bucket(b) for b in range(1, max_batch + 1)})
+    precompile = getattr(engine, "precompile", None)
+    if precompile is not None:  # every bucket's kernels compiled at once, in parallel, before the captures
+        precompile(sizes)
     for b in sizes:
         engine.embed(torch.zeros(b, 3, *engine.image_size), batch_size=b)
     return sizes

@@ -184,6 +184,60 @@ def test_batch_invariant_features_on_the_gpu(artifacts, monkeypatch):
     assert torch.equal(engine.encode(x)[:5], alone)
 
 
+def test_precompile_is_a_no_op_without_graphs(artifacts):
+    """On the interpreter (no CUDA graphs, nothing compiled) ``precompile`` does nothing and says so."""
+    if HAS_CUDA:
+        pytest.skip("the interpreter engine only")
+    engine = KernelEngine(load(artifacts[("4-4-8", "full")]), DEVICE)
+    assert engine.precompile([1, 8, 64], workers=2) == {"workers": 2, "buckets": [], "untuned": {}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_precompile_compiles_what_the_forward_launches(artifacts, monkeypatch, tmp_path):
+    """With the tiles known (tuned by a first engine) but no kernel compiled (Triton's in-process caches cleared, an
+    empty disk cache), ``precompile`` on 4 threads compiles every kernel the forwards of its buckets launch: those
+    forwards then compile nothing, and give what the first engine gave."""
+    from p4q_engine.kernels import layernorm, qattention, qgemm
+    from triton import knobs
+
+    art = load(artifacts[("4-4-8", "full")])
+    reference = KernelEngine(art, DEVICE)
+    x = torch.randn(5, 3, *reference.image_size, generator=torch.Generator().manual_seed(5))
+    expected, expected1 = reference.encode(x).cpu(), reference.encode(x[:1]).cpu()  # tunes buckets 8 and 1
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    kernels = (qgemm._qgemm_kernel, qgemm._qgemm_tma_kernel, layernorm._ln_quant_kernel, qattention._qattention_kernel)
+    for k in kernels:
+        k.device_caches.clear()
+    engine = KernelEngine(art, DEVICE)
+    done = engine.precompile([1, 5], workers=4)
+    assert done["buckets"] == [1, 8] and done["untuned"] == {}
+    assert any(k.device_caches for k in kernels)  # the pass did compile
+    compiled: list = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda *a, **kw: compiled.append(kw) or False)
+    assert torch.equal(engine.encode(x).cpu(), expected)
+    assert torch.equal(engine.encode(x[:1]).cpu(), expected1)
+    assert compiled == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_graphs_of_every_bucket_share_one_pool_and_stay_correct(artifacts, monkeypatch):
+    """The buckets' graphs share one memory pool: replayed in any order, each answer is what the same engine gives
+    without graphs (an answer overwritten by another graph's intermediates would differ). Batch-invariant tiles, so
+    the padded bucket and the exact batch compute the same rows."""
+    monkeypatch.setenv("P4Q_BATCH_INVARIANT", "1")
+    engine = KernelEngine(load(artifacts[("4-4-8", "full")]), DEVICE)
+    x = torch.randn(37, 3, *engine.image_size, generator=torch.Generator().manual_seed(6))
+    engine.use_graphs = False
+    eager = {b: engine.encode(x[:b]).cpu() for b in (1, 5, 37)}
+    engine.use_graphs = True
+    for b in (37, 1, 5, 1, 37, 5):
+        assert torch.equal(engine.encode(x[:b]).cpu(), eager[b]), b
+    pools = {g.pool() for g, _, _ in engine._graphs.values()}
+    assert len(engine._graphs) == 3 and len(pools) == 1
+
+
 def test_kernel_engine_takes_uint8_pixels(artifacts):
     """8-bit pixels are copied first and normalised on the engine's device (a quarter of the bytes over PCIe), to
     the float path's features bit for bit (on a GPU this checks CUDA's division by tensor divisors too)."""

@@ -152,9 +152,16 @@ def test_warm_up_runs_every_bucket_once_on_graph_engines():
             self.seen.append((tuple(pixels.shape), batch_size))
             return torch.zeros(pixels.shape[0], 4)
 
+        def precompile(self, sizes: list[int]) -> dict:
+            self.seen.append(("precompile", tuple(sizes)))
+            return {}
+
     eng = FakeGraphEngine()
     assert warm_up(eng, 48) == [1, 2, 4, 8, 16, 32, 64]
-    assert eng.seen == [((b, 3, 8, 8), b) for b in (1, 2, 4, 8, 16, 32, 64)]
+    # every bucket's kernels compiled at once (in parallel), before the first capture
+    assert eng.seen == [("precompile", (1, 2, 4, 8, 16, 32, 64))] + [
+        ((b, 3, 8, 8), b) for b in (1, 2, 4, 8, 16, 32, 64)
+    ]
     eng.use_graphs = False
     eng.seen.clear()
     assert warm_up(eng, 48) == [] and eng.seen == []
