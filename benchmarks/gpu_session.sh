@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device calls of the next GPU session (written 2026-12-02; this session's device time had been spent by the
-# previous try at the same work), so what runs is in the repository word for word.
+# The device calls of a GPU session, so what runs is in the repository word for word (as run on 2026-12-02 at
+# feeb734: ViT-B/32, B/16, L/14, H/14, L/14-336 against the peers; this version, for the next session: what that run
+# missed or could not time - the kernel tests without the withdrawn ws tiles, compile ahead, the low-bit rows).
 #
 # Run on the device machine from a `git archive` of HEAD unpacked in .gpurun (wheels in ../.whl):
 #     cd .gpurun && bash benchmarks/gpu_session.sh call1
@@ -8,13 +9,13 @@
 # CPU-side parity (CPU engine vs fake-quant, GPU vs CPU engine) runs on cores 8-15 beside the timed work on cores
 # 0-7: the speed rows share the GPU only with that process's batch-1 forwards and calibration.
 # Every step times the engine first, then the compile and fp8 peers, in one process per model; a shape the shipped
-# table lacks (ViT-H/14, ViT-L/14-336, the packed low-bit main loop) is tuned inside its step, into $OUT/r/tuning.json,
+# table lacks is tuned inside its step, into $OUT/r/tuning.json,
 # which `tune_tables.py --from-cache` merges into kernels/tuned on the CPU machine afterwards.
 # Step sizes (from the previous session's logs): a peer row costs its compile (7-37 s) + ~5 s of timing; a new
 # model's engine tuning ~70-150 s at batch 256. The three calls add up to ~26 min of commands: start call2 and call3
 # right after the previous one returns (the machine is given back after 30 s idle). Afterwards, on the CPU machine:
 #     python benchmarks/tune_tables.py --from-cache <r>/tuning.json --gpu "NVIDIA H200" --measured "..."
-# for each call's tuning.json (the packed and ws entries have keys of their own and stay opt-in).
+# for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_session.sh call1|call2|call3}
@@ -46,26 +47,35 @@ speed() {  # $1: model, $2: bits, $3: seconds, $4: tag, $5: batches; engine vs p
 }
 
 case $call in
-  call1)
-    parity 8-8-8 480 &
+  call1)  # kernel tests first (nothing else on the GPU), then what was never timed: compile ahead, low-bit rows
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu tests/kernels tests/runtime -q \
+      -p no:cacheprovider >"$R/pytest_gpu.log" 2>&1
+    pack
+    parity 8-8-8 420 &
     P=$!
-    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 140 python3 -m pytest -m gpu tests/kernels tests/runtime \
-      tests/runtime/test_kernel_engine.py -q -p no:cacheprovider >"$R/pytest_gpu.log" 2>&1
-    speed ViT-B-32 8-8-8 210 _b32 1024,256,64,8,1
-    speed ViT-B-16 8-8-8 150 _b16 256,64,1 --no-drift
+    taskset -c 0-7 timeout 170 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
+      --timeout 75 --out "$R" >"$R/log_cold_start.txt" 2>&1
+    pack
+    speed ViT-B-32 4-4-8 120 _b32_448 1024,256,64,8,1 --no-peers
+    P4Q_NIB_PACKED=1 speed ViT-B-32 4-4-8 100 _b32_448_packed 1024,256,64,8,1 --no-peers
     wait $P
     ;;
-  call2)
-    parity 4-4-8 540 &
-    P=$!
-    speed ViT-L-14 8-8-8 200 _l14 256,64,1 --no-drift
-    speed ViT-H-14 8-8-8 360 _h14 256,64,1 --no-drift
-    wait $P
+  call2)  # ViT-B/32 8-8-8 against the peers again (shared graph pool, compile ahead), its profile, H/14's fp8 peer
+    speed ViT-B-32 8-8-8 220 _b32 1024,256,64,8,1
+    taskset -c 0-7 timeout 90 $VB --parts profile --models ViT-B-32 --bits 8-8-8 --batches 1024 \
+      --tag _b32 >"$R/log_profile.txt" 2>&1
+    pack
+    speed ViT-H-14 8-8-8 200 _h14_fp8 256,64,1 --no-engine --peer-names fp8 --no-drift
     ;;
-  call3)
-    speed ViT-L-14-336 8-8-8 340 _l14_336 256,64,1 --no-drift
-    speed ViT-B-32 4-4-8 45 _b32_448 1024,256,64,8,1 --no-peers
-    P4Q_NIB_PACKED=1 speed ViT-B-32 4-4-8 80 _b32_448_packed 1024,256,64,8,1 --no-peers
+  call3)  # attention against SDPA, the low-bit main loops, and the 4-4-8 parity of every ViT
+    parity 4-4-8 500 &
+    P=$!
+    taskset -c 0-7 timeout 150 $VB --parts attention >"$R/log_attention.txt" 2>&1
+    pack
+    taskset -c 0-7 timeout 240 python3 benchmarks/gemm_bench.py --ms 400,51200 --bits 8,4,2 \
+      --layouts nib,packed --out "$R" >"$R/log_gemm.txt" 2>&1
+    pack
+    wait $P
     ;;
 esac
 pack

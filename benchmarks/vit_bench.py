@@ -215,7 +215,8 @@ def part_models(args) -> dict:
             log(name, row)
             Path(args.out, f"models{args.tag}_partial.json").write_text(json.dumps(res, indent=1, default=str))
 
-        _engine_rows(args, name, loaded, x, ref, entry, add)
+        if args.engine:
+            _engine_rows(args, name, loaded, x, ref, entry, add)
         if args.peers and args.eager:  # open_clip eager bf16: a reference row only (slow cuDNN conv patch embedding)
             eager = visual.cuda().bfloat16().eval()
             for b in args.batches:
@@ -435,6 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parity-images", type=int, default=2)
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=list(BATCHES))
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="engine rows only (parity runs)")
+    ap.add_argument("--no-engine", dest="engine", action="store_false", help="peer rows only (a peer a run missed)")
     ap.add_argument(
         "--peer-names",
         type=lambda v: v.split(","),
