@@ -45,8 +45,15 @@ print(json.dumps({"import_s": t_import - t0, "load_s": t_load - t_import, "warm_
 
 
 def child(artifact: Path, max_batch: int, workers: str, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="p4q-triton-cache-") as cache:
-        env = {**os.environ, "TRITON_CACHE_DIR": cache, "P4Q_COMPILE_WORKERS": workers}
+    with tempfile.TemporaryDirectory(prefix="p4q-cold-") as d:
+        # an empty Triton cache and an empty tuning cache of its own: a mode run later must not read what an earlier
+        # one compiled or tuned (the shipped table is read by both)
+        env = {
+            **os.environ,
+            "TRITON_CACHE_DIR": str(Path(d, "triton")),
+            "P4Q_TUNE_CACHE": str(Path(d, "tuning.json")),
+            "P4Q_COMPILE_WORKERS": workers,
+        }
         t0 = time.perf_counter()
         p = subprocess.run(
             [sys.executable, "-c", _CHILD, str(artifact), str(max_batch)],

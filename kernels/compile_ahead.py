@@ -40,7 +40,9 @@ def default_workers() -> int:
         try:
             return max(0, int(raw))
         except ValueError:
-            raise ValueError(f"P4Q_COMPILE_WORKERS must be an integer, got {raw!r}") from None
+            from p4q_engine.errors import ConfigError
+
+            raise ConfigError(f"P4Q_COMPILE_WORKERS must be an integer, got {raw!r}") from None
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -84,10 +86,18 @@ def compile_ahead(workers: int) -> Iterator[bool]:
 
 def _finish(mode: Any, *exc: Any) -> None:
     """Wait for every submitted compile. One that failed (a Triton whose ``AsyncCompileMode`` re-raises on exit) is
-    left to the real launch, which compiles that kernel again and fails there, as it would without this pass."""
+    left to the real launch, which fails there as it would without this pass (Triton 3.6 compiles it again, 3.8
+    re-raises the stored error)."""
     try:
         mode.__exit__(*exc)
     except Exception:  # noqa: BLE001 - Triton's compile errors have no common type across releases
+        pass
+    try:  # Triton 3.6 leaves the mode active when a compile's finalisation raised: later compiles would hang on it
+        from triton.runtime import _async_compile
+
+        if _async_compile.active_mode.get() is mode:
+            _async_compile.active_mode.set(None)
+    except (ImportError, AttributeError):
         pass
 
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import compile_ahead
 from .compile_ahead import launch
 from .limits import check_extent
 from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
@@ -504,7 +505,7 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         + ("-res" if residual is not None else "")
     )
     cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and not compile_ahead.active():  # a compile-ahead pass may get an untimed guess
         _RESOLVED[sig] = cfg
     return cfg
 

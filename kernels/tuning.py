@@ -214,6 +214,15 @@ def _time(fn: Callable[[], None], triton) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
+def _fitting(candidates: tuple[TileConfig, ...], fit_m: int) -> list[TileConfig]:
+    """The candidates whose tiles fit ``fit_m`` rows; where none does (e.g. only the TMA candidates, all >= 128 rows,
+    for M = 4) every candidate, smallest tiles first - the largest one can need more shared memory than the GPU has
+    (a 278 KB tile failed on an H200 this way)."""
+    return [c for c in candidates if _fits(c, fit_m)] or sorted(
+        candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages)
+    )
+
+
 def pick_config(
     name: str,
     m: int,
@@ -236,12 +245,12 @@ def pick_config(
         if key in _memory:
             return _memory[key]
     if bench is not None and compile_ahead.active():
+        if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
+            # untimed picks are the first candidate that runs (below): the first one, compiled now; the caller must
+            # not keep it (the real forward checks that it runs, as it would without the pass)
+            return _fitting(candidates, fit_m)[0]
         raise compile_ahead.NotTuned(key)  # timing needs real launches: the real forward tunes it
-    # none fits (e.g. only the TMA candidates, all >= 128 rows, for M = 4): every candidate, smallest tiles first -
-    # the largest one can need more shared memory than the GPU has (a 278 KB tile failed on an H200 this way)
-    fitting = [c for c in candidates if _fits(c, fit_m)] or sorted(
-        candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages)
-    )
+    fitting = _fitting(candidates, fit_m)
     if bench is None:
         return fitting[0]
     if os.environ.get("P4Q_AUTOTUNE", "1") == "0":

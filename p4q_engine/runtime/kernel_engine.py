@@ -13,6 +13,7 @@ The same class also runs on the CPU under ``TRITON_INTERPRET=1``, which is how C
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -75,6 +76,7 @@ class KernelEngine(Engine):
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.use_graphs = self.device.type == "cuda"
         self._graph_pool: Optional[tuple] = None
+        self._replay_lock = threading.Lock()
 
     # ---------------------------------------------------------------- build
     def _linear(self, art: Artifact, prefix: str) -> KLinear:
@@ -321,40 +323,50 @@ class KernelEngine(Engine):
         b = pixels.shape[0]
         size = self.bucket(b)
         key = (size, batch_invariant())  # a graph replays the tiles picked at capture: one set per mode
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(size)
-        graph, static_in, static_out = self._graphs[key]
-        static_in[:b].copy_(pixels)
-        if b < size:
-            static_in[b:].copy_(pixels[:1].expand(size - b, -1, -1, -1))
-        graph.replay()
-        return static_out[:b].clone()
+        # one graph at a time (they share one memory pool), its output copied out before another replays
+        with self._replay_lock:
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(size)
+            graph, static_in, static_out = self._graphs[key]
+            static_in[:b].copy_(pixels)
+            if b < size:
+                static_in[b:].copy_(pixels[:1].expand(size - b, -1, -1, -1))
+            graph.replay()
+            return static_out[:b].clone()
 
     @torch.no_grad()
     def precompile(self, sizes: list[int], workers: Optional[int] = None) -> dict:
         """Compile every kernel the forwards of these batch sizes launch, in parallel (``kernels/compile_ahead.py``),
-        so that capturing their graphs afterwards compiles nothing. A bucket whose tiles are not shipped or cached
-        stops at its first such kernel (its real forward tunes it). Returns what was done, for the caller's log."""
+        so that capturing their graphs afterwards compiles nothing. Best effort: a bucket whose tiles are not
+        shipped or cached stops at its first such kernel (its real forward tunes it), and one that fails otherwise
+        is recorded and left to its real forward, which raises where errors are mapped. Returns what was done."""
         from p4q_engine.kernels import compile_ahead
 
         workers = compile_ahead.default_workers() if workers is None else workers
-        buckets = sorted(
-            {self.bucket(min(b, self.max_chunk)) for b in sizes if b > 0}
-            - {k[0] for k in self._graphs if k[1] == batch_invariant()}
-        )
-        done: dict = {"workers": workers, "buckets": [], "untuned": {}}
+        done: dict = {"workers": workers, "buckets": [], "untuned": {}, "failed": {}}
+        wanted = set()
+        for b in (b for b in sizes if b > 0):  # a batch above max_chunk runs as full chunks and a remainder
+            wanted.add(self.bucket(min(b, self.max_chunk)))
+            if b > self.max_chunk and b % self.max_chunk:
+                wanted.add(self.bucket(b % self.max_chunk))
+        buckets = sorted(wanted - {k[0] for k in self._graphs if k[1] == batch_invariant()})
         if not self.use_graphs or not buckets:
             return done
         t0 = time.perf_counter()
-        with compile_ahead.compile_ahead(workers) as on:
-            if not on:
-                return done
-            for size in buckets:
-                try:
-                    self._tower(torch.zeros(size, 3, *self.image_size, device=self.device))
-                    done["buckets"].append(size)
-                except compile_ahead.NotTuned as e:
-                    done["untuned"][size] = str(e)
+        try:
+            with compile_ahead.compile_ahead(workers) as on:
+                if not on:
+                    return done
+                for size in buckets:
+                    try:
+                        self._tower(torch.zeros(size, 3, *self.image_size, device=self.device))
+                        done["buckets"].append(size)
+                    except compile_ahead.NotTuned as e:
+                        done["untuned"][size] = str(e)
+                    except Exception as e:  # noqa: BLE001 - the real forward raises it again, where it is mapped
+                        done["failed"][size] = f"{type(e).__name__}: {e}"[:300]
+        except RuntimeError as e:  # e.g. a caller's own AsyncCompileMode already active: nothing compiled ahead
+            done["failed"]["all"] = f"{type(e).__name__}: {e}"[:300]
         done["seconds"] = round(time.perf_counter() - t0, 2)
         return done
 

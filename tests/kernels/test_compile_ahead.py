@@ -13,6 +13,8 @@ from p4q_engine.kernels.compile_ahead import NotTuned, launch
 from p4q_engine.kernels.compile_ahead import compile_ahead as ahead
 from p4q_engine.kernels.tuning import TileConfig, pick_config
 
+from p4q_engine.errors import ConfigError
+
 
 class FakeKernel:
     """Records how it was called: a launch (``kernel[grid](...)``) or a compile-only ``warmup``."""
@@ -113,7 +115,7 @@ def test_default_workers(monkeypatch):
     monkeypatch.setenv("P4Q_COMPILE_WORKERS", "3")
     assert compile_ahead.default_workers() == 3
     monkeypatch.setenv("P4Q_COMPILE_WORKERS", "many")
-    with pytest.raises(ValueError, match="P4Q_COMPILE_WORKERS"):
+    with pytest.raises(ConfigError, match="P4Q_COMPILE_WORKERS"):
         compile_ahead.default_workers()
     monkeypatch.delenv("P4Q_COMPILE_WORKERS")
     assert 1 <= compile_ahead.default_workers() <= 16
@@ -140,3 +142,7 @@ def test_tuner_refuses_to_time_inside_the_context(fake_triton, monkeypatch, tmp_
     with ahead(2):
         assert pick_config("qgemm", 64, 768, 768, 8, gpu, timed.append, cands) == cands[1]
     assert timed == []
+    monkeypatch.setenv("P4Q_AUTOTUNE", "0")  # untimed picks: the first candidate, compiled now, kept by nobody
+    with ahead(2):
+        assert pick_config("qgemm", 32, 64, 64, 8, gpu, timed.append, cands) == cands[1]  # the first fitting 32 rows
+    assert timed == [] and tuning._user == {} and tuning._key("qgemm", 32, 64, 64, 8, gpu) not in tuning._memory
