@@ -342,15 +342,17 @@ class KernelEngine(Engine):
         is recorded and left to its real forward, which raises where errors are mapped. Returns what was done."""
         from p4q_engine.kernels import compile_ahead
 
-        workers = compile_ahead.default_workers() if workers is None else workers
-        done: dict = {"workers": workers, "buckets": [], "untuned": {}, "failed": {}}
+        done: dict = {"workers": 0, "buckets": [], "untuned": {}, "failed": {}}
+        if not self.use_graphs:  # the interpreter compiles nothing
+            return done
+        done["workers"] = workers = compile_ahead.default_workers() if workers is None else workers
         wanted = set()
         for b in (b for b in sizes if b > 0):  # a batch above max_chunk runs as full chunks and a remainder
             wanted.add(self.bucket(min(b, self.max_chunk)))
             if b > self.max_chunk and b % self.max_chunk:
                 wanted.add(self.bucket(b % self.max_chunk))
         buckets = sorted(wanted - {k[0] for k in self._graphs if k[1] == batch_invariant()})
-        if not self.use_graphs or not buckets:
+        if not buckets:
             return done
         t0 = time.perf_counter()
         try:
