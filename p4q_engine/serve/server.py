@@ -88,7 +88,16 @@ def warm_up(engine, max_batch: int) -> list[int]:
     sizes = sorted({engine.bucket(b) for b in range(1, max_batch + 1)})
     precompile = getattr(engine, "precompile", None)
     if precompile is not None:  # every bucket's kernels compiled at once, in parallel, before the captures
-        precompile(sizes)
+        done = precompile(sizes)
+        if done.get("buckets") or done.get("untuned") or done.get("failed"):
+            log.info(
+                "compiled ahead on %s threads in %s s: buckets %s (untuned, tuned at first use: %s; failed: %s)",
+                done.get("workers"),
+                done.get("seconds"),
+                done.get("buckets"),
+                sorted(done.get("untuned", {})) or "none",
+                sorted(map(str, done.get("failed", {}))) or "none",
+            )
     for b in sizes:
         engine.embed(torch.zeros(b, 3, *engine.image_size), batch_size=b)
     return sizes
