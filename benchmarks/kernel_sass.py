@@ -113,7 +113,7 @@ def profile(fn, block_m: int, block_n: int, hd: int, num_warps: int, arch: int, 
     bd = max(16, 1 << (hd - 1).bit_length())
     constants = dict(
         HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_m, BLOCK_D=bd, CAUSAL=False,
-        P_QMAX=255.0, O_QMAX=255.0, ONE_PASS=one_pass, SPLIT_CQ=False,
+        P_QMAX=255.0, O_QMAX=255.0, ONE_PASS=one_pass, SPLIT_CQ=False, FOLD_SM=hd in (16, 64, 256),
     )  # fmt: skip
     sass = compile_sass(fn, constants, num_warps, 1 if one_pass else 2, arch)
     (Path(tempfile.gettempdir()) / f"qattention_{block_m}x{block_n}_w{num_warps}.sass").write_text(sass)

