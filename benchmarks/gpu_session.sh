@@ -82,6 +82,17 @@ case $call in
     pack
     wait $P
     ;;
+  quick)  # one call (2026-12-02c, little session time left): the kernel tests, then ViT-B/32 8-8-8 against the peers
+    # with the new GELU / requant epilogues, then attention against SDPA (the folded softmax scale)
+    for f in $(grep -l "mark.gpu" tests/kernels/*.py tests/runtime/*.py); do
+      echo "== $f" >>"$R/pytest_gpu.log"
+      P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 90 python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
+        >>"$R/pytest_gpu.log" 2>&1
+    done
+    pack
+    speed ViT-B-32 8-8-8 200 _b32 1024,256,64,1
+    taskset -c 0-7 timeout 120 $VB --parts attention >"$R/log_attention.txt" 2>&1
+    ;;
 esac
 pack
 ls -la "$R"
