@@ -36,6 +36,14 @@ parity() {  # $1: bits, $2: seconds; GPU vs CPU engine (tie rule) with this comm
     --parity-images 1 --tag "_parity${1//-/}" >"$R/log_parity${1//-/}.txt" 2>&1
 }
 
+gpu_tests() {  # $1: seconds per module; one process per module (a faulting kernel poisons only its own verdict)
+  for f in $(grep -l "mark.gpu" tests/kernels/*.py tests/runtime/*.py); do
+    echo "== $f" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout "$1" python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
+      >>"$R/pytest_gpu.log" 2>&1
+  done
+}
+
 pack() {  # after every step: a call cut short by the device-time limit still returns what it finished
   tar -czf "$OUT/$call.tgz" -C "$OUT" r
 }
@@ -50,11 +58,7 @@ case $call in
   call1)  # kernel tests first (nothing else on the GPU), then what was never timed: compile ahead, low-bit rows
     # one process per module: a kernel that faults poisons its process's CUDA context (2026-12-02b: one fault, 44
     # failures), so each module's verdict stays its own
-    for f in $(grep -l "mark.gpu" tests/kernels/*.py tests/runtime/*.py); do
-      echo "== $f" >>"$R/pytest_gpu.log"
-      P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 100 python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
-        >>"$R/pytest_gpu.log" 2>&1
-    done
+    gpu_tests 100
     pack
     parity 8-8-8 420 &
     P=$!
@@ -84,11 +88,7 @@ case $call in
     ;;
   quick)  # one call (2026-12-02c, little session time left): the kernel tests, then ViT-B/32 8-8-8 against the peers
     # with the new GELU / requant epilogues, then attention against SDPA (the folded softmax scale)
-    for f in $(grep -l "mark.gpu" tests/kernels/*.py tests/runtime/*.py); do
-      echo "== $f" >>"$R/pytest_gpu.log"
-      P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 90 python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
-        >>"$R/pytest_gpu.log" 2>&1
-    done
+    gpu_tests 90
     pack
     speed ViT-B-32 8-8-8 200 _b32 1024,256,64,1
     taskset -c 0-7 timeout 120 $VB --parts attention >"$R/log_attention.txt" 2>&1
