@@ -1,4 +1,4 @@
-"""The GEMM epilogues' activations: exact-erf GELU in about 15 instructions, QuickGELU.
+"""The GEMM epilogues' activations: exact-erf GELU in about 15 arithmetic operations, QuickGELU.
 
 Why not ``tl.math.erf``: libdevice's ``erff`` is branchy (a polynomial below |x| = 1, an ``exp`` form above), and a
 warp whose lanes take both runs both, so the c_fc epilogue cost ~83 SASS instructions per output element on sm_90

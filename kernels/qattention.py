@@ -342,17 +342,19 @@ TILED_TUNE_NAME = "qattn-tiled3"
 SHORT_TUNE_NAME = "qattn-short2"
 
 
-def fold_sm(sites: AttnSites, hd: int) -> bool:
+def fold_sm(qk_scale: float, hd: int) -> bool:
     """Whether ``1 / sqrt(hd)`` is a power of two (head dims 4^k: 16, 64, 256) and ``qk_scale / sqrt(hd)`` an fp32
     normal (or 0), so the softmax scale folds into ``qk_scale`` exactly: one multiply per logit and pass fewer."""
-    qk = abs(_f32_product(sites.q[0], sites.k[0])) / math.sqrt(hd)
-    return math.frexp(1.0 / math.sqrt(hd))[0] == 0.5 and (qk == 0 or qk >= 2.0**-126)
+    folded = abs(qk_scale) / math.sqrt(hd)
+    return math.frexp(1.0 / math.sqrt(hd))[0] == 0.5 and (folded == 0 or folded >= 2.0**-126)
 
 
-def _scalar_args(sites: AttnSites, hd: int) -> tuple:
+def _scalar_args(sites: AttnSites, hd: int) -> tuple[bool, tuple]:
+    """(``FOLD_SM``, the kernel's scalar arguments)."""
     qk = _f32_product(sites.q[0], sites.k[0])
-    return (
-        qk / math.sqrt(hd) if fold_sm(sites, hd) else qk,  # times a power of two: exact
+    fold = fold_sm(qk, hd)
+    return fold, (
+        qk / math.sqrt(hd) if fold else qk,  # times a power of two: exact
         128 - sites.q[1],
         128 - sites.k[1],
         128 - sites.v[1],
@@ -401,6 +403,7 @@ def qattention(
     out = torch.empty(bsz, length, d, dtype=torch.int8, device=qkv.device)
     if bsz == 0 or length == 0:
         return out
+    fold, scalars = _scalar_args(sites, hd)
     common = (
         qkv,
         out,
@@ -411,7 +414,7 @@ def qattention(
         qkv.stride(1),
         out.stride(0),
         out.stride(1),
-        *_scalar_args(sites, hd),
+        *scalars,
     )
     qmax = dict(P_QMAX=float((1 << sites.p_bits) - 1), O_QMAX=float((1 << sites.out_bits) - 1))
     if short:  # one tile per (image, head): the whole padded sequence, one pass
@@ -434,7 +437,7 @@ def qattention(
         **qmax,
         ONE_PASS=block_n >= length,
         SPLIT_CQ=128 - sites.q[1] > 127,
-        FOLD_SM=fold_sm(sites, hd),
+        FOLD_SM=fold,
         num_warps=cfg.num_warps,
         num_stages=1 if short else cfg.num_stages,
     )

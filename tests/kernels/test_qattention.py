@@ -331,3 +331,12 @@ def test_gpu_tiled_full_shapes(b, length, heads, hd):
     check_attention(
         out[rows], qattention_reference(qkv[rows], heads, sites), qkv[rows], heads, sites, False, max_tie_rows=1.01
     )
+
+
+def test_fold_sm_only_where_exact():
+    """The softmax scale folds into ``qk_scale`` only for power-of-two ``1/sqrt(hd)`` and an fp32-normal product."""
+    from p4q_engine.kernels.qattention import fold_sm
+
+    assert fold_sm(1e-3, 64) and fold_sm(1e-3, 16) and fold_sm(1e-3, 256) and fold_sm(0.0, 64)
+    assert not fold_sm(1e-3, 80) and not fold_sm(1e-3, 128) and not fold_sm(1e-3, 104)
+    assert not fold_sm(2.0**-125, 64)  # / 8 would be subnormal in fp32: not exact
