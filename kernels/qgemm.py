@@ -35,6 +35,9 @@ from .activations import gelu, quick_gelu
 from .compile_ahead import launch
 from .limits import check_extent
 from .rounding import MAGIC, shifted_codes
+from .tma import descriptors as _descriptors
+from .tma import num_programs as _num_programs
+from .tma import tma_eligible
 from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
@@ -378,6 +381,9 @@ def qgemm(
             raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
     if config is None:
         config = _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw)
+    if config.wide:  # the same integers through the 8-bit loop (a weight without the copy runs its own loop)
+        w = w.wide_view() if w.wide is not None else w
+        config = replace(config, wide=False)
     cfg = effective_config(config, w)
     w0, w1 = _PLANES[w.bits]
     epi = dict(
@@ -488,6 +494,7 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         n,
         k,
         w.bits,
+        w.wide is not None,
         a.device,
         os.environ.get("P4Q_AUTOTUNE"),
     )
@@ -506,6 +513,9 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         + ("-res" if residual is not None else "")
     )
     cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
+    if w.wide is not None:  # the packed loop's best tile against the 8-bit loop's best (tuned under its own key)
+        w8 = _tuned_config(a, a_scale, a_zp, w.wide_view(), bias, act, residual, requant, out_dtype, raw)
+        cfg = pick_config(name + "-wide", m, n, k, w.bits, a.device, bench, (replace(w8, wide=True), cfg))
     if a.device.type == "cuda" and not compile_ahead.active():  # a compile-ahead pass may get an untimed guess
         _RESOLVED[sig] = cfg
     return cfg
@@ -522,23 +532,6 @@ def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
     return cfg
 
 
-def _descriptors(a: torch.Tensor, w: PackedWeight, cfg: TileConfig):
-    """TMA descriptors of A and the weight for ``cfg`` (A's box is one sub-tile wide for the interleaved layouts)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    w0, w1 = _PLANES[w.bits]
-    if w.interleaved is not None:
-        desc = TensorDescriptor.from_tensor(w.interleaved, [cfg.block_n, SUB_K])
-        return TensorDescriptor.from_tensor(a, [cfg.block_m, SUB_K]), desc, desc
-    a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-    if w.direct is not None:
-        desc = TensorDescriptor.from_tensor(w.direct, [cfg.block_n, cfg.block_k])
-        return a_desc, desc, desc
-    d0 = TensorDescriptor.from_tensor(w.planes[0], [cfg.block_n, cfg.block_k * w0 // 32])
-    d1 = TensorDescriptor.from_tensor(w.planes[1], [cfg.block_n, cfg.block_k * w1 // 32]) if w1 else d0
-    return a_desc, d0, d1
-
-
 def packed_fields(device: torch.device) -> bool:
     """``P4Q_NIB_PACKED=1`` (GPU only; off until measured on one): interleaved low-bit fields unpacked four bytes
     per register (``weight_layout._field_packed``). The interpreter runs no inline PTX."""
@@ -552,39 +545,6 @@ def kernel_choice() -> str:
     if kind not in ("auto", "ptr", "tma"):
         raise ValueError(f"P4Q_QGEMM_KERNEL must be auto, ptr or tma, got {kind!r}")
     return kind
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base, a contiguous last dimension and 16-byte aligned row strides."""
-    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-
-
-def tma_eligible(a: torch.Tensor, w: PackedWeight, cfg: TileConfig) -> bool:
-    """Whether the TMA kernel can run this problem with ``cfg`` (else the pointer kernel runs the same tiles)."""
-    if a.device.type != "cuda" and not interpret_mode():
-        return False
-    if not _aligned(a):
-        return False
-    if w.direct is not None:
-        return _aligned(w.direct)
-    if w.interleaved is not None:
-        return _aligned(w.interleaved)
-    widths = [x for x in _PLANES[w.bits] if x]
-    # each plane's box must be >= 16 bytes wide: block_k / (32 / width) words of 4 bytes
-    return all(_aligned(p) and cfg.block_k * wd // 32 >= 4 for p, wd in zip(w.planes, widths))
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_programs(device: torch.device) -> int:
-    """Persistent grid size: one program per SM (a few under the interpreter, to exercise the tile loop)."""
-    if device.type != "cuda":
-        return 3
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 # ---------------------------------------------------------------------------------------------- torch reference

@@ -41,14 +41,20 @@ class TileConfig:
     #: overlap a single program per SM lacks (its tensor cores idle through every epilogue); needs the tile to fit
     #: twice in shared memory and registers, else the candidate runs one per SM or fails and is skipped
     occupancy: int = 1
+    #: a low-bit weight run through its int8 copy (``PackedWeight.wide``) with this 8-bit tile: the choice between
+    #: the packed main loop and the 8-bit one is itself tuned per shape (``qgemm._tuned_config``)
+    wide: bool = False
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
 
 
 def config_json(cfg: TileConfig) -> dict:
-    """A configuration as a table / cache entry."""
-    return asdict(cfg)
+    """A configuration as a table / cache entry (``wide`` only where set: entries stay readable by older releases)."""
+    d = asdict(cfg)
+    if not d["wide"]:
+        del d["wide"]
+    return d
 
 
 def config_entries(data: dict) -> dict[str, TileConfig]:

@@ -79,6 +79,18 @@ def device_layout(bits: int, k: int) -> Optional[DeviceLayout]:
     return lay
 
 
+def wide_copy(device: torch.device) -> bool:
+    """Whether low-bit weights on ``device`` also keep an int8 copy (``P4Q_WIDE_INT8``: ``auto``, the default, on
+    GPUs; ``1`` everywhere, ``0`` nowhere). It costs N x K bytes per weight (ViT-B/32: 85 MB beside its 43 MB of
+    4-bit codes) and lets the tuner run each GEMM through whichever main loop is faster at its M: the packed one
+    reads fewer bytes (small M), the 8-bit one loads both operands by TMA straight into shared memory (large M,
+    where the nibble loop measured 1.3-1.46x the W8 time: benchmarks/results/gpu_2026-12-01b)."""
+    mode = os.environ.get("P4Q_WIDE_INT8", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"P4Q_WIDE_INT8 must be auto, 0 or 1, got {mode!r}")
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
+
+
 def pack_interleaved(codes: torch.Tensor, layout: DeviceLayout) -> torch.Tensor:
     """Signed codes ``[N, K]`` (any int dtype, within the layout's signed field range) -> int8 bytes
     ``[N, ceil(K / G) * SUB_K]`` of the interleaved layout; K is padded with zero codes to a whole group."""
@@ -212,6 +224,9 @@ class PackedWeight:
     codes: Optional[torch.Tensor] = None  # signed codes [N, K] when the caller has them (saves an unpack)
     interleaved: Optional[torch.Tensor] = None  # int8 [N, Kp / fields] for the nib layouts
     layout: Optional[DeviceLayout] = None  # None: the kernels unpack the artifact planes
+    #: low-bit weights: their codes also as plain int8 ``[N, K]`` (:func:`wide_copy`), so a GEMM where the 8-bit main
+    #: loop is faster (large M: compute-bound, TMA straight into shared memory) runs that loop on the same integers
+    wide: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         # the artifact keeps its exact layout; only this device copy is padded (padding codes meet K-masked or
@@ -222,11 +237,24 @@ class PackedWeight:
             self.codes = None
             return
         codes = self.codes if self.codes is not None else self._codes_from_planes()
+        dev = self.planes[0].device
         if self.bits == 8:
-            self.direct = codes.to(torch.int8).to(self.planes[0].device).contiguous()
+            self.direct = codes.to(torch.int8).to(dev).contiguous()
         else:
-            self.interleaved = pack_interleaved(codes.to(self.planes[0].device), self.layout)
-        self.codes = None  # not kept: the planes and the main-loop copy are all the kernels read
+            self.interleaved = pack_interleaved(codes.to(dev), self.layout)
+            if wide_copy(dev):
+                self.wide = codes.to(torch.int8).to(dev).contiguous()
+        self.codes = None  # not kept: the planes and the main-loop copies are all the kernels read
+        self._view: Optional[PackedWeight] = None
+
+    def wide_view(self) -> "PackedWeight":
+        """The int8 copy as an 8-bit weight (same codes, scales and column sums: the W8 kernels, tiles and tuning
+        keys compute exactly the integers of the packed loop)."""
+        if self.wide is None:
+            raise ValueError("this weight has no int8 copy (P4Q_WIDE_INT8=0, or an 8-bit weight)")
+        if getattr(self, "_view", None) is None:
+            self._view = PackedWeight([], self.scale, self.colsum, 8, self.n, self.k, direct=self.wide)
+        return self._view
 
     def _codes_from_planes(self) -> torch.Tensor:
         from p4q_engine.artifact.bitpack import unpack_reference
