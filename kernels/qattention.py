@@ -131,12 +131,19 @@ def _key_block(
     return logits
 
 
+#: log2(e) in fp32: ``exp(x - m) = 2^(x log2e - m log2e)``.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def _exp(x):
-    """``exp(x)`` as ``tl.exp`` computes it (``ex2`` of ``x * fp32(log2 e)``), but flushing results below 2^-126 to 0
-    (``ex2.approx.ftz``): no subnormal fix-up instructions. A flushed term is < 1e-37 of the row sum (which is >= 1,
-    the max's term) and its probability code is the zero point either way, so the codes cannot change."""
-    return tl.math.exp2(x * 1.4426950408889634)
+def _exp_sub(x, m2):
+    """``exp(x - m)`` given ``m2 = fl(m log2e)``: ``ex2.approx.ftz`` of one fused ``x log2e - m2`` (one FFMA per
+    logit where ``tl.exp(x - m)`` takes a subtract and a multiply). ``m2``'s own rounding scales a whole row's terms
+    by one common factor, which the row's normalisation cancels; the per-logit error is one rounding of the fused
+    result (< 4e-7 relative for every probability above half a code step), far inside TIE_EPS. Results below
+    2^-126 flush to 0 (no subnormal fix-up): such a term is < 1e-37 of the row sum (>= 1, the max's term) and its
+    probability code is the zero point either way."""
+    return tl.math.exp2(tl.fma(x, LOG2E, -m2))
 
 
 @triton.jit
@@ -159,16 +166,20 @@ def _pv_step(acc, e, inv, code_bias, v_ptrs, vmask, vc16, P_QMAX: tl.constexpr):
 
 
 @triton.jit
-def _pass1_step(mx, den, logits):
-    """Online row max and sum of ``exp(logit - max)`` (the sum rescaled when the max grows)."""
-    new_mx = tl.maximum(mx, tl.max(logits, axis=1))
-    den = den * _exp(mx - new_mx) + tl.sum(_exp(logits - new_mx[:, None]), axis=1)
-    return new_mx, den
+def _pass1_step(m2, den, logits):
+    """Online row max (kept as ``m2 = fl(max log2e)``, the value pass 2 subtracts) and sum of ``exp(logit - max)``.
+
+    When the max grows the sum is rescaled by ``2^(m2_old - m2_new)``: by the ``m2`` values its terms were computed
+    against, not by ``exp(max_old - max_new)`` - the latter would leave each earlier term off by ``m2_old``'s
+    rounding (~4e-6 relative at logits ~ 100, enough to move a code by 1e-3 of a step)."""
+    new_m2 = tl.maximum(m2, tl.max(logits, axis=1) * LOG2E)  # fl(. log2e) is monotonic: the max of the products
+    den = den * tl.math.exp2(m2 - new_m2) + tl.sum(_exp_sub(logits, new_m2[:, None]), axis=1)
+    return new_m2, den
 
 
 @triton.jit
 def _pass2_step(
-    acc, q, cq_a, cq_b, k_head, v_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale, mx, inv,
+    acc, q, cq_a, cq_b, k_head, v_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale, m2, inv,
     code_bias, vc16, HD: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT_CQ: tl.constexpr, FOLD_SM: tl.constexpr, P_QMAX: tl.constexpr,
 ):  # fmt: skip
@@ -177,7 +188,7 @@ def _pass2_step(
         q, cq_a, cq_b, k_head, keys, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
         HD, BLOCK_D, MASKED, CAUSAL, SPLIT_CQ, FOLD_SM,
     )  # fmt: skip
-    e = _exp(logits - mx[:, None])
+    e = _exp_sub(logits, m2[:, None])
     vmask = (dims < HD)[None, :]
     if MASKED:
         vmask = vmask & (keys < L)[:, None]
@@ -250,8 +261,7 @@ def _qattention_kernel(
             q, cq_a, cq_b, k_head, cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
             HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM,
         )  # fmt: skip
-        mx = tl.max(logits, axis=1)
-        e = _exp(logits - mx[:, None])
+        e = _exp_sub(logits, (tl.max(logits, axis=1) * LOG2E)[:, None])
         inv = 1.0 / (tl.sum(e, axis=1) * sp)
         vmask = (cols < L)[:, None] & vdm
         acc = _pv_step(acc, e, inv, code_bias, v_head + cols[:, None] * stride_l + dims[None, :], vmask, vc16, P_QMAX)
@@ -263,31 +273,31 @@ def _qattention_kernel(
             n_end = tl.minimum(L, (pid_m + 1) * BLOCK_M)
             n_full = tl.minimum(n_full, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
         # pass 1: row max and sum of exp(logit - max); whole blocks unmasked, then the masked rest
-        mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         den = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, n_full, BLOCK_N):
             logits = _key_block(
                 q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
                 HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, FOLD_SM,
             )  # fmt: skip
-            mx, den = _pass1_step(mx, den, logits)
+            m2, den = _pass1_step(m2, den, logits)
         for n0 in range(n_full, n_end, BLOCK_N):
             logits = _key_block(
                 q, cq_a, cq_b, k_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale, sm_scale,
                 HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM,
             )  # fmt: skip
-            mx, den = _pass1_step(mx, den, logits)
+            m2, den = _pass1_step(m2, den, logits)
         # pass 2: the final max and sum give each probability its code (see _pv_step)
         inv = 1.0 / (den * sp)
         for n0 in range(0, n_full, BLOCK_N):
             acc = _pass2_step(
                 acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
-                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
+                sm_scale, m2, inv, code_bias, vc16, HD, BLOCK_D, False, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
             )  # fmt: skip
         for n0 in range(n_full, n_end, BLOCK_N):
             acc = _pass2_step(
                 acc, q, cq_a, cq_b, k_head, v_head, n0 + cols, rows, L, dims, stride_l, ck, rowc, qk_scale,
-                sm_scale, mx, inv, code_bias, vc16, HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
+                sm_scale, m2, inv, code_bias, vc16, HD, BLOCK_D, True, CAUSAL, SPLIT_CQ, FOLD_SM, P_QMAX,
             )  # fmt: skip
     optr = out_ptr + b * out_stride_b + rows[:, None] * out_stride_l + h * HD + dims[None, :]
     _store_out(optr, acc, pv_scale, inv_so, zo, r_mask[:, None] & d_mask[None, :], O_QMAX)

@@ -220,6 +220,28 @@ def test_extreme_codes_keep_exact_logits(poison, device, hd, kernel):
         check_attention(out, ref, qkv, heads, sites, False, max_tie_rows=0.2)
 
 
+@pytest.mark.parametrize("kernel,length", (("tiled", 200), ("short", 70)))
+def test_large_logits_keep_the_codes(poison, device, kernel, length):
+    """Logits near 1000 with a spread of a few units: every exponent is taken against ``fl(max log2e)``, whose
+    rounding (~6e-5 here) must cancel in the normalisation. It does only if the online sum is rescaled by the same
+    rounded values its terms used (a rescale by ``exp(max_old - max_new)`` leaves earlier terms ~4e-5 off: codes move
+    by up to 1e-2 of a step, far past TIE_EPS - this test fails that variant)."""
+    heads, hd = 2, 16
+    g = gen("large-logits", kernel)
+    qkv, sites = make_case(2, length, heads, hd, (128, 128, 128, 128), P_SITES[0], g, device)
+    d = heads * hd
+    q = torch.randint(-1, 2, (2, length, d), generator=g, dtype=torch.int16)
+    k = torch.randint(-20, 21, (2, length, d), generator=g, dtype=torch.int16)
+    q[..., ::hd], k[..., ::hd] = 127, 127  # one dimension per head: 127^2 in every logit integer
+    qkv[..., :d], qkv[..., d : 2 * d] = q.to(torch.int8).to(device), k.to(torch.int8).to(device)
+    c = 1000.0 / (127 * 127)  # logit = c * integer: ~1000 + spread ~2
+    sites = AttnSites((c**0.5 * 2, 128), (c**0.5 * 2, 128), sites.v, sites.p, sites.out, sites.p_bits, sites.out_bits)
+    ref = qattention_reference(qkv, heads, sites)
+    cfg = {"kernel": kernel} if kernel == "short" else {"kernel": "tiled", "block_m": 32, "block_n": 32}
+    for out in run_poisoned(poison, (77,), qkv, heads, sites, **cfg):
+        check_attention(out, ref, qkv, heads, sites, False, max_tie_rows=0.3)
+
+
 def test_one_pass_and_two_pass_tiles_agree(device):
     """Both branches compute the same codes (up to the row sum's summation order: ties only)."""
     g = gen("one-vs-two")
