@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -92,6 +92,35 @@ case $call in
     pack
     speed ViT-B-32 8-8-8 200 _b32 1024,256,64,1
     taskset -c 0-7 timeout 120 $VB --parts attention >"$R/log_attention.txt" 2>&1
+    ;;
+  s23a)  # 2026-12-02 (fourth session), call 1: the changed kernels' GPU tests; attention before/after (one FFMA per
+    # exponent; the baseline is bf41f84's kernels, unpacked in _before/); ViT-B/32 4-4-8 without the int8 copy (the
+    # "before" of the wide main loop); GPU-vs-CPU parity of B/32, B/16, L/14 at 4-4-8 with the copy, beside it
+    P4Q_AUTOTUNE=0 P4Q_TUNE_CACHE=/tmp/parity_tune.json OMP_NUM_THREADS=8 taskset -c 8-15 timeout 520 \
+      $VB --parts models --models ViT-B-32,ViT-B-16,ViT-L-14 --bits 4-4-8 --batches 1 --no-peers \
+      --parity-images 1 --tag _parity448 >"$R/log_parity448.txt" 2>&1 &
+    P=$!
+    for f in tests/kernels/test_wide_int8.py tests/kernels/test_qattention.py tests/kernels/test_qgemm.py; do
+      echo "== $f" >>"$R/pytest_gpu.log"
+      P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
+        >>"$R/pytest_gpu.log" 2>&1
+    done
+    pack
+    taskset -c 0-7 timeout 150 $VB --parts attention --baseline-root _before >"$R/log_attention.txt" 2>&1
+    pack
+    P4Q_WIDE_INT8=0 speed ViT-B-32 4-4-8 110 _b32_448_nowide 1024,256,64,8,1 --no-peers
+    wait $P
+    ;;
+  s23b)  # call 2: ViT-B/32 8-8-8 and 4-4-8 (int8 copy, tuned choice) against the peers in one process; ViT-B/16 the
+    # same at 256/64/1
+    speed ViT-B-32 8-8-8,4-4-8 300 _b32 1024,256,64,8,1
+    speed ViT-B-16 8-8-8,4-4-8 260 _b16 256,64,1
+    ;;
+  s23c)  # call 3: ready-to-serve from a cold start; ViT-L/14 both bit configs against the peers
+    taskset -c 0-7 timeout 150 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
+      --timeout 75 --out "$R" >"$R/log_cold_start.txt" 2>&1
+    pack
+    speed ViT-L-14 8-8-8,4-4-8 380 _l14 256,64,1
     ;;
 esac
 pack
