@@ -178,6 +178,7 @@ def test_gpu_wide_matches_packed_at_full_shape(bits, m):
     w8 = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), bias, "gelu", None, rq, torch.float32, False)
     forced = qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=replace(w8, wide=True))
     assert torch.equal(tuned, forced)
-    raw = qgemm(a, 0.003, 130, w, raw=True, config=replace(w8, wide=True))
+    w8raw = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), None, "none", None, None, torch.float32, True)
+    raw = qgemm(a, 0.003, 130, w, raw=True, config=replace(w8raw, wide=True))  # an int32 tile has its own smem
     rows = slice(0, 512)  # the reference on the CPU: a slice is enough for every tile position in N
     assert torch.equal(raw[rows].cpu(), qgemm_reference(a[rows], 0.003, 130, codes, scale, raw=True))
