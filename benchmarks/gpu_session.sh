@@ -116,11 +116,22 @@ case $call in
     speed ViT-B-32 8-8-8,4-4-8 300 _b32 1024,256,64,8,1
     speed ViT-B-16 8-8-8,4-4-8 260 _b16 256,64,1
     ;;
-  s23c)  # call 3: ready-to-serve from a cold start; ViT-L/14 both bit configs against the peers
+  s23c)  # call 3: ready-to-serve from a cold start; ViT-L/14 both bit configs against the peers; beside them
+    # (cores 8-15) GPU-vs-CPU parity of the new attention at 8-8-8 for B/32, B/16, L/14, both configs for H/14, L/14-336
+    (
+      P4Q_AUTOTUNE=0 P4Q_TUNE_CACHE=/tmp/parity_tune.json OMP_NUM_THREADS=8 taskset -c 8-15 timeout 250 \
+        $VB --parts models --models ViT-B-32,ViT-B-16,ViT-L-14 --bits 8-8-8 --batches 1 --no-peers \
+        --parity-images 1 --tag _parity888 >"$R/log_parity888.txt" 2>&1
+      P4Q_AUTOTUNE=0 P4Q_TUNE_CACHE=/tmp/parity_tune.json OMP_NUM_THREADS=8 taskset -c 8-15 timeout 300 \
+        $VB --parts models --models ViT-H-14,ViT-L-14-336 --bits 8-8-8,4-4-8 --batches 1 --no-peers \
+        --parity-images 1 --tag _parity_big >"$R/log_parity_big.txt" 2>&1
+    ) &
+    P=$!
     taskset -c 0-7 timeout 150 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
       --timeout 75 --out "$R" >"$R/log_cold_start.txt" 2>&1
     pack
     speed ViT-L-14 8-8-8,4-4-8 380 _l14 256,64,1
+    wait $P
     ;;
 esac
 pack
