@@ -5,9 +5,10 @@ after another - about 1-2 s each for sm_90, ~24 s for ViT-B/32's batch 1024 on a
 gpu_2026-12-02b), and a server warms every bucket before it is ready. Triton's compile releases the GIL in its MLIR
 passes and ``ptxas`` (two threads compiled four qgemm variants 1.85x faster than one on a 2-core CPU), and Triton's
 ``AsyncCompileMode`` hands each compile to an executor. Under :func:`compile_ahead`, :func:`launch` turns every kernel
-launch into a ``warmup`` (compile, no launch; the outputs stay uninitialised), and the tuner refuses to time (see
-:class:`NotTuned`), so a forward run inside it only submits compiles; the context waits for them on exit, and the
-real forward after it finds every kernel in Triton's cache.
+launch into a ``warmup`` (compile, no launch; the outputs stay uninitialised), so a forward run inside it only
+submits compiles; the context waits for them on exit, and the real forward after it finds every kernel in Triton's
+cache. The tuner cannot time inside it: a kernel whose tiles are neither shipped nor cached gets *every* candidate
+compiled instead (:func:`note_untuned`), and the real forward then times them without compiling.
 """
 
 from __future__ import annotations
@@ -21,11 +22,23 @@ from contextvars import ContextVar
 from typing import Any, Iterator
 
 _ACTIVE: ContextVar[bool] = ContextVar("p4q_compile_ahead", default=False)
+_UNTUNED: ContextVar[list] = ContextVar("p4q_compile_ahead_untuned")
 
 
 class NotTuned(RuntimeError):
-    """A kernel's tiles are neither shipped nor cached: they must be timed by real launches, which a compile-ahead
-    pass cannot do. The pass stops there; the real forward tunes (and compiles) that kernel as before."""
+    """A kernel's tiles are neither shipped nor cached and a pass cannot go on without them (kept for callers that
+    stop a pass there; the tuner itself compiles every candidate instead, see :func:`note_untuned`)."""
+
+
+def note_untuned(key: str) -> None:
+    """Record that the pass met ``key`` untuned (its candidates compiled, the first one used for the rest of the
+    pass, nothing cached): the real forward tunes it."""
+    _UNTUNED.get([]).append(key)
+
+
+def untuned() -> list[str]:
+    """The keys :func:`note_untuned` recorded in this pass so far."""
+    return list(_UNTUNED.get([]))
 
 
 def active() -> bool:
@@ -70,6 +83,7 @@ def compile_ahead(workers: int) -> Iterator[bool]:
     import triton
 
     token = _ACTIVE.set(True)
+    keys = _UNTUNED.set([])
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="p4q-compile") as pool:
             mode = triton.AsyncCompileMode(pool, **_mode_options(triton.AsyncCompileMode))
@@ -82,6 +96,7 @@ def compile_ahead(workers: int) -> Iterator[bool]:
             _finish(mode, None, None, None)
     finally:
         _ACTIVE.reset(token)
+        _UNTUNED.reset(keys)
 
 
 def _finish(mode: Any, *exc: Any) -> None:

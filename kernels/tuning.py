@@ -250,13 +250,22 @@ def pick_config(
         _load_file()
         if key in _memory:
             return _memory[key]
-    if bench is not None and compile_ahead.active():
-        if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
-            # untimed picks are the first candidate that runs (below): the first one, compiled now; the caller must
-            # not keep it (the real forward checks that it runs, as it would without the pass)
-            return _fitting(candidates, fit_m)[0]
-        raise compile_ahead.NotTuned(key)  # timing needs real launches: the real forward tunes it
     fitting = _fitting(candidates, fit_m)
+    if bench is not None and compile_ahead.active():
+        # the caller must not keep what a pass returns (the real forward checks that it runs, or times it)
+        if os.environ.get("P4Q_AUTOTUNE", "1") == "0":
+            return fitting[0]  # untimed picks are the first candidate that runs (below): the first one, compiled now
+        # timing needs real launches: the real forward tunes this key. Its candidates compile now, in the pass's
+        # pool, instead of one at a time while it tunes; the first one lets the rest of the forward compile too
+        # (the pass used to stop at such a key: a fresh server's buckets with one untuned kernel then compiled
+        # everything serially, 104 s to ready for ViT-B/32 in benchmarks/results/gpu_2026-12-02d)
+        compile_ahead.note_untuned(key)
+        for cfg in fitting:
+            try:
+                bench(cfg)
+            except Exception:  # noqa: BLE001 - a candidate that cannot compile is skipped by the tuner as well
+                continue
+        return fitting[0]
     if bench is None:
         return fitting[0]
     if os.environ.get("P4Q_AUTOTUNE", "1") == "0":

@@ -337,8 +337,8 @@ class KernelEngine(Engine):
     @torch.no_grad()
     def precompile(self, sizes: list[int], workers: Optional[int] = None) -> dict:
         """Compile every kernel the forwards of these batch sizes launch, in parallel (``kernels/compile_ahead.py``),
-        so that capturing their graphs afterwards compiles nothing. Best effort: a bucket whose tiles are not
-        shipped or cached stops at its first such kernel (its real forward tunes it), and one that fails otherwise
+        so that capturing their graphs afterwards compiles nothing. Best effort: a kernel whose tiles are not shipped
+        or cached has every candidate compiled (``untuned``: its real forward times them), and a bucket that fails
         is recorded and left to its real forward, which raises where errors are mapped. Returns what was done."""
         from p4q_engine.kernels import compile_ahead
 
@@ -360,9 +360,12 @@ class KernelEngine(Engine):
                 if not on:
                     return done
                 for size in buckets:
+                    seen = len(compile_ahead.untuned())
                     try:
                         self._tower(torch.zeros(size, 3, *self.image_size, device=self.device))
                         done["buckets"].append(size)
+                        if len(compile_ahead.untuned()) > seen:  # compiled, candidates included; tuned at capture
+                            done["untuned"][size] = ", ".join(compile_ahead.untuned()[seen:])
                     except compile_ahead.NotTuned as e:
                         done["untuned"][size] = str(e)
                     except Exception as e:  # noqa: BLE001 - the real forward raises it again, where it is mapped
