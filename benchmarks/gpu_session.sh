@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The device calls of a GPU session, so what runs is in the repository word for word (as run on 2026-12-02 at
-# feeb734: ViT-B/32, B/16, L/14, H/14, L/14-336 against the peers; this version, for the next session: what that run
-# missed or could not time - the kernel tests without the withdrawn ws tiles, compile ahead, the low-bit rows).
+# The device calls of a GPU session, so what runs is in the repository word for word: call1-3 (the full plan, first
+# run at feeb734 on 2026-12-02), quick (gpu_2026-12-02c), s23a-e (gpu_2026-12-02d, each as committed before its call),
+# tune_serve (for the next session: the serve buckets the shipped table lacks).
 #
 # Run on the device machine from a `git archive` of HEAD unpacked in .gpurun (wheels in ../.whl):
 #     cd .gpurun && bash benchmarks/gpu_session.sh call1
@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -143,6 +143,13 @@ case $call in
     # candidates instead of stopping at them (s23d: 104.4 s to ready)
     taskset -c 0-7 timeout 175 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
       --modes parallel --timeout 165 --out "$R" >"$R/log_cold_start.txt" 2>&1
+    ;;
+  tune_serve)  # for the next session: the serve buckets the shipped table lacks (2-32's attention, all of 128 and
+    # 512: 2026-12-02d's cold start timed them at start-up); the merged table comes back as $R/NVIDIA_H200.json, to
+    # replace kernels/tuned/NVIDIA_H200.json on the CPU machine
+    taskset -c 0-7 timeout 500 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8,4-4-8 \
+      >"$R/log_tune_serve.txt" 2>&1
+    cp kernels/tuned/NVIDIA_H200.json "$R/"
     ;;
 esac
 pack

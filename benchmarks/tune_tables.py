@@ -1,6 +1,6 @@
 """Tune every kernel shape a set of models meets on this GPU and write the shippable table (``kernels/tuned``).
 
-    python benchmarks/tune_tables.py --models ViT-B-32,ViT-B-16 --bits 8-8-8,4-4-8 --batches 1,8,64,256,1024
+    python benchmarks/tune_tables.py --models ViT-B-32,ViT-B-16 --bits 8-8-8,4-4-8   # batches 1, 2, 4, ..., 1024
     python benchmarks/tune_tables.py --artifact model.p4q --batches 1,8,64      # a user's own artifact
     python benchmarks/tune_tables.py --from-cache tuning.json --gpu "NVIDIA H200"  # merge a run's cache (no GPU)
 
@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], default=["ViT-B-32"])
     ap.add_argument("--bits", type=lambda v: v.split(","), default=["8-8-8", "4-4-8"])
     ap.add_argument("--artifact", action="append", default=[], help="also (or only, with --models '') this .p4q")
-    ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 64, 256, 1024])
+    ap.add_argument(  # every bucket a server warms up to --max-batch 1024: a table without them costs start-up time
+        "--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1 << i for i in range(11)]
+    )
     ap.add_argument("--out", type=Path, default=None, help="directory of the tables (default: kernels/tuned)")
     ap.add_argument("--from-cache", type=Path, help="merge this P4Q_TUNE_CACHE file (a benchmark's) and exit")
     ap.add_argument("--gpu", help="with --from-cache: the GPU name whose entries are merged")
