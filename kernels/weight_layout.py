@@ -87,7 +87,9 @@ def wide_copy(device: torch.device) -> bool:
     where the nibble loop measured 1.3-1.46x the W8 time: benchmarks/results/gpu_2026-12-01b)."""
     mode = os.environ.get("P4Q_WIDE_INT8", "auto")
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"P4Q_WIDE_INT8 must be auto, 0 or 1, got {mode!r}")
+        from p4q_engine.errors import ConfigError
+
+        raise ConfigError(f"P4Q_WIDE_INT8 must be auto, 0 or 1, got {mode!r}")
     return mode == "1" or (mode == "auto" and device.type == "cuda")
 
 

@@ -16,6 +16,7 @@ from p4q_engine.kernels.qgemm import Requant, qgemm, qgemm_reference
 from p4q_engine.kernels.tuning import INTERPRET_CONFIG, TileConfig, config_entries, config_json
 from p4q_engine.kernels.weight_layout import wide_copy
 
+from p4q_engine.errors import ConfigError
 from tests.kernels.test_qgemm import RAW_SENTINELS, gen, make_acts, make_weight, run_poisoned
 
 LOW_BITS = (2, 3, 4)
@@ -39,7 +40,7 @@ def test_policy(monkeypatch):
     monkeypatch.setenv("P4Q_WIDE_INT8", "1")
     assert wide_copy(cpu)
     monkeypatch.setenv("P4Q_WIDE_INT8", "yes")
-    with pytest.raises(ValueError, match="P4Q_WIDE_INT8"):
+    with pytest.raises(ConfigError, match="P4Q_WIDE_INT8"):
         wide_copy(cpu)
 
 
