@@ -65,9 +65,11 @@ def run_qgemm(m: int, n: int, k: int, epi: str, bits: int, layout: str) -> dict:
     from p4q_engine.kernels import tuning
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout == "packed" else layout):
-        codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
-        w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
+    # "wide": the engine's default on a GPU (the int8 copy, the faster loop per shape); the others time one loop
+    with env_var("P4Q_WEIGHT_LAYOUT", "nib" if layout in ("packed", "wide") else layout):
+        with env_var("P4Q_WIDE_INT8", "auto" if layout == "wide" else "0"):
+            codes = torch.randint(lo, hi + 1, (n, k), device="cuda", dtype=torch.int8)
+            w = qg.PackedWeight.from_codes(codes, torch.rand(n, device="cuda") * 0.01, bits)
     a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
     bias = torch.randn(n, device="cuda")
     kw: dict = {"bias": bias}
@@ -105,9 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--layouts",
         type=lambda v: v.split(","),
-        default=["nib", "packed", "planes"],
+        default=["nib", "packed", "planes", "wide"],
         help="main loops: nib (interleaved low-bit / direct 8-bit), packed (nib with P4Q_NIB_PACKED=1), planes (the "
-        "artifact's)",
+        "artifact's), wide (the engine's choice between nib and the 8-bit loop on an int8 copy)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ definition the tests compare against (integer accumulator bit-exact; float epilo
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -38,7 +39,7 @@ from .rounding import MAGIC, shifted_codes
 from .tma import descriptors as _descriptors
 from .tma import num_programs as _num_programs
 from .tma import tma_eligible
-from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, pick_config
+from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
 
@@ -383,7 +384,7 @@ def qgemm(
         config = _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw)
     if config.wide:  # the same integers through the 8-bit loop (a weight without the copy runs its own loop)
         w = w.wide_view() if w.wide is not None else w
-        config = replace(config, wide=False)
+        config = _narrow(config)
     cfg = effective_config(config, w)
     w0, w1 = _PLANES[w.bits]
     epi = dict(
@@ -512,13 +513,23 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         + f"-{layout}-{out_tag}"
         + ("-res" if residual is not None else "")
     )
-    cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
-    if w.wide is not None:  # the packed loop's best tile against the 8-bit loop's best (tuned under its own key)
-        w8 = _tuned_config(a, a_scale, a_zp, w.wide_view(), bias, act, residual, requant, out_dtype, raw)
-        cfg = pick_config(name + "-wide", m, n, k, w.bits, a.device, bench, (replace(w8, wide=True), cfg))
+    # a low-bit weight with an int8 copy: the shipped / cached choice between the two loops, else the packed loop's
+    # best tile timed against the 8-bit loop's best (tuned under its own key)
+    cfg = lookup(name + "-wide", m, n, k, w.bits, a.device) if w.wide is not None else None
+    if cfg is None:
+        cfg = pick_config(name, m, n, k, w.bits, a.device, bench, cands)
+        if w.wide is not None:
+            w8 = _tuned_config(a, a_scale, a_zp, w.wide_view(), bias, act, residual, requant, out_dtype, raw)
+            cfg = pick_config(name + "-wide", m, n, k, w.bits, a.device, bench, (replace(w8, wide=True), cfg))
     if a.device.type == "cuda" and not compile_ahead.active():  # a compile-ahead pass may get an untimed guess
         _RESOLVED[sig] = cfg
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _narrow(cfg: TileConfig) -> TileConfig:
+    """``cfg`` without ``wide`` (memoized: an eager launch pays one dict lookup, not a dataclass copy)."""
+    return replace(cfg, wide=False)
 
 
 def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:

@@ -50,7 +50,8 @@ INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
 
 
 def config_json(cfg: TileConfig) -> dict:
-    """A configuration as a table / cache entry (``wide`` only where set: entries stay readable by older releases)."""
+    """A configuration as a table / cache entry. ``wide`` only where set: entries without it stay readable by
+    releases before it (one that has it makes such a release skip the whole file and tune again)."""
     d = asdict(cfg)
     if not d["wide"]:
         del d["wide"]
@@ -227,6 +228,16 @@ def _fitting(candidates: tuple[TileConfig, ...], fit_m: int) -> list[TileConfig]
     return [c for c in candidates if _fits(c, fit_m)] or sorted(
         candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages)
     )
+
+
+def lookup(name: str, m: int, n: int, k: int, bits: int, device: torch.device) -> Optional[TileConfig]:
+    """The shipped or cached configuration of this key, or None (never tunes; None off the GPU)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
+        return None
+    key = _key(name, m, n, k, bits, device)
+    with _lock:
+        _load_file()
+        return _memory.get(key)
 
 
 def pick_config(

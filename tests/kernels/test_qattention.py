@@ -225,7 +225,9 @@ def test_large_logits_keep_the_codes(poison, device, kernel, length):
     """Logits near 1000 with a spread of a few units: every exponent is taken against ``fl(max log2e)``, whose
     rounding (~6e-5 here) must cancel in the normalisation. It does only if the online sum is rescaled by the same
     rounded values its terms used (a rescale by ``exp(max_old - max_new)`` leaves earlier terms ~4e-5 off: codes move
-    by up to 1e-2 of a step, far past TIE_EPS - this test fails that variant)."""
+    by up to 1e-2 of a step, far past TIE_EPS). That variant fails it on a GPU only: the interpreter's ``tl.fma``
+    rounds twice (numpy), an error of the same size, so under it this is a check of the codes, not of the rescale;
+    ``test_gpu_large_logits_keep_the_codes`` runs it where ``fma`` is fused."""
     heads, hd = 2, 16
     g = gen("large-logits", kernel)
     qkv, sites = make_case(2, length, heads, hd, (128, 128, 128, 128), P_SITES[0], g, device)
@@ -240,6 +242,14 @@ def test_large_logits_keep_the_codes(poison, device, kernel, length):
     cfg = {"kernel": kernel} if kernel == "short" else {"kernel": "tiled", "block_m": 32, "block_n": 32}
     for out in run_poisoned(poison, (77,), qkv, heads, sites, **cfg):
         check_attention(out, ref, qkv, heads, sites, False, max_tie_rows=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel,length", (("tiled", 200), ("short", 70)))
+def test_gpu_large_logits_keep_the_codes(poison, kernel, length):
+    """:func:`test_large_logits_keep_the_codes` on the GPU, whose fused ``fma`` makes it discriminate the rescale."""
+    test_large_logits_keep_the_codes(poison, "cuda", kernel, length)
 
 
 def test_one_pass_and_two_pass_tiles_agree(device):

@@ -73,7 +73,11 @@ def _requant(n: int, g: torch.Generator, device: str) -> Requant:
 
 @pytest.mark.parametrize("bits", LOW_BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("base", (INTERPRET_CONFIG, TMA_CONFIG), ids=("ptr", "tma"))
+@pytest.mark.parametrize(
+    "base",
+    (INTERPRET_CONFIG, replace(INTERPRET_CONFIG, swap=True), TMA_CONFIG, replace(TMA_CONFIG, swap=True)),
+    ids=("ptr", "ptr-swap", "tma", "tma-swap"),
+)
 def test_wide_equals_packed_loop(wide, poison, device, bits, shape, base):
     """Raw accumulator = the reference; the requantizing epilogue (bias, residual) gives the packed loop's codes bit
     for bit, on fresh random inputs with poisoned outputs."""
@@ -90,8 +94,9 @@ def test_wide_equals_packed_loop(wide, poison, device, bits, shape, base):
     packed = run_poisoned(poison, (77,), config=base, **args)[0]
     for out in run_poisoned(poison, (77, -5), config=wcfg, **args):
         assert torch.equal(out, packed)
-    f_packed = qgemm(a, 0.003, 200, w, bias, residual=res, config=base)
-    assert torch.equal(qgemm(a, 0.003, 200, w, bias, residual=res, config=wcfg), f_packed)
+    for act in ("none", "gelu", "quick_gelu"):  # float outputs: the same epilogue on the same integers
+        f_packed = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=base)
+        assert torch.equal(qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=wcfg), f_packed)
 
 
 def test_wide_config_reads_the_copy(wide, device):
@@ -152,6 +157,15 @@ def test_tuner_chooses_between_the_two_loops(wide, monkeypatch, device):
         assert calls[2][2] == (replace(w8_cfg, wide=True), replace(nib_cfg, block_k=128))
         assert launched[-1]["DIRECT8"] is choose_wide and (launched[-1]["NIB"] == 0) is choose_wide
         assert launched[-1]["BLOCK_M"] == (w8_cfg if choose_wide else nib_cfg).block_m
+    # a shipped / cached choice is taken as it is: neither loop's own key is looked up or tuned
+    qgemm_mod._RESOLVED.clear()
+    calls.clear()
+    shipped = replace(TileConfig(16, 64, 64, 2, 4, 1), wide=True)
+    looked: list = []
+    monkeypatch.setattr(qgemm_mod, "lookup", lambda name, *a: looked.append(name) or shipped)
+    assert torch.equal(qgemm(a, 0.01, 3, w, raw=True).cpu(), ref)
+    assert looked == ["qgemm-nib4-raw-wide"] and calls == [] and launched[-1]["DIRECT8"] is True
+    assert launched[-1]["BLOCK_N"] == 64
     qgemm_mod._RESOLVED.clear()
 
 
@@ -167,8 +181,8 @@ def test_config_json_round_trip():
 @pytest.mark.parametrize("bits", LOW_BITS)
 @pytest.mark.parametrize("m", (50, 51200))
 def test_gpu_wide_matches_packed_at_full_shape(bits, m):
-    """ViT-B/32's c_fc (768 -> 3072) at batch 1 and 1024: the tuned choice, the forced wide loop and the packed loop
-    give the same requantized codes, and the raw accumulators equal the reference."""
+    """ViT-B/32's c_fc (768 -> 3072) at batch 1 and 1024: the tuned choice, the forced wide loop and an explicit
+    packed-loop tile give the same requantized codes, and the raw accumulators equal the reference."""
     g = gen("gpu-wide", bits, m)
     codes, scale, w = make_weight(bits, 3072, 768, g, "cuda")
     assert w.wide is not None  # auto: on for GPUs
@@ -179,6 +193,8 @@ def test_gpu_wide_matches_packed_at_full_shape(bits, m):
     w8 = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), bias, "gelu", None, rq, torch.float32, False)
     forced = qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=replace(w8, wide=True))
     assert torch.equal(tuned, forced)
+    packed_tile = TileConfig(64, 128, 128, 8, 4, 3)  # a pointer-kernel tile of GPU_CANDIDATES, not wide
+    assert torch.equal(qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=packed_tile), forced)
     w8raw = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), None, "none", None, None, torch.float32, True)
     raw = qgemm(a, 0.003, 130, w, raw=True, config=replace(w8raw, wide=True))  # an int32 tile has its own smem
     rows = slice(0, 512)  # the reference on the CPU: a slice is enough for every tile position in N
