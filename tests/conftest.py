@@ -10,6 +10,10 @@ import os
 
 import torch
 
+#: ``tests.cuda_poison``: one sticky CUDA fault skips the later GPU tests instead of failing each; ``pytester``: its
+#: own test runs pytest inside pytest
+pytest_plugins = ["tests.cuda_poison", "pytester"]
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
