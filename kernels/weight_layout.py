@@ -79,18 +79,25 @@ def device_layout(bits: int, k: int) -> Optional[DeviceLayout]:
     return lay
 
 
-def wide_copy(device: torch.device) -> bool:
-    """Whether low-bit weights on ``device`` also keep an int8 copy (``P4Q_WIDE_INT8``: ``auto``, the default, on
-    GPUs; ``1`` everywhere, ``0`` nowhere). It costs N x K bytes per weight (ViT-B/32: 85 MB beside its 43 MB of
-    4-bit codes) and lets the tuner run each GEMM through whichever main loop is faster at its M: the packed one
-    reads fewer bytes (small M), the 8-bit one loads both operands by TMA straight into shared memory (large M,
-    where the nibble loop measured 1.3-1.46x the W8 time: benchmarks/results/gpu_2026-12-01b)."""
+def wide_copy(device: torch.device, nbytes: int = 0) -> bool:
+    """Whether a low-bit weight on ``device`` also keeps an int8 copy of ``nbytes`` (``P4Q_WIDE_INT8``: ``auto``, the
+    default, on GPUs while at least a quarter of the GPU's memory stays free after the copy; ``1`` everywhere, ``0``
+    nowhere). It costs N x K bytes per weight (ViT-B/32: 85 MB beside its 43 MB of 4-bit codes) and lets the tuner
+    run each GEMM through whichever main loop is faster at its M: the packed one reads fewer bytes (small M), the
+    8-bit one loads both operands by TMA straight into shared memory (large M, where the nibble loop measured
+    1.3-1.46x the W8 time: benchmarks/results/gpu_2026-12-01b). A model too large for the copies keeps the packed
+    loop for the weights that no longer fit, instead of running out of memory."""
     mode = os.environ.get("P4Q_WIDE_INT8", "auto")
     if mode not in ("auto", "0", "1"):
         from p4q_engine.errors import ConfigError
 
         raise ConfigError(f"P4Q_WIDE_INT8 must be auto, 0 or 1, got {mode!r}")
-    return mode == "1" or (mode == "auto" and device.type == "cuda")
+    if mode != "auto":
+        return mode == "1"
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return free - nbytes >= total // 4
 
 
 def pack_interleaved(codes: torch.Tensor, layout: DeviceLayout) -> torch.Tensor:
@@ -244,7 +251,7 @@ class PackedWeight:
             self.direct = codes.to(torch.int8).to(dev).contiguous()
         else:
             self.interleaved = pack_interleaved(codes.to(dev), self.layout)
-            if wide_copy(dev):
+            if wide_copy(dev, self.n * self.k):
                 self.wide = codes.to(torch.int8).to(dev).contiguous()
         self.codes = None  # not kept: the planes and the main-loop copies are all the kernels read
         self._view: Optional[PackedWeight] = None

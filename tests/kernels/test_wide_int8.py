@@ -31,14 +31,17 @@ def wide(monkeypatch):
 
 
 def test_policy(monkeypatch):
-    """``auto`` keeps the copy on GPUs only; ``0`` / ``1`` force it; anything else is a clear error."""
+    """``auto`` keeps the copy on GPUs only, while a quarter of the GPU's memory stays free after it; ``0`` / ``1``
+    force it; anything else is a clear error."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("P4Q_WIDE_INT8", raising=False)
-    assert wide_copy(gpu) and not wide_copy(cpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 << 30, 80 << 30))
+    assert wide_copy(gpu) and wide_copy(gpu, 40 << 30) and not wide_copy(cpu)
+    assert not wide_copy(gpu, (40 << 30) + 1)  # would leave less than 20 of 80 GiB free
     monkeypatch.setenv("P4Q_WIDE_INT8", "0")
     assert not wide_copy(gpu)
     monkeypatch.setenv("P4Q_WIDE_INT8", "1")
-    assert wide_copy(cpu)
+    assert wide_copy(cpu) and wide_copy(gpu, 1 << 50)
     monkeypatch.setenv("P4Q_WIDE_INT8", "yes")
     with pytest.raises(ConfigError, match="P4Q_WIDE_INT8"):
         wide_copy(cpu)
