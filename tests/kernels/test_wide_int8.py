@@ -17,6 +17,7 @@ from p4q_engine.kernels.tuning import INTERPRET_CONFIG, TileConfig, config_entri
 from p4q_engine.kernels.weight_layout import wide_copy
 
 from p4q_engine.errors import ConfigError
+from p4q_engine.quant.ties import assert_codes_equal_or_ties
 from tests.kernels.test_qgemm import RAW_SENTINELS, gen, make_acts, make_weight, run_poisoned
 
 LOW_BITS = (2, 3, 4)
@@ -184,21 +185,27 @@ def test_config_json_round_trip():
 @pytest.mark.parametrize("bits", LOW_BITS)
 @pytest.mark.parametrize("m", (50, 51200))
 def test_gpu_wide_matches_packed_at_full_shape(bits, m):
-    """ViT-B/32's c_fc (768 -> 3072) at batch 1 and 1024: the tuned choice, the forced wide loop and an explicit
-    packed-loop tile give the same requantized codes, and the raw accumulators equal the reference."""
+    """ViT-B/32's c_fc (768 -> 3072) at batch 1 and 1024: the raw accumulators of the wide loop equal the reference
+    (a slice on the CPU) and the packed loop's; the tuned choice, the forced wide loop and an explicit packed-loop
+    tile give the same requantized GELU codes - equal, or one step apart at a float tie of the float64 pre-rounding
+    value (two compilations of the same epilogue may contract its multiply-adds differently)."""
     g = gen("gpu-wide", bits, m)
     codes, scale, w = make_weight(bits, 3072, 768, g, "cuda")
-    assert w.wide is not None  # auto: on for GPUs
+    assert w.wide is not None  # auto: on for GPUs with room
     a = make_acts(m, 768, g, "cuda")
     rq = _requant(3072, g, "cuda")
     bias = (torch.randn(3072, generator=g) * 0.5).cuda()
+    packed_tile = TileConfig(64, 128, 128, 8, 4, 3)  # a pointer-kernel tile of GPU_CANDIDATES, not wide
+    w8raw = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), None, "none", None, None, torch.float32, True)
+    raw = qgemm(a, 0.003, 130, w, raw=True, config=replace(w8raw, wide=True))  # an int32 tile has its own smem
+    assert torch.equal(raw, qgemm(a, 0.003, 130, w, raw=True, config=packed_tile))
+    rows = slice(0, 512)  # the reference on the CPU: a slice is enough for every tile position in N
+    assert torch.equal(raw[rows].cpu(), qgemm_reference(a[rows], 0.003, 130, codes, scale, raw=True))
+    y = raw.double() * (0.003 * w.scale.double()) + bias.double()
+    v = torch.nn.functional.gelu(y) / rq.scale.double()  # the pre-rounding values, float64 (on the GPU)
     tuned = qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq)
     w8 = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), bias, "gelu", None, rq, torch.float32, False)
     forced = qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=replace(w8, wide=True))
-    assert torch.equal(tuned, forced)
-    packed_tile = TileConfig(64, 128, 128, 8, 4, 3)  # a pointer-kernel tile of GPU_CANDIDATES, not wide
-    assert torch.equal(qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=packed_tile), forced)
-    w8raw = qgemm_mod._tuned_config(a, 0.003, 130, w.wide_view(), None, "none", None, None, torch.float32, True)
-    raw = qgemm(a, 0.003, 130, w, raw=True, config=replace(w8raw, wide=True))  # an int32 tile has its own smem
-    rows = slice(0, 512)  # the reference on the CPU: a slice is enough for every tile position in N
-    assert torch.equal(raw[rows].cpu(), qgemm_reference(a[rows], 0.003, 130, codes, scale, raw=True))
+    packed = qgemm(a, 0.003, 130, w, bias, act="gelu", requant=rq, config=packed_tile)
+    assert_codes_equal_or_ties(tuned, forced, v, what="tuned vs wide")
+    assert_codes_equal_or_ties(packed, forced, v, what="packed vs wide")
