@@ -270,6 +270,8 @@ def pick_config(
         # pool, instead of one at a time while it tunes; the first one lets the rest of the forward compile too
         # (the pass used to stop at such a key: a fresh server's buckets with one untuned kernel then compiled
         # everything serially, 104 s to ready for ViT-B/32 in benchmarks/results/gpu_2026-12-02d)
+        if key in compile_ahead.untuned():  # met before in this pass (another layer): already submitted
+            return fitting[0]
         compile_ahead.note_untuned(key)
         for cfg in fitting:
             try:

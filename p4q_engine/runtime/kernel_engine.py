@@ -365,7 +365,7 @@ class KernelEngine(Engine):
                         self._tower(torch.zeros(size, 3, *self.image_size, device=self.device))
                         done["buckets"].append(size)
                         if len(compile_ahead.untuned()) > seen:  # compiled, candidates included; tuned at capture
-                            done["untuned"][size] = ", ".join(dict.fromkeys(compile_ahead.untuned()[seen:]))
+                            done["untuned"][size] = ", ".join(compile_ahead.untuned()[seen:])
                     except compile_ahead.NotTuned as e:
                         done["untuned"][size] = str(e)
                     except Exception as e:  # noqa: BLE001 - the real forward raises it again, where it is mapped

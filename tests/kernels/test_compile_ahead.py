@@ -145,6 +145,8 @@ def test_tuner_compiles_every_candidate_inside_the_context(fake_triton, monkeypa
         assert pick_config("qgemm", 64, 768, 768, 8, gpu, bench, cands) == cands[0]
         assert compiled == list(cands)
         assert compile_ahead.untuned() == [tuning._key("qgemm", 64, 768, 768, 8, gpu)]
+        assert pick_config("qgemm", 64, 768, 768, 8, gpu, bench, cands) == cands[0]  # the next layer's same key
+        assert compiled == list(cands) and len(compile_ahead.untuned()) == 1  # submitted once per pass
         assert pick_config("qgemm", 64, 768, 768, 8, gpu, None, cands) == cands[0]
     assert tuning._user == {} and tuning._key("qgemm", 64, 768, 768, 8, gpu) not in tuning._memory
     assert compile_ahead.untuned() == []  # per pass
