@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -150,6 +150,21 @@ case $call in
     taskset -c 0-7 timeout 500 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8,4-4-8 \
       >"$R/log_tune_serve.txt" 2>&1
     cp kernels/tuned/NVIDIA_H200.json "$R/"
+    ;;
+  s24a)  # 2026-12-02 (fifth session), call 1: GPU tests never run on a GPU (the wide-copy fix, the large-logit
+    # twins, the poison plugin), then tune the serve buckets the table lacks, then the batch-1 profile (no graph)
+    for f in tests/kernels/test_wide_int8.py tests/kernels/test_qattention.py tests/test_cuda_poison.py; do
+      echo "== $f" >>"$R/pytest_gpu.log"
+      P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 90 python3 -m pytest -m gpu "$f" -q -p no:cacheprovider \
+        >>"$R/pytest_gpu.log" 2>&1
+    done
+    pack
+    taskset -c 0-7 timeout 230 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8,4-4-8 \
+      >"$R/log_tune_serve.txt" 2>&1
+    cp kernels/tuned/NVIDIA_H200.json "$R/"
+    pack
+    taskset -c 0-7 timeout 80 $VB --parts profile --models ViT-B-32 --bits 8-8-8,4-4-8 --batches 1 \
+      --tag _b1 >"$R/log_profile_b1.txt" 2>&1
     ;;
 esac
 pack
