@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -165,6 +165,22 @@ case $call in
     pack
     taskset -c 0-7 timeout 80 $VB --parts profile --models ViT-B-32 --bits 8-8-8,4-4-8 --batches 1 \
       --tag _b1 >"$R/log_profile_b1.txt" 2>&1
+    ;;
+  s24b)  # call 2: split-K for small M. GPU tests of it (and the fixed large-logit twins); ViT-B/32 batch 1-64 with
+    # split-K off (the before; its own tune cache); the small buckets' GEMMs tuned again with the split candidates;
+    # the after: batch 1, 8, 64 against the peers in one process, then 2-32 engine-only
+    echo "== split_k + qattention" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 100 python3 -m pytest -m gpu tests/kernels/test_split_k.py \
+      tests/kernels/test_qattention.py -q -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    P4Q_SPLIT_K=0 P4Q_TUNE_CACHE=/tmp/before_tune.json speed ViT-B-32 8-8-8 70 _b32_small_nosplit \
+      64,32,16,8,4,2,1 --no-peers
+    taskset -c 0-7 timeout 150 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8,4-4-8 \
+      --batches 1,2,4,8,16,32,64 --retune-m-max 2048 >"$R/log_tune_split.txt" 2>&1
+    cp kernels/tuned/NVIDIA_H200.json "$R/"
+    pack
+    speed ViT-B-32 8-8-8,4-4-8 160 _b32_small 64,8,1
+    speed ViT-B-32 8-8-8,4-4-8 60 _b32_small_rest 32,16,4,2 --no-peers
     ;;
 esac
 pack

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
         "--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1 << i for i in range(11)]
     )
     ap.add_argument("--out", type=Path, default=None, help="directory of the tables (default: kernels/tuned)")
+    ap.add_argument(  # new candidates (e.g. split-K for small M) are only timed for keys the table does not hold
+        "--retune-m-max", type=int, default=0, help="tune the GEMM keys of M buckets up to this again (0: none)"
+    )
     ap.add_argument("--from-cache", type=Path, help="merge this P4Q_TUNE_CACHE file (a benchmark's) and exit")
     ap.add_argument("--gpu", help="with --from-cache: the GPU name whose entries are merged")
     ap.add_argument("--measured", default="", help="with --from-cache: the GPU, versions and date it was tuned on")
@@ -45,6 +48,10 @@ def main(argv=None) -> int:
     os.environ["P4Q_TUNE_CACHE"] = str(cache)
     os.environ["P4Q_AUTOTUNE"] = "1"
     from p4q_engine.kernels import tuning
+
+    if args.retune_m_max:
+        dropped = tuning.forget(lambda name, m: name.startswith("qgemm") and m <= args.retune_m_max)
+        print(f"tuning again: {dropped} GEMM entries of M buckets <= {args.retune_m_max}", flush=True)
 
     from benchmarks.vit_bench import build_artifact
     from p4q_engine.clip.loading import load_clip
@@ -118,6 +125,8 @@ def write_table(tuning, out) -> None:
     target = tuning.table_path(gpu, out)
     previous = json.loads(target.read_text()) if target.exists() else None
     measured = f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}"
+    if previous and previous.get("measured") and measured not in previous["measured"]:
+        measured = f"{previous['measured']}; {measured}"  # provenance is appended to, never replaced
     table = tuning.table_file(gpu, tuning._user, measured, previous)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(table, indent=1) + "\n")

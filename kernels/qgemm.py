@@ -36,10 +36,11 @@ from .activations import gelu, quick_gelu
 from .compile_ahead import launch
 from .limits import check_extent
 from .rounding import MAGIC, shifted_codes
+from .split_k import k_per_split, split_k_range, split_k_reduce, usable_split, workspace
 from .tma import descriptors as _descriptors
 from .tma import num_programs as _num_programs
 from .tma import tma_eligible
-from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config
+from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config, split_k_enabled
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
 
@@ -60,9 +61,12 @@ def _qgemm_kernel(
     oinv_ptr,
     ozp_ptr,
     out_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     K,
+    K_SPLIT,
     KW0,
     KW1,
     stride_am,
@@ -87,8 +91,9 @@ def _qgemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, k_lo, k_hi = split_k_range(tl.program_id(0), K, K_SPLIT, SPLIT_K)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -109,7 +114,7 @@ def _qgemm_kernel(
     if NIB > 0:  # interleaved low-bit bytes [N, Kp / FIELDS]: one byte tile per K group, one field per dot
         FIELDS: tl.constexpr = 8 // NIB
         offs_s = tl.arange(0, SUB)
-        for g0 in range(0, K, SUB * FIELDS):
+        for g0 in range(k_lo, k_hi, SUB * FIELDS):
             wb = tl.load(wp0 + offs_n[:, None] * KW0 + (g0 // FIELDS + offs_s)[None, :], mask=n_mask[:, None], other=0)
             for i in tl.static_range(FIELDS):
                 offs_k = g0 + i * SUB + offs_s
@@ -120,7 +125,7 @@ def _qgemm_kernel(
                 )
                 acc = _mma(acc, a, _field(wb, i, NIB, PACKED), SWAP)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             a = tl.load(
@@ -148,30 +153,33 @@ def _qgemm_kernel(
         acc = tl.trans(acc)
     if NIB > 0:
         acc = acc >> (8 - NIB)  # exact: every term was a multiple of 2^(8 - NIB)
-
-    _epilogue(
-        acc,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        colsum_ptr,
-        wscale_ptr,
-        bias_ptr,
-        res_ptr,
-        oinv_ptr,
-        ozp_ptr,
-        out_ptr,
-        stride_rm,
-        stride_om,
-        a_scale,
-        a_corr,
-        HAS_BIAS,
-        HAS_RES,
-        ACT,
-        OUT_MODE,
-        OUT_QMAX,
-    )
+    last = True
+    if SPLIT_K > 1:  # the tile's exact integer sum over the splits; its last program alone runs the epilogue
+        acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr, pid, offs_m, offs_n, M, N, SPLIT_K)
+    if last:
+        _epilogue(
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            colsum_ptr,
+            wscale_ptr,
+            bias_ptr,
+            res_ptr,
+            oinv_ptr,
+            ozp_ptr,
+            out_ptr,
+            stride_rm,
+            stride_om,
+            a_scale,
+            a_corr,
+            HAS_BIAS,
+            HAS_RES,
+            ACT,
+            OUT_MODE,
+            OUT_QMAX,
+        )
 
 
 @triton.jit
@@ -449,16 +457,20 @@ def qgemm(
         return out
     wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
     wp1 = w.planes[1] if w1 and not nib else wp0
+    ws, cnt = workspace(a.device, m * n, tiles) if cfg.split_k > 1 else (out, out)
     launch(
         _qgemm_kernel,
-        (tiles,),
+        (tiles * cfg.split_k,),
         a,
         wp0,
         wp1,
         *ptrs,
+        ws,
+        cnt,
         m,
         n,
         k,
+        k_per_split(k, cfg.block_k, cfg.split_k),
         wp0.shape[1],
         wp1.shape[1],
         a.stride(0),
@@ -467,6 +479,7 @@ def qgemm(
         float(a_scale),
         int(128 - a_zp),
         **consts,
+        SPLIT_K=cfg.split_k,
     )
     return out
 
@@ -535,12 +548,13 @@ def _narrow(cfg: TileConfig) -> TileConfig:
 def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
     """What a candidate means for this weight: the interleaved layouts fix the K step (one group of
     ``SUB_K * fields``), so candidates that differ only in ``block_k`` are the same kernel there (tuned once);
-    ``swap`` has no effect on the artifact-plane path."""
+    ``swap`` has no effect on the artifact-plane path; ``split_k`` shrinks to what K allows (none on TMA)."""
     if w.interleaved is not None:
-        return replace(cfg, block_k=w.layout.group)
-    if w.direct is None and cfg.swap:
-        return replace(cfg, swap=False)
-    return cfg
+        cfg = replace(cfg, block_k=w.layout.group)
+    elif w.direct is None and cfg.swap:
+        cfg = replace(cfg, swap=False)
+    split = 1 if cfg.kernel == "tma" or not split_k_enabled() else usable_split(cfg.split_k, w.k, cfg.block_k)
+    return cfg if split == cfg.split_k else replace(cfg, split_k=split)
 
 
 def packed_fields(device: torch.device) -> bool:

@@ -44,17 +44,21 @@ class TileConfig:
     #: a low-bit weight run through its int8 copy (``PackedWeight.wide``) with this 8-bit tile: the choice between
     #: the packed main loop and the 8-bit one is itself tuned per shape (``qgemm._tuned_config``)
     wide: bool = False
+    #: programs per output tile, each summing one K range into an exact int32 workspace (``kernels/split_k.py``;
+    #: pointer kernel only): small M, where a GEMM has fewer tiles than the GPU has SMs
+    split_k: int = 1
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 4, 1)
 
 
 def config_json(cfg: TileConfig) -> dict:
-    """A configuration as a table / cache entry. ``wide`` only where set: entries without it stay readable by
-    releases before it (one that has it makes such a release skip the whole file and tune again)."""
+    """A configuration as a table / cache entry. ``wide`` and ``split_k`` only where set: entries without them stay
+    readable by releases before them (one that has them makes such a release skip the whole file and tune again)."""
     d = asdict(cfg)
-    if not d["wide"]:
-        del d["wide"]
+    for name, default in (("wide", False), ("split_k", 1)):
+        if d[name] == default:
+            del d[name]
     return d
 
 
@@ -98,6 +102,13 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(32, 32, 128, 8, 2, 4),
     TileConfig(16, 32, 256, 8, 2, 3),
     TileConfig(16, 64, 128, 8, 4, 4, swap=True),
+    # small M with K split over several programs per tile (an exact int32 sum): a batch-1 GEMM has 6-48 tiles for
+    # 132 SMs (benchmarks/results/gpu_2026-12-02e); split_k shrinks where K is short (qgemm.effective_config)
+    TileConfig(32, 64, 128, 8, 4, 4, split_k=4),
+    TileConfig(16, 64, 128, 8, 4, 4, swap=True, split_k=4),
+    TileConfig(32, 64, 64, 8, 4, 4, split_k=8),
+    TileConfig(64, 64, 128, 8, 4, 4, split_k=2),
+    TileConfig(32, 128, 128, 8, 4, 4, split_k=3),
 )
 
 _lock = threading.Lock()
@@ -190,6 +201,19 @@ def _load_file() -> None:
         pass
 
 
+def forget(drop: Callable[[str, int], bool]) -> int:
+    """Drop the loaded entries (shipped or cached) for which ``drop(kernel name, M bucket)`` holds, so that their
+    keys are tuned again in this process (``benchmarks/tune_tables.py --retune-m-max``: new candidates); returns
+    how many were dropped. The cache file keeps them until this process saves its own."""
+    with _lock:
+        _load_file()
+        keys = [k for k in _memory if drop(k.split("|")[1], int(k.split("|")[2][1:]))]
+        for k in keys:
+            del _memory[k]
+            _user.pop(k, None)
+    return len(keys)
+
+
 def _save_file() -> None:
     path = cache_path()
     try:
@@ -201,11 +225,28 @@ def _save_file() -> None:
         pass  # a read-only home only costs re-tuning in the next process
 
 
+#: the largest M bucket split-K candidates are tried at (beyond it a GEMM has tiles enough for every SM)
+SPLIT_K_MAX_M = 1024
+
+
+def split_k_enabled() -> bool:
+    """``P4Q_SPLIT_K=0`` runs every GEMM one program per tile (split-K entries too) and tunes no split candidate:
+    the before of a benchmark, or a way out on a GPU whose atomics misbehave; anything but ``0`` / ``1`` raises."""
+    value = os.environ.get("P4Q_SPLIT_K", "1")
+    if value not in ("0", "1"):
+        from p4q_engine.errors import ConfigError
+
+        raise ConfigError(f"P4Q_SPLIT_K must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _fits(cfg: TileConfig, m: int) -> bool:
     """Tiles no taller than M's bucket; at M >= 4096 none under 64 rows (they re-read the weights M / block_m
-    times and never win there; skipping them halves the tuning time of a large batch)."""
+    times and never win there; skipping them halves the tuning time of a large batch); split-K only up to
+    :data:`SPLIT_K_MAX_M`."""
     bucket = _m_bucket(m)
-    return cfg.block_m <= max(16, bucket) and (bucket < 4096 or cfg.block_m >= 64)
+    split_ok = cfg.split_k == 1 or (bucket <= SPLIT_K_MAX_M and split_k_enabled())
+    return split_ok and cfg.block_m <= max(16, bucket) and (bucket < 4096 or cfg.block_m >= 64)
 
 
 def _time(fn: Callable[[], None], triton) -> float:

@@ -228,7 +228,7 @@ def test_large_logits_keep_the_codes(poison, device, kernel, length):
     by up to 1e-2 of a step, far past TIE_EPS). That variant fails it on a GPU only: the interpreter's ``tl.fma``
     rounds twice (numpy), an error of the same size, so under it this is a check of the codes, not of the rescale;
     ``test_gpu_large_logits_keep_the_codes`` runs it where ``fma`` is fused."""
-    heads, hd = 2, 16
+    heads, hd = 2, 32  # 32: a GPU int8 dot needs K >= 32
     g = gen("large-logits", kernel)
     qkv, sites = make_case(2, length, heads, hd, (128, 128, 128, 128), P_SITES[0], g, device)
     d = heads * hd

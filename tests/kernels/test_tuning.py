@@ -291,3 +291,26 @@ def test_table_file_round_trips_through_load_shipped(tmp_path):
     path.write_text(json.dumps(table))
     loaded = tuning.load_shipped(tmp_path)
     assert loaded == {f"{g}|{k}": new for g in ("G 1", "G 2") for k in ("a|m64|n8|k8|b4", "b|m64|n8|k8|b4")}
+
+
+def test_forget_makes_shipped_keys_tune_again(fake_gpu, fresh_cache, monkeypatch):
+    """``forget`` drops the entries its predicate names (kernel, M bucket) and no others; a dropped key is then
+    tuned with the current candidates (how ``tune_tables.py --retune-m-max`` reaches new ones)."""
+    tile = TileConfig(64, 128, 128, 8, 4, 3)
+    _write_table(
+        tuning.SHIPPED_DIR,
+        "Fake GPU",
+        {
+            "qgemm|m64|n768|k768|b8": {**tile.__dict__},
+            "qgemm|m4096|n768|k768|b8": {**tile.__dict__},
+            "ln-quant|m64|n768|k0|b8": {**tile.__dict__},
+        },
+    )
+    assert tuning.forget(lambda name, m: name.startswith("qgemm") and m <= 1024) == 1
+    assert pick_config("qgemm", 3000, 768, 768, 8, fake_gpu) == tile
+    assert pick_config("ln-quant", 50, 768, 0, 8, fake_gpu) == tile
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), 1.0)[1], raising=False)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    benched: list = []
+    pick_config("qgemm", 50, 768, 768, 8, fake_gpu, benched.append)
+    assert benched  # tuned again, not answered from the table

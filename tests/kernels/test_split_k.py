@@ -1,0 +1,149 @@
+"""Split-K (``kernels/split_k.py``, ``TileConfig.split_k``): several programs per output tile, their partial int32
+sums added atomically, the epilogue run once by the tile's last program.
+
+Integer addition is exact in any order, so the raw accumulator must equal the reference bit for bit, and every
+epilogue must give exactly what the same tile without split-K gives (under the interpreter: one numpy evaluation of
+one epilogue; on a GPU two compilations may contract the epilogue differently: codes equal or a traced tie, floats
+within fp32 ulps). Each call must leave the shared workspace and counters at zero: the repeated calls below would
+see the previous call's sum otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from p4q_engine.kernels import split_k
+from p4q_engine.kernels.qgemm import Requant, effective_config, qgemm, qgemm_reference
+from p4q_engine.kernels.tuning import GPU_CANDIDATES, TileConfig, _fits, config_entries, config_json
+
+from p4q_engine.quant.ties import assert_codes_equal_or_ties
+from tests.kernels.test_qgemm import RAW_SENTINELS, gen, make_acts, make_weight, run_poisoned
+
+#: (M, N, K): K not a multiple of the step or of the split (the last range is short, some ranges empty), M and N
+#: partial tiles; every K above one 2-bit interleaved group (256), so every layout splits
+SHAPES = ((37, 48, 300), (1, 33, 520), (50, 40, 600))
+BASE = TileConfig(32, 32, 32, 4, 4, 1)
+
+
+def _requant(n: int, g: torch.Generator, device: str) -> Requant:
+    scale = torch.rand(n, generator=g) * 0.05 + 0.02
+    return Requant(scale.to(device), torch.randint(0, 256, (n,), generator=g, dtype=torch.int32).to(device))
+
+
+def _workspaces_zero() -> bool:
+    return all(int(ws.abs().sum()) == 0 and int(c.abs().sum()) == 0 for ws, c in split_k._WORKSPACES.values())
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("split", (2, 3))
+@pytest.mark.parametrize("swap", (False, True), ids=("plain", "swap"))
+def test_split_equals_one_program_per_tile(poison, device, bits, shape, split, swap):
+    """Raw = the reference, twice in a row (the workspace reset); requant, float and GELU epilogues = the unsplit
+    tile's, on fresh random inputs with poisoned outputs; the workspace is zero afterwards."""
+    m, n, k = shape
+    g = gen("split", bits, shape, split, swap)
+    codes, scale, w = make_weight(bits, n, k, g, device)
+    a = make_acts(m, k, g, device)
+    base = replace(BASE, swap=swap)
+    cfg = replace(base, split_k=split)
+    assert effective_config(cfg, w).split_k > 1, "the case must really split"
+    ref = qgemm_reference(a, 0.01, 77, codes, scale, raw=True)
+    for out in run_poisoned(poison, RAW_SENTINELS, a=a, a_scale=0.01, a_zp=77, w=w, raw=True, config=cfg):
+        assert torch.equal(out, ref)
+    bias = (torch.randn(n, generator=g) * 0.5).to(device)
+    res = (torch.randn(m, n, generator=g) * 2).to(device)
+    rq = _requant(n, g, device)
+    args = dict(a=a, a_scale=0.003, a_zp=200, w=w, bias=bias, residual=res, requant=rq)
+    whole = run_poisoned(poison, (77,), config=base, **args)[0]
+    y = qgemm_reference(a, 0.003, 200, codes, scale, bias=bias, residual=res)
+    for out in run_poisoned(poison, (77, -5), config=cfg, **args):
+        if device == "cpu":
+            assert torch.equal(out, whole)
+        else:
+            assert_codes_equal_or_ties(out, whole, y.double() / rq.scale.cpu().double())
+    for act in ("none", "gelu"):
+        f_whole = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=base)
+        f_split = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=cfg)
+        if device == "cpu":
+            assert torch.equal(f_split, f_whole)
+        else:
+            torch.testing.assert_close(f_split, f_whole, rtol=1e-5, atol=1e-4)
+    assert _workspaces_zero()
+
+
+def test_a_dirty_workspace_is_seen(device):
+    """Positive control: a workspace not zero at the start changes the result (the tests above would catch a
+    kernel that forgot to reset it), and the call itself leaves it zero again."""
+    codes, scale, w = make_weight(8, 40, 256, gen("dirty"), device)
+    a = make_acts(9, 256, gen("dirty-a"), device)
+    cfg = replace(BASE, split_k=2)
+    ref = qgemm_reference(a, 0.01, 3, codes, scale, raw=True)
+    assert torch.equal(qgemm(a, 0.01, 3, w, raw=True, config=cfg).cpu(), ref)
+    tiles = 1 * 2  # ceil(9 / 32) x ceil(40 / 32)
+    ws, _ = split_k.workspace(torch.device(device), 9 * 40, tiles)
+    ws[0] = 1000
+    out = qgemm(a, 0.01, 3, w, raw=True, config=cfg).cpu()
+    assert int(out[0, 0]) == int(ref[0, 0]) + 1000 and torch.equal(out.view(-1)[1:], ref.view(-1)[1:])
+    assert _workspaces_zero()
+
+
+def test_split_shrinks_to_what_k_allows():
+    """At least one K step per split; no split on TMA; a K of one step runs unsplit."""
+    _, _, w = make_weight(8, 16, 768, gen("shrink"), "cpu")
+    assert effective_config(TileConfig(32, 64, 128, split_k=8), w).split_k == 6  # 6 steps
+    assert effective_config(TileConfig(32, 64, 64, split_k=8), w).split_k == 8
+    assert effective_config(TileConfig(32, 64, 128, kernel="tma", split_k=4), w).split_k == 1
+    assert split_k.usable_split(8, 100, 128) == 1
+    assert split_k.k_per_split(300, 32, 3) == 128 and split_k.k_per_split(768, 128, 3) == 256
+
+
+def test_split_candidates_only_at_small_m():
+    """Split-K candidates fit M buckets up to SPLIT_K_MAX_M (a large batch has tiles for every SM)."""
+    splits = [c for c in GPU_CANDIDATES if c.split_k > 1]
+    assert splits and all(c.kernel == "ptr" for c in splits)
+    assert all(_fits(c, 50) for c in splits)
+    assert not any(_fits(c, 51200) for c in splits)
+
+
+def test_config_json_round_trip():
+    """``split_k = 1`` keeps the old entry format; a split entry round-trips."""
+    plain, split = TileConfig(32, 64, 128), TileConfig(32, 64, 128, split_k=4)
+    assert "split_k" not in config_json(plain) and config_json(split)["split_k"] == 4
+    assert config_entries({"a": config_json(plain), "b": config_json(split)}) == {"a": plain, "b": split}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cfg", [c for c in GPU_CANDIDATES if c.split_k > 1], ids=str)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_gpu_split_candidates_at_batch_1(cfg, bits):
+    """Every split-K candidate on ViT-B/32's c_proj (3072 -> 768) and out_proj (768 -> 768) at batch 1: raw
+    accumulators equal the reference; the residual epilogue's floats equal the unsplit tile's within fp32 ulps."""
+    for n, k in ((768, 3072), (768, 768)):
+        g = gen("gpu-split", bits, n, k)
+        codes, scale, w = make_weight(bits, n, k, g, "cuda")
+        a = make_acts(50, k, g, "cuda")
+        for _ in range(3):
+            raw = qgemm(a, 0.003, 130, w, raw=True, config=cfg)
+            assert torch.equal(raw.cpu(), qgemm_reference(a, 0.003, 130, codes, scale, raw=True))
+        res = torch.randn(50, n, generator=g).cuda()
+        whole = qgemm(a, 0.003, 130, w, residual=res, config=replace(cfg, split_k=1))
+        torch.testing.assert_close(qgemm(a, 0.003, 130, w, residual=res, config=cfg), whole, rtol=1e-5, atol=1e-4)
+    torch.cuda.synchronize()
+    assert _workspaces_zero()
+
+
+def test_switch_off(monkeypatch):
+    """``P4Q_SPLIT_K=0``: split entries run unsplit and no split candidate fits; a bad value is a clear error."""
+    from p4q_engine.errors import ConfigError
+
+    _, _, w = make_weight(8, 16, 768, gen("off"), "cpu")
+    cfg = TileConfig(32, 64, 64, split_k=8)
+    monkeypatch.setenv("P4Q_SPLIT_K", "0")
+    assert effective_config(cfg, w).split_k == 1 and not _fits(cfg, 50)
+    monkeypatch.setenv("P4Q_SPLIT_K", "yes")
+    with pytest.raises(ConfigError, match="P4Q_SPLIT_K"):
+        _fits(cfg, 50)
