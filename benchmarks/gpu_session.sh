@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -181,6 +181,22 @@ case $call in
     pack
     speed ViT-B-32 8-8-8,4-4-8 160 _b32_small 64,8,1
     speed ViT-B-32 8-8-8,4-4-8 60 _b32_small_rest 32,16,4,2 --no-peers
+    ;;
+  s24c)  # call 3: s24b's split-K launcher raised on the GPU (a workspace index bug, fixed; the tuner skipped every split
+    # candidate silently, now a WARNING): its GPU tests, the 8-8-8 small buckets tuned again, ViT-B/32 8-8-8 after
+    # (1-64, peers at 1 and 8 in the same process; s24b holds the before), then ready-to-serve with the merged table
+    echo "== split_k" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 60 python3 -m pytest -m gpu tests/kernels/test_split_k.py -q \
+      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    taskset -c 0-7 timeout 140 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8 \
+      --batches 1,2,4,8,16,32,64 --retune-m-max 2048 >"$R/log_tune_split.txt" 2>&1
+    cp kernels/tuned/NVIDIA_H200.json "$R/"
+    pack
+    speed ViT-B-32 8-8-8 60 _b32_split_engine 64,32,16,8,4,2,1 --no-peers
+    speed ViT-B-32 8-8-8 90 _b32_split 8,1
+    taskset -c 0-7 timeout 100 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
+      --modes parallel --timeout 90 --out "$R" >"$R/log_cold_start.txt" 2>&1
     ;;
 esac
 pack

@@ -42,8 +42,8 @@ def workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Te
         found = _WORKSPACES.get(key)
         if found is None:
             found = _WORKSPACES[key] = (
+                torch.zeros(key[1], dtype=torch.int32, device=device),
                 torch.zeros(key[2], dtype=torch.int32, device=device),
-                torch.zeros(key[3], dtype=torch.int32, device=device),
             )
     return found
 

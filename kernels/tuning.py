@@ -12,6 +12,7 @@ the winner stored in memory and in the cache file, so later processes start tune
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -112,6 +113,7 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
 )
 
 _lock = threading.Lock()
+_log = logging.getLogger(__name__)
 _memory: dict[str, TileConfig] = {}  # shipped tables, then this machine's cache and what this process tuned
 _user: dict[str, TileConfig] = {}  # what the cache file holds (written back; shipped entries never are)
 _loaded = False
@@ -281,6 +283,20 @@ def lookup(name: str, m: int, n: int, k: int, bits: int, device: torch.device) -
         return _memory.get(key)
 
 
+def _skipped(key: str, cfg: TileConfig, e: Exception) -> None:
+    """A candidate the tuner skips: out of shared memory or registers is routine (logged at INFO); anything else
+    (a launcher bug, a fault) is a WARNING - a silently skipped candidate once hid a broken split-K launcher."""
+    routine = type(e).__name__ == "OutOfResources"
+    _log.log(
+        logging.INFO if routine else logging.WARNING,
+        "tuning %s: skipped %s (%s: %s)",
+        key,
+        cfg,
+        type(e).__name__,
+        str(e)[:200],
+    )
+
+
 def pick_config(
     name: str,
     m: int,
@@ -338,7 +354,8 @@ def pick_config(
     for cfg in fitting:
         try:
             t = _time(lambda: bench(cfg), triton)
-        except Exception:  # a config that does not compile or fit in shared memory is skipped
+        except Exception as e:  # a config that does not compile or fit in shared memory is skipped
+            _skipped(key, cfg, e)
             continue
         if t < best_t:
             best, best_t = cfg, t

@@ -314,3 +314,18 @@ def test_forget_makes_shipped_keys_tune_again(fake_gpu, fresh_cache, monkeypatch
     benched: list = []
     pick_config("qgemm", 50, 768, 768, 8, fake_gpu, benched.append)
     assert benched  # tuned again, not answered from the table
+
+
+def test_a_candidate_that_raises_is_skipped_and_logged(fake_gpu, fresh_cache, monkeypatch, caplog):
+    """The tuner skips a failing candidate; a non-resource error is a WARNING naming the key and the tile."""
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    cands = (TileConfig(16, 32, 64), TileConfig(32, 32, 64))
+
+    def bench(cfg):
+        if cfg.block_m == 16:
+            raise IndexError("tuple index out of range")
+
+    with caplog.at_level("INFO", logger="p4q_engine.kernels.tuning"):
+        assert pick_config("qgemm", 50, 768, 768, 8, fake_gpu, bench, cands) == cands[1]
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "IndexError" in warned[0].getMessage() and "m64" in warned[0].getMessage()
