@@ -183,20 +183,22 @@ case $call in
     speed ViT-B-32 8-8-8,4-4-8 60 _b32_small_rest 32,16,4,2 --no-peers
     ;;
   s24c)  # call 3: s24b's split-K launcher raised on the GPU (a workspace index bug, fixed; the tuner skipped every split
-    # candidate silently, now a WARNING): its GPU tests, the 8-8-8 small buckets tuned again, ViT-B/32 8-8-8 after
-    # (1-64, peers at 1 and 8 in the same process; s24b holds the before), then ready-to-serve with the merged table
-    echo "== split_k" >>"$R/pytest_gpu.log"
-    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 60 python3 -m pytest -m gpu tests/kernels/test_split_k.py -q \
-      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    # candidate silently, now a WARNING). GPU tests with PDL on (split-K, the PDL chain, the kernel engine); the 8-8-8
+    # small buckets tuned again; ViT-B/32 8-8-8 batch 1-64 with PDL off then on (same table); batch 1 and 8 against
+    # the peers in one process with PDL on; ready-to-serve with the merged table
+    echo "== split_k + pdl + kernel engine (P4Q_PDL=1)" >>"$R/pytest_gpu.log"
+    P4Q_PDL=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 90 python3 -m pytest -m gpu tests/kernels/test_split_k.py \
+      tests/kernels/test_pdl.py tests/runtime/test_kernel_engine.py -q -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
     pack
     taskset -c 0-7 timeout 140 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8 \
       --batches 1,2,4,8,16,32,64 --retune-m-max 2048 >"$R/log_tune_split.txt" 2>&1
     cp kernels/tuned/NVIDIA_H200.json "$R/"
     pack
-    speed ViT-B-32 8-8-8 60 _b32_split_engine 64,32,16,8,4,2,1 --no-peers
-    speed ViT-B-32 8-8-8 90 _b32_split 8,1
-    taskset -c 0-7 timeout 100 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
-      --modes parallel --timeout 90 --out "$R" >"$R/log_cold_start.txt" 2>&1
+    P4Q_PDL=0 speed ViT-B-32 8-8-8 60 _b32_split_nopdl 64,32,16,8,4,2,1 --no-peers
+    P4Q_PDL=1 speed ViT-B-32 8-8-8 60 _b32_split_pdl 64,32,16,8,4,2,1 --no-peers
+    P4Q_PDL=1 speed ViT-B-32 8-8-8 90 _b32_split_peers 8,1
+    P4Q_PDL=1 taskset -c 0-7 timeout 100 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 \
+      --max-batch 1024 --modes parallel --timeout 90 --out "$R" >"$R/log_cold_start.txt" 2>&1
     ;;
 esac
 pack

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import compile_ahead
+from . import compile_ahead, pdl
 from .compile_ahead import launch
 from .limits import check_extent
+from .pdl import grid_dependency
 from .rounding import MAGIC, shifted_codes
 from .tuning import INVARIANT_ROWS, TileConfig, _m_bucket, batch_invariant, pick_config
 
@@ -41,7 +42,9 @@ def _ln_quant_kernel(
     NORM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
+    grid_dependency(GDC)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
@@ -102,6 +105,7 @@ def _launch(
         BLOCK_D=block,
         ROWS=cfg.block_m,
         num_warps=cfg.num_warps if block <= 1024 else max(8, cfg.num_warps),
+        **pdl.options(x2.device),
     )
     return out.view(shape)
 

@@ -34,8 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .compile_ahead import launch
 from .limits import check_extent
+from .pdl import grid_dependency
 from .rounding import MAGIC, MAGIC_BITS, shifted_codes
 from .tuning import INVARIANT_HEADS, TileConfig, batch_invariant, pick_config
 
@@ -226,7 +228,9 @@ def _qattention_kernel(
     ONE_PASS: tl.constexpr,
     SPLIT_CQ: tl.constexpr,
     FOLD_SM: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
+    grid_dependency(GDC)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // H
@@ -450,6 +454,7 @@ def qattention(
         FOLD_SM=fold,
         num_warps=cfg.num_warps,
         num_stages=1 if short else cfg.num_stages,
+        **pdl.options(qkv.device),
     )
     return out
 

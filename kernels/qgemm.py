@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import compile_ahead
+from . import compile_ahead, pdl
 from .activations import gelu, quick_gelu
 from .compile_ahead import launch
 from .limits import check_extent
+from .pdl import grid_dependency
 from .rounding import MAGIC, shifted_codes
 from .split_k import k_per_split, split_k_range, split_k_reduce, usable_split, workspace
 from .tma import descriptors as _descriptors
@@ -92,7 +93,9 @@ def _qgemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
+    grid_dependency(GDC)
     pid, k_lo, k_hi = split_k_range(tl.program_id(0), K, K_SPLIT, SPLIT_K)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -275,11 +278,13 @@ def _qgemm_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     num_programs,
+    GDC: tl.constexpr = False,
 ):
     """Persistent variant: ``num_programs`` programs walk the output tiles; A and the weight words arrive by TMA
     (out-of-bounds rows and K columns read as zero, so the main loop has no masks: a zero activation code times any
     weight adds nothing, and the zero-point correction uses the true column sums). The flattened loop lets the
     pipeliner issue the next tile's loads while this tile's epilogue runs."""
+    grid_dependency(GDC)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_m * num_n
@@ -432,6 +437,7 @@ def qgemm(
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl.options(a.device),
     )
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
