@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -199,6 +199,20 @@ case $call in
     P4Q_PDL=1 speed ViT-B-32 8-8-8 90 _b32_split_peers 8,1
     P4Q_PDL=1 taskset -c 0-7 timeout 100 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 \
       --max-batch 1024 --modes parallel --timeout 90 --out "$R" >"$R/log_cold_start.txt" 2>&1
+    ;;
+  s24d)  # call 4 (~5 min of device time left): s24c's tuning of batch 1-64 was cut at batch 4 before writing the
+    # table, so split-K is still untimed: the PDL chain test (its capture-time device read fixed), batches 1 and 8
+    # tuned again with the split candidates, then batch 1 and 8 with split-K off and on (PDL on in both)
+    echo "== pdl" >>"$R/pytest_gpu.log"
+    P4Q_PDL=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 40 python3 -m pytest -m gpu tests/kernels/test_pdl.py -q \
+      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    P4Q_PDL=1 taskset -c 0-7 timeout 110 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8 \
+      --batches 1,8 --retune-m-max 512 >"$R/log_tune_split.txt" 2>&1
+    cp kernels/tuned/NVIDIA_H200.json "$R/"
+    pack
+    P4Q_PDL=1 P4Q_SPLIT_K=0 speed ViT-B-32 8-8-8 35 _b32_nosplit 8,1 --no-peers
+    P4Q_PDL=1 speed ViT-B-32 8-8-8 35 _b32_split 8,1 --no-peers
     ;;
 esac
 pack

@@ -36,7 +36,7 @@ def _chain(x, ln_w, ln_b, w1, rq1, w2, s1):
     what the previous one wrote."""
     a = layernorm_quant(x, ln_w, ln_b, 1e-5, 0.05, 128)
     h = qgemm(a, 0.05, 128, w1, requant=rq1)
-    return qgemm(h, s1, int(rq1.zero_point[0]), w2, residual=x), h
+    return qgemm(h, s1, 120, w2, residual=x), h  # 120: rq1's zero point (no device read inside a capture)
 
 
 @pytest.mark.gpu
