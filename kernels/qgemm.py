@@ -41,7 +41,7 @@ from .split_k import k_per_split, split_k_range, split_k_reduce, usable_split, w
 from .tma import descriptors as _descriptors
 from .tma import num_programs as _num_programs
 from .tma import tma_eligible
-from .tuning import GPU_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config, split_k_enabled
+from .tuning import GPU_CANDIDATES, SPLIT_K_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config, split_k_enabled
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
 
@@ -517,6 +517,7 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
         w.wide is not None,
         a.device,
         os.environ.get("P4Q_AUTOTUNE"),
+        os.environ.get("P4Q_SPLIT_K"),
     )
     cfg = _RESOLVED.get(sig)
     if cfg is not None:
@@ -525,7 +526,8 @@ def _tuned_config(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, 
     def bench(c: TileConfig) -> None:
         qgemm(a, a_scale, a_zp, w, bias, act, residual, requant, out_dtype, raw, config=c)
 
-    cands = GPU_CANDIDATES if kind == "auto" else tuple(c for c in GPU_CANDIDATES if c.kernel == kind)
+    pool = GPU_CANDIDATES + (SPLIT_K_CANDIDATES if split_k_enabled() else ())
+    cands = pool if kind == "auto" else tuple(c for c in pool if c.kernel == kind)
     cands = tuple(dict.fromkeys(effective_config(c, w) for c in cands))
     name = (
         ("qgemm" if kind == "auto" else f"qgemm-{kind}")
@@ -559,7 +561,7 @@ def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
         cfg = replace(cfg, block_k=w.layout.group)
     elif w.direct is None and cfg.swap:
         cfg = replace(cfg, swap=False)
-    split = 1 if cfg.kernel == "tma" or not split_k_enabled() else usable_split(cfg.split_k, w.k, cfg.block_k)
+    split = 1 if cfg.kernel == "tma" else usable_split(cfg.split_k, w.k, cfg.block_k)
     return cfg if split == cfg.split_k else replace(cfg, split_k=split)
 
 

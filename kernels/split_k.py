@@ -1,8 +1,8 @@
 """Split-K for the small-M GEMMs: more programs than output tiles, one exact int32 reduction, one epilogue.
 
 At batch 1 (ViT-B/32: M = 50) a GEMM has a handful of output tiles (c_proj, N = 768: 12-24 tiles of 32-64 x 64)
-for 132 SMs, and each tile's program walks all of K (3072) alone: 8.1 us for 2.4 MB of weights that HBM delivers
-in 0.5 us (benchmarks/results/gpu_2026-12-02e, batch-1 profile). Here ``SPLIT_K`` programs share a tile, each
+for 132 SMs, and each tile's program walks all of K (3072) alone: 8.1 us in the engine's profile for 2.4 MB of
+weights that HBM delivers in 0.5 us (benchmarks/results/gpu_2026-12-02e). Here ``SPLIT_K`` programs share a tile, each
 summing one contiguous K range. The partial sums are integers, so adding them with ``atomic_add`` into an int32
 workspace is exact and order-free: the result is the very accumulator one program would have computed, and the
 epilogue (run once, by the tile's last program to arrive) sees the same integer. No second kernel, no float
@@ -12,7 +12,13 @@ The workspace and the per-tile arrival counters are zero between calls: the last
 ``atomic_xchg(.., 0)`` (a read from L2 that also resets it) and resets its counter. They are allocated once per
 (device, size class), by the eager warm-up before any graph capture, and never freed, so a graph that captured
 their addresses stays valid. Reuse relies on stream order: split-K GEMMs of one device must not run concurrently on
-two streams (the engine replays one graph at a time, under its replay lock; ``P4Q_SPLIT_K=0`` turns split-K off).
+two streams (the engine replays one graph at a time, under its replay lock).
+
+Measured (H200, benchmarks/results/gpu_2026-12-02e/split_k_bench.json): every split candidate was 1.6-7.4x *slower*
+than the shipped one-program-per-tile tile on ViT-B/32's GEMMs at M = 50 and 400 (c_proj at M = 50: 5.8 us shipped,
+9.4 us at best split), so the candidates are tuned only under ``P4Q_SPLIT_K=1``
+(``tuning.SPLIT_K_CANDIDATES``). Not yet profiled why; the per-element ``acq_rel`` exchange and the serialized
+last-arrival epilogue are the first suspects.
 """
 
 from __future__ import annotations

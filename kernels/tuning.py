@@ -103,8 +103,13 @@ GPU_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(32, 32, 128, 8, 2, 4),
     TileConfig(16, 32, 256, 8, 2, 3),
     TileConfig(16, 64, 128, 8, 4, 4, swap=True),
-    # small M with K split over several programs per tile (an exact int32 sum): a batch-1 GEMM has 6-48 tiles for
-    # 132 SMs (benchmarks/results/gpu_2026-12-02e); split_k shrinks where K is short (qgemm.effective_config)
+)
+
+#: Small M with K split over several programs per tile (an exact int32 sum; ``kernels/split_k.py``): a batch-1 GEMM
+#: has 6-48 tiles for 132 SMs. Tuned only under ``P4Q_SPLIT_K=1``: on an H200 every one of them was 1.6-7.4x slower
+#: than the shipped tile on ViT-B/32's four GEMMs at M = 50 and 400 (benchmarks/results/gpu_2026-12-02e,
+#: ``split_k_bench.json``), so by default they cost tuning time and never win. ``split_k`` shrinks where K is short.
+SPLIT_K_CANDIDATES: tuple[TileConfig, ...] = (
     TileConfig(32, 64, 128, 8, 4, 4, split_k=4),
     TileConfig(16, 64, 128, 8, 4, 4, swap=True, split_k=4),
     TileConfig(32, 64, 64, 8, 4, 4, split_k=8),
@@ -232,9 +237,9 @@ SPLIT_K_MAX_M = 1024
 
 
 def split_k_enabled() -> bool:
-    """``P4Q_SPLIT_K=0`` runs every GEMM one program per tile (split-K entries too) and tunes no split candidate:
-    the before of a benchmark, or a way out on a GPU whose atomics misbehave; anything but ``0`` / ``1`` raises."""
-    value = os.environ.get("P4Q_SPLIT_K", "1")
+    """``P4Q_SPLIT_K=1`` adds :data:`SPLIT_K_CANDIDATES` to the GEMM tuning (default ``0``: they lost every
+    measured shape). Anything but ``0`` / ``1`` raises."""
+    value = os.environ.get("P4Q_SPLIT_K", "0")
     if value not in ("0", "1"):
         from p4q_engine.errors import ConfigError
 
@@ -247,7 +252,7 @@ def _fits(cfg: TileConfig, m: int) -> bool:
     times and never win there; skipping them halves the tuning time of a large batch); split-K only up to
     :data:`SPLIT_K_MAX_M`."""
     bucket = _m_bucket(m)
-    split_ok = cfg.split_k == 1 or (bucket <= SPLIT_K_MAX_M and split_k_enabled())
+    split_ok = cfg.split_k == 1 or bucket <= SPLIT_K_MAX_M
     return split_ok and cfg.block_m <= max(16, bucket) and (bucket < 4096 or cfg.block_m >= 64)
 
 

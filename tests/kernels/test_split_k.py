@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from p4q_engine.kernels import qgemm as qgemm_mod
 from p4q_engine.kernels import split_k
 from p4q_engine.kernels.qgemm import Requant, effective_config, qgemm, qgemm_reference
-from p4q_engine.kernels.tuning import GPU_CANDIDATES, TileConfig, _fits, config_entries, config_json
+from p4q_engine.kernels.tuning import SPLIT_K_CANDIDATES, TileConfig, _fits, config_entries, config_json
 
 from p4q_engine.quant.ties import assert_codes_equal_or_ties
 from tests.kernels.test_qgemm import RAW_SENTINELS, gen, make_acts, make_weight, run_poisoned
@@ -102,8 +103,8 @@ def test_split_shrinks_to_what_k_allows():
 
 def test_split_candidates_only_at_small_m():
     """Split-K candidates fit M buckets up to SPLIT_K_MAX_M (a large batch has tiles for every SM)."""
-    splits = [c for c in GPU_CANDIDATES if c.split_k > 1]
-    assert splits and all(c.kernel == "ptr" for c in splits)
+    splits = SPLIT_K_CANDIDATES
+    assert splits and all(c.kernel == "ptr" and c.split_k > 1 for c in splits)
     assert all(_fits(c, 50) for c in splits)
     assert not any(_fits(c, 51200) for c in splits)
 
@@ -117,7 +118,7 @@ def test_config_json_round_trip():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("cfg", [c for c in GPU_CANDIDATES if c.split_k > 1], ids=str)
+@pytest.mark.parametrize("cfg", SPLIT_K_CANDIDATES, ids=str)
 @pytest.mark.parametrize("bits", (8, 4))
 def test_gpu_split_candidates_at_batch_1(cfg, bits):
     """Every split-K candidate on ViT-B/32's c_proj (3072 -> 768) and out_proj (768 -> 768) at batch 1: raw
@@ -136,14 +137,32 @@ def test_gpu_split_candidates_at_batch_1(cfg, bits):
     assert _workspaces_zero()
 
 
-def test_switch_off(monkeypatch):
-    """``P4Q_SPLIT_K=0``: split entries run unsplit and no split candidate fits; a bad value is a clear error."""
+def test_split_candidates_are_tuned_only_when_asked(monkeypatch):
+    """``P4Q_SPLIT_K`` (default 0): the tuner's candidate list has the split-K tiles only under ``1``; a bad value
+    is a clear error."""
     from p4q_engine.errors import ConfigError
 
-    _, _, w = make_weight(8, 16, 768, gen("off"), "cpu")
-    cfg = TileConfig(32, 64, 64, split_k=8)
-    monkeypatch.setenv("P4Q_SPLIT_K", "0")
-    assert effective_config(cfg, w).split_k == 1 and not _fits(cfg, 50)
+    codes, scale, w = make_weight(8, 48, 256, gen("switch"), "cpu")
+    a = make_acts(20, 256, gen("switch-a"), "cpu")
+    seen: list = []
+
+    def fake_pick(name, m, n, k, bits, dev, bench, cands, fit_m=None):
+        seen.append(cands)
+        return cands[0]
+
+    monkeypatch.setattr(qgemm_mod, "pick_config", fake_pick)
+    ref = qgemm_reference(a, 0.01, 3, codes, scale, raw=True)
+    for flag, expect in ((None, False), ("0", False), ("1", True)):
+        qgemm_mod._RESOLVED.clear()
+        seen.clear()
+        if flag is None:
+            monkeypatch.delenv("P4Q_SPLIT_K", raising=False)
+        else:
+            monkeypatch.setenv("P4Q_SPLIT_K", flag)
+        assert torch.equal(qgemm(a, 0.01, 3, w, raw=True).cpu(), ref)
+        assert any(c.split_k > 1 for c in seen[0]) is expect
     monkeypatch.setenv("P4Q_SPLIT_K", "yes")
+    qgemm_mod._RESOLVED.clear()
     with pytest.raises(ConfigError, match="P4Q_SPLIT_K"):
-        _fits(cfg, 50)
+        qgemm(a, 0.01, 3, w, raw=True)
+    qgemm_mod._RESOLVED.clear()
