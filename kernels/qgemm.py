@@ -41,7 +41,17 @@ from .split_k import k_per_split, split_k_range, split_k_reduce, usable_split, w
 from .tma import descriptors as _descriptors
 from .tma import num_programs as _num_programs
 from .tma import tma_eligible
-from .tuning import GPU_CANDIDATES, SPLIT_K_CANDIDATES, TileConfig, _m_bucket, lookup, pick_config, split_k_enabled
+from .tuning import (
+    GPU_CANDIDATES,
+    SPLIT_K_CANDIDATES,
+    TileConfig,
+    _m_bucket,
+    kernel_choice,
+    lookup,
+    packed_fields,
+    pick_config,
+    split_k_enabled,
+)
 from .weight_layout import PLANES as _PLANES
 from .weight_layout import SUB_K, PackedWeight, _field, _mma, _unpack_rows, _unpack_tile
 
@@ -565,21 +575,6 @@ def effective_config(cfg: TileConfig, w: PackedWeight) -> TileConfig:
     return cfg if split == cfg.split_k else replace(cfg, split_k=split)
 
 
-def packed_fields(device: torch.device) -> bool:
-    """``P4Q_NIB_PACKED=1`` (GPU only; off until measured on one): interleaved low-bit fields unpacked four bytes
-    per register (``weight_layout._field_packed``). The interpreter runs no inline PTX."""
-    return device.type == "cuda" and os.environ.get("P4Q_NIB_PACKED", "0") == "1"
-
-
-def kernel_choice() -> str:
-    """``P4Q_QGEMM_KERNEL``: ``auto`` (default: the autotuner picks among both kernels), ``ptr`` or ``tma`` (only
-    that kernel's candidates; for before/after benchmarks)."""
-    kind = os.environ.get("P4Q_QGEMM_KERNEL", "auto")
-    if kind not in ("auto", "ptr", "tma"):
-        raise ValueError(f"P4Q_QGEMM_KERNEL must be auto, ptr or tma, got {kind!r}")
-    return kind
-
-
 # ---------------------------------------------------------------------------------------------- torch reference
 def unshift(a: torch.Tensor) -> torch.Tensor:
     """Shifted int8 codes -> unsigned codes (int32)."""
@@ -616,7 +611,3 @@ def qgemm_reference(
     q = torch.floor(y / requant.scale.cpu() + 0.5) + requant.zero_point.cpu().float()
     q = torch.clamp(q, 0, (1 << requant.bits) - 1)
     return (q.to(torch.int32) - 128).to(torch.int8)
-
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

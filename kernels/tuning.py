@@ -236,6 +236,21 @@ def _save_file() -> None:
 SPLIT_K_MAX_M = 1024
 
 
+def packed_fields(device: torch.device) -> bool:
+    """``P4Q_NIB_PACKED=1`` (GPU only; off until measured on one): interleaved low-bit fields unpacked four bytes
+    per register (``weight_layout._field_packed``). The interpreter runs no inline PTX."""
+    return device.type == "cuda" and os.environ.get("P4Q_NIB_PACKED", "0") == "1"
+
+
+def kernel_choice() -> str:
+    """``P4Q_QGEMM_KERNEL``: ``auto`` (default: the autotuner picks among both kernels), ``ptr`` or ``tma`` (only
+    that kernel's candidates; for before/after benchmarks)."""
+    kind = os.environ.get("P4Q_QGEMM_KERNEL", "auto")
+    if kind not in ("auto", "ptr", "tma"):
+        raise ValueError(f"P4Q_QGEMM_KERNEL must be auto, ptr or tma, got {kind!r}")
+    return kind
+
+
 def split_k_enabled() -> bool:
     """``P4Q_SPLIT_K=1`` adds :data:`SPLIT_K_CANDIDATES` to the GEMM tuning (default ``0``: they lost every
     measured shape). Anything but ``0`` / ``1`` raises."""
