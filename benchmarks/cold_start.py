@@ -25,10 +25,19 @@ from pathlib import Path
 _CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from p4q_engine.runtime.engine import Engine
+import torch
+from p4q_engine.artifact.format import load
+from p4q_engine.runtime.kernel_engine import KernelEngine
 from p4q_engine.serve.server import warm_up
 t_import = time.perf_counter()
-eng = Engine.load(sys.argv[1], device="cuda")
+# Engine.load(path, "cuda") step by step, each step timed: read + validate the file, build the engine (CUDA
+# context, weight layouts and int8 copies), the batch-1 self-test (its compiles and graph capture)
+art = load(sys.argv[1])
+t_read = time.perf_counter()
+eng = KernelEngine(art, "cuda")
+torch.cuda.synchronize()
+t_build = time.perf_counter()
+eng.self_test()
 t_load = time.perf_counter()
 info = {}
 if hasattr(eng, "precompile"):
@@ -40,6 +49,8 @@ if hasattr(eng, "precompile"):
 sizes = warm_up(eng, int(sys.argv[2]))
 t_ready = time.perf_counter()
 print(json.dumps({"import_s": t_import - t0, "load_s": t_load - t_import, "warm_s": t_ready - t_load,
+                  "load_parts": {"read_s": t_read - t_import, "build_s": t_build - t_read,
+                                 "self_test_s": t_load - t_build},
                   "ready_s": t_ready - t0, "buckets": sizes, "precompile": info}))
 """
 

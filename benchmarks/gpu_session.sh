@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls of a GPU session, so what runs is in the repository word for word: call1-3 (the full plan, first
 # run at feeb734 on 2026-12-02), quick (gpu_2026-12-02c), s23a-e (gpu_2026-12-02d, each as committed before its call),
-# tune_serve (for the next session: the serve buckets the shipped table lacks).
+# tune_serve (for the next session: the serve buckets the shipped table lacks, PDL engine tests, load breakdown).
 #
 # Run on the device machine from a `git archive` of HEAD unpacked in .gpurun (wheels in ../.whl):
 #     cd .gpurun && bash benchmarks/gpu_session.sh call1
@@ -144,12 +144,19 @@ case $call in
     taskset -c 0-7 timeout 175 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
       --modes parallel --timeout 165 --out "$R" >"$R/log_cold_start.txt" 2>&1
     ;;
-  tune_serve)  # for the next session: the serve buckets the shipped table lacks (2-32's attention, all of 128 and
-    # 512: 2026-12-02d's cold start timed them at start-up); the merged table comes back as $R/NVIDIA_H200.json, to
-    # replace kernels/tuned/NVIDIA_H200.json on the CPU machine
-    taskset -c 0-7 timeout 500 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 8-8-8,4-4-8 \
+  tune_serve)  # for the next session: what the shipped table still lacks for serving ViT-B/32 (4-4-8 batches 128
+    # and 512), the kernel-engine GPU tests with PDL on (never run: 2026-12-02e), ready-to-serve with the load step
+    # broken down (read / build / self-test); the merged table comes back as $R/NVIDIA_H200.json, to replace
+    # kernels/tuned/NVIDIA_H200.json on the CPU machine
+    P4Q_PDL=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 120 python3 -m pytest -m gpu tests/runtime/test_kernel_engine.py \
+      tests/kernels/test_pdl.py -q -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    taskset -c 0-7 timeout 300 python3 benchmarks/tune_tables.py --models ViT-B-32 --bits 4-4-8 --batches 128,512 \
       >"$R/log_tune_serve.txt" 2>&1
     cp kernels/tuned/NVIDIA_H200.json "$R/"
+    pack
+    taskset -c 0-7 timeout 100 python3 benchmarks/cold_start.py --model ViT-B-32 --bits 8-8-8 --max-batch 1024 \
+      --modes parallel --timeout 90 --out "$R" >"$R/log_cold_start.txt" 2>&1
     ;;
   s24a)  # 2026-12-02 (fifth session), call 1: GPU tests never run on a GPU (the wide-copy fix, the large-logit
     # twins, the poison plugin), then tune the serve buckets the table lacks, then the batch-1 profile (no graph)

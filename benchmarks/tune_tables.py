@@ -69,7 +69,12 @@ def main(argv=None) -> int:
             eng = Engine.load(path, device="cuda")
             for b in args.batches:
                 t0 = time.perf_counter()
+                # every candidate of the untuned kernels compiled in parallel first (compile ahead), so the timing
+                # below compiles nothing: one at a time, ~17 candidates per small-M GEMM key took 37-100 s a batch
+                # (benchmarks/results/gpu_2026-12-02e)
+                pre = eng.precompile([b]) if hasattr(eng, "precompile") else {}
                 eng.encode(torch.randn(b, 3, *eng.image_size, device="cuda"))
+                print(f"{path.name} batch {b}: precompiled in {pre.get('seconds', 0)} s", flush=True)
                 print(f"{path.name} batch {b}: {time.perf_counter() - t0:.1f} s", flush=True)
             del eng
             torch.cuda.empty_cache()
