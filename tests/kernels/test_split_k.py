@@ -16,21 +16,16 @@ import pytest
 import torch
 from p4q_engine.kernels import qgemm as qgemm_mod
 from p4q_engine.kernels import split_k
-from p4q_engine.kernels.qgemm import Requant, effective_config, qgemm, qgemm_reference
+from p4q_engine.kernels.qgemm import effective_config, qgemm, qgemm_reference
 from p4q_engine.kernels.tuning import SPLIT_K_CANDIDATES, TileConfig, _fits, config_entries, config_json
 
-from p4q_engine.quant.ties import assert_codes_equal_or_ties
 from tests.kernels.test_qgemm import RAW_SENTINELS, gen, make_acts, make_weight, run_poisoned
+from tests.kernels.test_wide_int8 import assert_same_epilogues
 
 #: (M, N, K): K not a multiple of the step or of the split (the last range is short, some ranges empty), M and N
 #: partial tiles; every K above one 2-bit interleaved group (256), so every layout splits
 SHAPES = ((37, 48, 300), (1, 33, 520), (50, 40, 600))
 BASE = TileConfig(32, 32, 32, 4, 4, 1)
-
-
-def _requant(n: int, g: torch.Generator, device: str) -> Requant:
-    scale = torch.rand(n, generator=g) * 0.05 + 0.02
-    return Requant(scale.to(device), torch.randint(0, 256, (n,), generator=g, dtype=torch.int32).to(device))
 
 
 def _workspaces_zero() -> bool:
@@ -54,24 +49,7 @@ def test_split_equals_one_program_per_tile(poison, device, bits, shape, split, s
     ref = qgemm_reference(a, 0.01, 77, codes, scale, raw=True)
     for out in run_poisoned(poison, RAW_SENTINELS, a=a, a_scale=0.01, a_zp=77, w=w, raw=True, config=cfg):
         assert torch.equal(out, ref)
-    bias = (torch.randn(n, generator=g) * 0.5).to(device)
-    res = (torch.randn(m, n, generator=g) * 2).to(device)
-    rq = _requant(n, g, device)
-    args = dict(a=a, a_scale=0.003, a_zp=200, w=w, bias=bias, residual=res, requant=rq)
-    whole = run_poisoned(poison, (77,), config=base, **args)[0]
-    y = qgemm_reference(a, 0.003, 200, codes, scale, bias=bias, residual=res)
-    for out in run_poisoned(poison, (77, -5), config=cfg, **args):
-        if device == "cpu":
-            assert torch.equal(out, whole)
-        else:
-            assert_codes_equal_or_ties(out, whole, y.double() / rq.scale.cpu().double())
-    for act in ("none", "gelu"):
-        f_whole = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=base)
-        f_split = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=cfg)
-        if device == "cpu":
-            assert torch.equal(f_split, f_whole)
-        else:
-            torch.testing.assert_close(f_split, f_whole, rtol=1e-5, atol=1e-4)
+    assert_same_epilogues(poison, device, g, a, codes, scale, w, base, cfg, ("none", "gelu"))
     assert _workspaces_zero()
 
 

@@ -75,6 +75,32 @@ def _requant(n: int, g: torch.Generator, device: str) -> Requant:
     return Requant(scale.to(device), torch.randint(0, 256, (n,), generator=g, dtype=torch.int32).to(device))
 
 
+def assert_same_epilogues(poison, device, g, a, codes, scale, w, base, other, acts) -> None:
+    """Two configurations that accumulate the same integers (``base``, ``other``) give the same requantized codes
+    (bias + residual, poisoned outputs) and the same float outputs for each activation in ``acts``: bit for bit
+    under the interpreter (one numpy evaluation of one epilogue); on a GPU two compilations may contract the
+    epilogue's multiply-adds differently, so there codes equal or a traced tie and floats within fp32 ulps."""
+    m, n = a.shape[0], w.n
+    bias = (torch.randn(n, generator=g) * 0.5).to(device)
+    res = (torch.randn(m, n, generator=g) * 2).to(device)
+    rq = _requant(n, g, device)
+    args = dict(a=a, a_scale=0.003, a_zp=200, w=w, bias=bias, residual=res, requant=rq)
+    first = run_poisoned(poison, (77,), config=base, **args)[0]
+    y = qgemm_reference(a, 0.003, 200, codes, scale, bias=bias, residual=res)
+    for out in run_poisoned(poison, (77, -5), config=other, **args):
+        if device == "cpu":
+            assert torch.equal(out, first)
+        else:
+            assert_codes_equal_or_ties(out, first, y.double() / rq.scale.cpu().double())
+    for act in acts:
+        f_base = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=base)
+        f_other = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=other)
+        if device == "cpu":
+            assert torch.equal(f_other, f_base)
+        else:
+            torch.testing.assert_close(f_other, f_base, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", LOW_BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize(
@@ -94,24 +120,7 @@ def test_wide_equals_packed_loop(wide, poison, device, bits, shape, base):
     wcfg = replace(base, wide=True)
     (out,) = run_poisoned(poison, RAW_SENTINELS[:1], a=a, a_scale=0.01, a_zp=77, w=w, raw=True, config=wcfg)
     assert torch.equal(out, qgemm_reference(a, 0.01, 77, codes, scale, raw=True))
-    bias = (torch.randn(n, generator=g) * 0.5).to(device)
-    res = (torch.randn(m, n, generator=g) * 2).to(device)
-    rq = _requant(n, g, device)
-    args = dict(a=a, a_scale=0.003, a_zp=200, w=w, bias=bias, residual=res, requant=rq)
-    packed = run_poisoned(poison, (77,), config=base, **args)[0]
-    y = qgemm_reference(a, 0.003, 200, codes, scale, bias=bias, residual=res)
-    for out in run_poisoned(poison, (77, -5), config=wcfg, **args):
-        if device == "cpu":
-            assert torch.equal(out, packed)
-        else:
-            assert_codes_equal_or_ties(out, packed, y.double() / rq.scale.cpu().double())
-    for act in ("none", "gelu", "quick_gelu"):  # float outputs: the same epilogue on the same integers
-        f_packed = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=base)
-        f_wide = qgemm(a, 0.003, 200, w, bias, act=act, residual=res, config=wcfg)
-        if device == "cpu":
-            assert torch.equal(f_wide, f_packed)
-        else:
-            torch.testing.assert_close(f_wide, f_packed, rtol=1e-5, atol=1e-4)
+    assert_same_epilogues(poison, device, g, a, codes, scale, w, base, wcfg, ("none", "gelu", "quick_gelu"))
 
 
 def test_wide_config_reads_the_copy(wide, device):
