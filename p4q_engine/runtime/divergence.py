@@ -78,19 +78,48 @@ def _align(fq: list, eng: list, patch: tuple[int, int]) -> list[tuple[int, int, 
     return pairs
 
 
-def first_divergence(engine: Engine, encode: Callable, image: torch.Tensor) -> dict:
-    """Where the engine and the fake-quant model first quantize one image differently, and whether that is a float
-    tie: the flipped elements' pre-rounding values lie within float rounding of a .5 boundary."""
+def _record(engine: Engine, encode: Callable, images: torch.Tensor) -> tuple[list, list]:
+    """Every activation site's pre-rounding values of one batch, fake-quant path and engine."""
     with torch.no_grad(), _SiteTrace() as tf:
-        encode(image[None])
+        encode(images)
     with torch.no_grad(), _SiteTrace() as te:
-        engine.logits(image[None])
-    pairs = _align(tf.calls, te.calls, engine.patch)
-    if len(pairs) != len(tf.calls):  # every fake-quant site paired (the engine may quantize z twice: adapter, fc1)
-        return {"aligned": False, "sites_fake_quant": len(tf.calls), "sites_engine": len(te.calls)}
+        engine.logits(images, batch_size=len(images))
+    return tf.calls, te.calls
+
+
+def _image_of(calls: list, index: int, batch: int) -> list:
+    """The calls restricted to image ``index`` of a ``batch``-image forward: its slice along the batch dimension
+    (dim 0, or dim 1 for sequence-first activations)."""
+    out = []
+    for v, *rest in calls:
+        if v.dim() and v.shape[0] == batch:
+            v = v[index : index + 1]
+        elif v.dim() > 1 and v.shape[1] == batch:
+            v = v[:, index : index + 1]
+        out.append((v, *rest))
+    return out
+
+
+def first_divergence(
+    engine: Engine, encode: Callable, image: torch.Tensor, batch: torch.Tensor | None = None, index: int = 0
+) -> dict:
+    """Where the engine and the fake-quant model first quantize one image differently, and whether that is a float
+    tie: the flipped elements' pre-rounding values lie within float rounding of a .5 boundary. ``batch`` (with the
+    image's ``index`` in it): the batch the image was compared in, replayed whole - float results depend on the
+    batch size (matmul blocking), so a tie met in a batch of 64 need not recur in a batch of one."""
+    if batch is None:
+        batch, index = image[None], 0
+    return _divergence(*_record(engine, encode, batch), engine, index, len(batch))
+
+
+def _divergence(fq_calls: list, eng_calls: list, engine: Engine, index: int, size: int) -> dict:
+    tf_calls, te_calls = _image_of(fq_calls, index, size), _image_of(eng_calls, index, size)
+    pairs = _align(tf_calls, te_calls, engine.patch)
+    if len(pairs) != len(tf_calls):  # every fake-quant site paired (the engine may quantize z twice: adapter, fc1)
+        return {"aligned": False, "sites_fake_quant": len(tf_calls), "sites_engine": len(te_calls)}
     for n, (i, j, tr) in enumerate(pairs):
-        vf, zp, lo, hi = tf.calls[i]
-        ve = te.calls[j][0].transpose(-1, -2) if tr else te.calls[j][0]
+        vf, zp, lo, hi = tf_calls[i]
+        ve = te_calls[j][0].transpose(-1, -2) if tr else te_calls[j][0]
         diff = _codes(vf, zp, lo, hi) != _codes(ve, zp, lo, hi)
         if diff.any():
             dv = (vf - ve).abs()
@@ -128,17 +157,23 @@ def trace_disagreements(
     out: torch.Tensor,
     ref: torch.Tensor,
     noise: float | None = None,
+    batch_size: int = 64,
 ) -> list[dict]:
     """:func:`first_divergence` of every image whose engine top-1 (``out``) differs from the reference's (``ref``) -
     and, with ``noise``, of every image whose logits differ by more than that - with the image's index and reference
-    top-1/top-2 margin. ``tie`` says whether a correct engine may produce the difference."""
+    top-1/top-2 margin. ``tie`` says whether a correct engine may produce the difference. Each image is traced in
+    its ``batch_size`` chunk of ``images`` (``Engine.logits``' default chunk), recorded once per chunk."""
     margins = _margins(ref)
     suspect = out.argmax(1) != ref.argmax(1)
     if noise is not None:
         suspect |= (out - ref).abs().amax(dim=1) > noise
-    traces = []
+    traces, recorded = [], {}
     for i in torch.nonzero(suspect).flatten().tolist():
-        t = first_divergence(engine, encode, images[i])
+        c = i // batch_size
+        chunk = images[c * batch_size : (c + 1) * batch_size]
+        if c not in recorded:
+            recorded = {c: _record(engine, encode, chunk)}  # one chunk's records at a time (memory)
+        t = _divergence(*recorded[c], engine, i - c * batch_size, len(chunk))
         t.update(
             index=i,
             margin=float(margins[i]),
@@ -160,7 +195,8 @@ def untied_disagreements(
     out: torch.Tensor,
     ref: torch.Tensor,
     noise: float | None = None,
+    batch_size: int = 64,
 ) -> list[dict]:
     """The differences that are *not* traced float ties (empty for a correct engine): see
     :func:`trace_disagreements`."""
-    return [t for t in trace_disagreements(engine, encode, images, out, ref, noise) if not t["tie"]]
+    return [t for t in trace_disagreements(engine, encode, images, out, ref, noise, batch_size) if not t["tie"]]
