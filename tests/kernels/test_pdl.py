@@ -1,8 +1,10 @@
 """Programmatic dependent launch (``kernels/pdl.py``, ``P4Q_PDL``): the switch, and on a Hopper GPU a chain of
 dependent engine kernels replayed from a CUDA graph with PDL on, equal to the same chain with it off.
 
-Every kernel waits for its predecessor before touching memory, so the answers cannot change: raw accumulators and
-codes must be identical (the arithmetic is the same; only a wait and a trigger instruction are added). A kernel
+Every kernel waits for its predecessor before touching memory, so the answers cannot change. The exact comparison
+is not a lucky match: the two builds differ only by the ``griddepcontrol`` instructions at the kernel's start (no
+float operation, so the same contractions and reduction order), hence the same floats and codes bit for bit; a
+difference means a kernel read or wrote before its wait. A kernel
 that read its input before the wait would race the producer and fail the repeated-replay comparison below.
 """
 
