@@ -168,7 +168,7 @@ def _qgemm_kernel(
         acc = acc >> (8 - NIB)  # exact: every term was a multiple of 2^(8 - NIB)
     last = True
     if SPLIT_K > 1:  # the tile's exact integer sum over the splits; its last program alone runs the epilogue
-        acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr, pid, offs_m, offs_n, M, N, SPLIT_K)
+        acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr, tl.program_id(0), offs_m, offs_n, M, N, SPLIT_K)
     if last:
         _epilogue(
             acc,
@@ -473,7 +473,9 @@ def qgemm(
         return out
     wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
     wp1 = w.planes[1] if w1 and not nib else wp0
-    ws, cnt = workspace(a.device, m * n, tiles) if cfg.split_k > 1 else (out, out)
+    if cfg.split_k > 1 and cfg.split_k * m * n >= 2**31:  # the slots' int32 offsets (a large M never splits)
+        cfg = replace(cfg, split_k=1)
+    ws, cnt = workspace(a.device, cfg.split_k * m * n, tiles) if cfg.split_k > 1 else (out, out)
     launch(
         _qgemm_kernel,
         (tiles * cfg.split_k,),

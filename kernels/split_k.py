@@ -3,22 +3,24 @@
 At batch 1 (ViT-B/32: M = 50) a GEMM has a handful of output tiles (c_proj, N = 768: 12-24 tiles of 32-64 x 64)
 for 132 SMs, and each tile's program walks all of K (3072) alone: 8.1 us in the engine's profile for 2.4 MB of
 weights that HBM delivers in 0.5 us (benchmarks/results/gpu_2026-12-02e). Here ``SPLIT_K`` programs share a tile, each
-summing one contiguous K range. The partial sums are integers, so adding them with ``atomic_add`` into an int32
-workspace is exact and order-free: the result is the very accumulator one program would have computed, and the
-epilogue (run once, by the tile's last program to arrive) sees the same integer. No second kernel, no float
-reduction, so parity with the CPU engine is untouched.
+summing one contiguous K range. The partial sums are integers, so their sum is exact in any order: the result is the
+very accumulator one program would have computed, and the epilogue (run once, by the tile's last program to arrive)
+sees the same integer. No second kernel, no float reduction, so parity with the CPU engine is untouched.
 
-The workspace and the per-tile arrival counters are zero between calls: the last program reads the sum with
-``atomic_xchg(.., 0)`` (a read from L2 that also resets it) and resets its counter. They are allocated once per
-(device, size class), by the eager warm-up before any graph capture, and never freed, so a graph that captured
-their addresses stays valid. Reuse relies on stream order: split-K GEMMs of one device must not run concurrently on
-two streams (the engine replays one graph at a time, under its replay lock).
+The reduction (second design, 2026-12-03): each program stores its partial tile with plain stores into its own
+slot of an int32 workspace ``[SPLIT_K, M, N]``, then arrives at the tile's counter (a CTA barrier, then one
+``acq_rel`` atomic: the release publishes the slot); the last to arrive loads the other slots (``.cg``: from L2,
+past the SM's L1) and adds them. The first design added every element atomically and read the sum back with a
+per-element ``acq_rel`` exchange (an ordered L2 round trip per element): measured 1.6-7.4x *slower* than one
+program per tile (benchmarks/results/gpu_2026-12-02e/split_k_bench.json; c_proj at M = 50: 5.8 us unsplit, 9.4 us
+at best split; in_proj at split 2: 20.9 us against 3.6), the loss growing with the tile's elements.
 
-Measured (H200, benchmarks/results/gpu_2026-12-02e/split_k_bench.json): every split candidate was 1.6-7.4x *slower*
-than the shipped one-program-per-tile tile on ViT-B/32's GEMMs at M = 50 and 400 (c_proj at M = 50: 5.8 us shipped,
-9.4 us at best split), so the candidates are tuned only under ``P4Q_SPLIT_K=1``
-(``tuning.SPLIT_K_CANDIDATES``). Not yet profiled why; the per-element ``acq_rel`` exchange and the serialized
-last-arrival epilogue are the first suspects.
+The slots are fully written before they are read, so only the counters must be zero between calls: the last
+program resets its own with an exchange. Slots and counters are allocated once per (device, size class), by the
+eager warm-up before any graph capture, and never freed, so a graph that captured their addresses stays valid.
+Reuse relies on stream order: split-K GEMMs of one device must not run concurrently on two streams (the engine
+replays one graph at a time, under its replay lock). Candidates are tuned only under ``P4Q_SPLIT_K=1``
+(``tuning.SPLIT_K_CANDIDATES``) until measured at every batch.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def _pow2(x: int) -> int:
 
 
 def workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zeroed int32 workspace of at least ``elements`` and ``tiles`` zeroed counters on ``device`` (shared by
-    every split-K launch there: each leaves both zero)."""
+    """An int32 workspace of at least ``elements`` (the slots: any contents) and ``tiles`` zeroed counters on
+    ``device``, shared by every split-K launch there (each leaves the counters zero)."""
     key = (str(device), _pow2(max(elements, 1 << 12)), _pow2(max(tiles, 64)))
     with _lock:
         found = _WORKSPACES.get(key)
@@ -79,18 +81,22 @@ def split_k_range(pid, K, K_SPLIT, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def split_k_reduce(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, M, N, SPLIT_K: tl.constexpr):
-    """Adds this program's partial accumulator to the tile's workspace and arrives at its counter. Returns
-    ``(total, last)``: ``last`` is true for the tile's final arrival, whose ``total`` is the whole integer sum (the
-    workspace and counter are zero again afterwards); the other programs' ``total`` is meaningless."""
+def split_k_reduce(acc, ws_ptr, cnt_ptr, pid, offs_m, offs_n, M, N, SPLIT_K: tl.constexpr):
+    """Publishes this program's partial accumulator in its slot and arrives at its tile's counter. Returns
+    ``(total, last)``: ``last`` is true for the tile's final arrival, whose ``total`` is the whole integer sum (its
+    counter is zero again afterwards); the other programs' ``total`` is meaningless."""
+    tile = pid // SPLIT_K
+    split = pid % SPLIT_K
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
-    tl.debug_barrier()  # every thread's adds are issued before the counter's release
+    plane = M * N
+    tl.store(ptrs + split * plane, acc, mask=mask)
+    tl.debug_barrier()  # every thread's stores happen before the counter's release
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
     last = arrived == SPLIT_K - 1
     total = acc
     if last:
         tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
-        total = tl.atomic_xchg(ptrs, tl.zeros_like(acc), mask=mask, sem="acq_rel")
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(ptrs + s * plane, mask=mask & (s != split), other=0, cache_modifier=".cg")
     return total, last
