@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d|s25a}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -220,6 +220,21 @@ case $call in
     pack
     P4Q_PDL=1 P4Q_SPLIT_K=0 speed ViT-B-32 8-8-8 35 _b32_nosplit 8,1 --no-peers
     P4Q_PDL=1 speed ViT-B-32 8-8-8 35 _b32_split 8,1 --no-peers
+    ;;
+  s25a)  # 2026-12-03 (sixth session), call 1: the split-K slot reduction (plain stores, one release per program)
+    # on the GPU - its tests, then every (site, M) against the shipped tile with a wider sweep of splits; the kernel
+    # engine's GPU tests with PDL on (never run); PDL off/on at batches 128-1024 (never timed), same table
+    echo "== split_k" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 80 python3 -m pytest -m gpu tests/kernels/test_split_k.py -q \
+      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    echo "== pdl + kernel engine (P4Q_PDL=1)" >>"$R/pytest_gpu.log"
+    P4Q_PDL=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 100 python3 -m pytest -m gpu tests/kernels/test_pdl.py \
+      tests/runtime/test_kernel_engine.py -q -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    taskset -c 0-7 timeout 150 python3 benchmarks/split_k_bench.py --sweep --out "$R" >"$R/log_split_k.txt" 2>&1
+    pack
+    P4Q_PDL=0 speed ViT-B-32 8-8-8 95 _b32_big_nopdl 1024,512,256,128 --no-peers
+    P4Q_PDL=1 speed ViT-B-32 8-8-8 95 _b32_big_pdl 1024,512,256,128 --no-peers
     ;;
 esac
 pack

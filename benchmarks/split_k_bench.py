@@ -18,7 +18,15 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from p4q_engine.kernels import qgemm as q  # noqa: E402
-from p4q_engine.kernels.tuning import GPU_CANDIDATES  # noqa: E402
+from p4q_engine.kernels.tuning import SPLIT_K_CANDIDATES, TileConfig  # noqa: E402
+
+#: ``--sweep``: thin tiles x splits beyond the tuner's candidates (the slot reduction's cost per split is one tile
+#: store and, for the last arrival, one tile load per other split, so deeper splits may pay where the atomics lost)
+SWEEP = tuple(
+    TileConfig(bm, bn, 128, 8, 4, 4, swap=swap, split_k=split)
+    for bm, bn, swap in ((16, 64, True), (16, 32, True), (32, 64, False))
+    for split in (2, 4, 8)
+)
 
 #: (name, N, K, epilogue): in_proj (requant), out_proj (+fp32 residual), c_fc (GELU, requant), c_proj (+residual)
 SITES = (
@@ -33,6 +41,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=lambda v: [int(x) for x in v.split(",")], default=[50, 400])
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--sweep", action="store_true", help="also time SWEEP (thin tiles x splits 2, 4, 8)")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -52,7 +61,8 @@ def main(argv=None) -> int:
                 a, 0.01, 128, w, None, kw["act"], kw["residual"], kw["requant"], torch.float32, False
             )
             ref = q.qgemm(a, 0.01, 128, w, config=shipped, **kw)
-            cands = [("shipped", shipped)] + [(f"split{c.split_k}", c) for c in GPU_CANDIDATES if c.split_k > 1]
+            pool = tuple(dict.fromkeys(SPLIT_K_CANDIDATES + (SWEEP if args.sweep else ())))
+            cands = [("shipped", shipped)] + [(f"split{c.split_k}", c) for c in pool]
             for label, cfg in cands:
                 try:
                     out = q.qgemm(a, 0.01, 128, w, config=cfg, **kw)
