@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d|s25a}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d|s25a|s25b}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -235,6 +235,25 @@ case $call in
     pack
     P4Q_PDL=0 speed ViT-B-32 8-8-8 95 _b32_big_nopdl 1024,512,256,128 --no-peers
     P4Q_PDL=1 speed ViT-B-32 8-8-8 95 _b32_big_pdl 1024,512,256,128 --no-peers
+    ;;
+  s25b)  # call 2: the LayerNorm tail (P4Q_FUSE_LN=1) - its GPU tests and the tiny engines' parity on the GPU; ViT-B/32
+    # 8-8-8 off/on at batch 1-64 (PDL on) and 256/1024 (PDL off, s25a: PDL 0-3% slower there); GPU-vs-CPU parity
+    # with the tail on, B/32 8-8-8 and 4-4-8, beside it
+    P4Q_FUSE_LN=1 P4Q_AUTOTUNE=0 P4Q_TUNE_CACHE=/tmp/parity_tune.json OMP_NUM_THREADS=8 taskset -c 8-15 timeout 400 \
+      $VB --parts models --models ViT-B-32 --bits 8-8-8,4-4-8 --batches 1 --no-peers \
+      --parity-images 1 --tag _parity_fuse >"$R/log_parity_fuse.txt" 2>&1 &
+    P=$!
+    echo "== epilogue + kernel engine (P4Q_FUSE_LN=1)" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 120 python3 -m pytest -m gpu tests/kernels/test_epilogue.py -q \
+      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    P4Q_FUSE_LN=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 120 python3 -m pytest tests/runtime/test_kernel_engine.py -q \
+      -k "tails or matches_cpu" -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    pack
+    P4Q_PDL=1 P4Q_FUSE_LN=0 speed ViT-B-32 8-8-8 60 _b32_small_nofuse 64,8,1 --no-peers
+    P4Q_PDL=1 P4Q_FUSE_LN=1 speed ViT-B-32 8-8-8 60 _b32_small_fuse 64,8,1 --no-peers
+    P4Q_PDL=0 P4Q_FUSE_LN=0 speed ViT-B-32 8-8-8 60 _b32_big_nofuse 1024,256 --no-peers
+    P4Q_PDL=0 P4Q_FUSE_LN=1 speed ViT-B-32 8-8-8 60 _b32_big_fuse 1024,256 --no-peers
+    wait $P
     ;;
 esac
 pack

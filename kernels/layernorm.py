@@ -9,6 +9,7 @@ patches feeding the patch-embedding GEMM).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,41 @@ from .limits import check_extent
 from .pdl import grid_dependency
 from .rounding import MAGIC, shifted_codes
 from .tuning import INVARIANT_ROWS, TileConfig, _m_bucket, batch_invariant, pick_config
+
+
+@triton.jit
+def ln_codes(x, mask, cols, D, w_ptr, b_ptr, eps, inv_scale, zp, QMAX: tl.constexpr):
+    """Shifted int8 codes of ``quantize(layer_norm(x))`` for rows ``x`` [rows, BLOCK_D] (zero where ``mask`` is
+    false): the one definition this kernel and the GEMMs' LayerNorm tail (``kernels/epilogue.py``) share, so a
+    fused and an unfused block compute the same arithmetic.
+
+    ``y * (1 / s)``, no per-element division: its ulp against ``y / s`` is far inside the tie rule, and the
+    LayerNorm's own reduction order already differs from torch's by more; rounding as ``shifted_codes``."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
+    y = y * w[None, :] + tl.load(b_ptr + cols, mask=cols < D, other=0.0)[None, :]
+    return shifted_codes(y, inv_scale, zp + MAGIC, QMAX)
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """A LayerNorm followed by the quantizer of the site it feeds: what a GEMM's LayerNorm tail computes on the rows
+    it finishes (``qgemm(..., ln=...)``), with the very arithmetic of :func:`layernorm_quant`."""
+
+    weight: torch.Tensor  # fp32 [D], on the GEMM's device
+    bias: torch.Tensor  # fp32 [D]
+    eps: float
+    scale: float
+    zero_point: int
+    bits: int = 8
+
+    @property
+    def inv_scale(self) -> float:
+        """fp32 ``1 / s``, as :func:`layernorm_quant` passes it."""
+        return float(np.float32(1.0) / np.float32(self.scale))
 
 
 @triton.jit
@@ -50,15 +86,7 @@ def _ln_quant_kernel(
     mask = (rows < R)[:, None] & (cols < D)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / D
-        y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
-        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
-        y = y * w[None, :] + tl.load(b_ptr + cols, mask=cols < D, other=0.0)[None, :]
-        # a multiply by 1 / s, no per-element division: its ulp against y / s is far inside the tie rule, and the
-        # LayerNorm's own reduction order already differs from torch's by more; rounding as ``shifted_codes``
-        codes = shifted_codes(y, inv_scale, zp + MAGIC, QMAX)
+        codes = ln_codes(x, mask, cols, D, w_ptr, b_ptr, eps, inv_scale, zp, QMAX)
     else:  # a plain quantize stays the exact division and half up (the patches: bit-exact with the reference)
         q = tl.floor(tl.math.div_rn(x, scale) + 0.5) + zp
         codes = (tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32) - 128).to(tl.int8)

@@ -32,11 +32,12 @@ import triton
 import triton.language as tl
 
 from . import compile_ahead, pdl
-from .activations import gelu, quick_gelu
+from .arrival import counters
 from .compile_ahead import launch
+from .epilogue import LN_MAX_D, epilogue, ln_block_d, ln_rows
+from .layernorm import RowNorm
 from .limits import check_extent
 from .pdl import grid_dependency
-from .rounding import MAGIC, shifted_codes
 from .split_k import k_per_split, split_k_range, split_k_reduce, usable_split, workspace
 from .tma import descriptors as _descriptors
 from .tma import num_programs as _num_programs
@@ -74,6 +75,10 @@ def _qgemm_kernel(
     out_ptr,
     ws_ptr,
     cnt_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    codes_ptr,
+    ln_cnt_ptr,
     M,
     N,
     K,
@@ -83,8 +88,12 @@ def _qgemm_kernel(
     stride_am,
     stride_rm,
     stride_om,
+    stride_cm,
     a_scale,
     a_corr,
+    ln_eps,
+    ln_inv_scale,
+    ln_zp,
     W0: tl.constexpr,
     W1: tl.constexpr,
     OFFSET: tl.constexpr,
@@ -98,6 +107,10 @@ def _qgemm_kernel(
     ACT: tl.constexpr,
     OUT_MODE: tl.constexpr,
     OUT_QMAX: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    LN_QMAX: tl.constexpr,
+    LN_BLOCK_D: tl.constexpr,
+    LN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -170,85 +183,12 @@ def _qgemm_kernel(
     if SPLIT_K > 1:  # the tile's exact integer sum over the splits; its last program alone runs the epilogue
         acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr, tl.program_id(0), offs_m, offs_n, M, N, SPLIT_K)
     if last:
-        _epilogue(
-            acc,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            colsum_ptr,
-            wscale_ptr,
-            bias_ptr,
-            res_ptr,
-            oinv_ptr,
-            ozp_ptr,
-            out_ptr,
-            stride_rm,
-            stride_om,
-            a_scale,
-            a_corr,
-            HAS_BIAS,
-            HAS_RES,
-            ACT,
-            OUT_MODE,
-            OUT_QMAX,
-        )
-
-
-@triton.jit
-def _epilogue(
-    acc,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    colsum_ptr,
-    wscale_ptr,
-    bias_ptr,
-    res_ptr,
-    oinv_ptr,
-    ozp_ptr,
-    out_ptr,
-    stride_rm,
-    stride_om,
-    a_scale,
-    a_corr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    ACT: tl.constexpr,
-    OUT_MODE: tl.constexpr,
-    OUT_QMAX: tl.constexpr,
-):
-    """Zero-point correction, dequantization, bias, activation, residual, and the store (raw / float / requant):
-    one definition for both main loops."""
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    colsum = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0)
-    acc += a_corr * colsum[None, :]
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if OUT_MODE == 0:  # raw int32 accumulator (tests / debugging)
-        tl.store(out_ptr + out_offs, acc, mask=o_mask)
-    else:
-        wscale = tl.load(wscale_ptr + offs_n, mask=n_mask, other=0.0)
-        y = acc.to(tl.float32) * (a_scale * wscale)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if ACT == 1:  # exact-erf GELU, branch-free (kernels/activations.py: libdevice erff was most of c_fc's time)
-            y = gelu(y)
-        elif ACT == 2:
-            y = quick_gelu(y)
-        if HAS_RES:
-            y += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=o_mask, other=0.0)
-        if OUT_MODE == 1:  # float output
-            tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
-        else:  # requantize to the next site, shifted int8 codes
-            # y * (1 / s) instead of y / s: no per-element division; the two differ by an ulp or two of y / s
-            # (<= 255 + zp), far inside the tie rule's TIE_EPS, so only codes on a float tie can move
-            # (round half to even in ``shifted_codes``: differs from floor(v + 0.5) only on an exact .5, a tie)
-            inv = tl.load(oinv_ptr + offs_n, mask=n_mask, other=1.0)
-            zp_magic = tl.load(ozp_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + MAGIC
-            tl.store(out_ptr + out_offs, shifted_codes(y, inv[None, :], zp_magic[None, :], OUT_QMAX), mask=o_mask)
+        epilogue(
+            acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oinv_ptr, ozp_ptr, out_ptr,
+            stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX,
+            pid_m, num_n, ln_w_ptr, ln_b_ptr, codes_ptr, stride_cm, ln_cnt_ptr, ln_eps, ln_inv_scale, ln_zp,
+            HAS_LN, LN_QMAX, BLOCK_M, LN_BLOCK_D, LN_ROWS,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -263,13 +203,21 @@ def _qgemm_tma_kernel(
     oinv_ptr,
     ozp_ptr,
     out_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    codes_ptr,
+    ln_cnt_ptr,
     M,
     N,
     K,
     stride_rm,
     stride_om,
+    stride_cm,
     a_scale,
     a_corr,
+    ln_eps,
+    ln_inv_scale,
+    ln_zp,
     W0: tl.constexpr,
     W1: tl.constexpr,
     OFFSET: tl.constexpr,
@@ -283,6 +231,10 @@ def _qgemm_tma_kernel(
     ACT: tl.constexpr,
     OUT_MODE: tl.constexpr,
     OUT_QMAX: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    LN_QMAX: tl.constexpr,
+    LN_BLOCK_D: tl.constexpr,
+    LN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -337,29 +289,12 @@ def _qgemm_tma_kernel(
             acc = acc >> (8 - NIB)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        _epilogue(
-            acc,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            colsum_ptr,
-            wscale_ptr,
-            bias_ptr,
-            res_ptr,
-            oinv_ptr,
-            ozp_ptr,
-            out_ptr,
-            stride_rm,
-            stride_om,
-            a_scale,
-            a_corr,
-            HAS_BIAS,
-            HAS_RES,
-            ACT,
-            OUT_MODE,
-            OUT_QMAX,
-        )
+        epilogue(
+            acc, offs_m, offs_n, M, N, colsum_ptr, wscale_ptr, bias_ptr, res_ptr, oinv_ptr, ozp_ptr, out_ptr,
+            stride_rm, stride_om, a_scale, a_corr, HAS_BIAS, HAS_RES, ACT, OUT_MODE, OUT_QMAX,
+            off_m // BLOCK_M, num_n, ln_w_ptr, ln_b_ptr, codes_ptr, stride_cm, ln_cnt_ptr, ln_eps, ln_inv_scale,
+            ln_zp, HAS_LN, LN_QMAX, BLOCK_M, LN_BLOCK_D, LN_ROWS,
+        )  # fmt: skip
 
 
 @dataclass
@@ -388,13 +323,17 @@ def qgemm(
     out_dtype: torch.dtype = torch.float32,
     raw: bool = False,
     config: Optional[TileConfig] = None,
-) -> torch.Tensor:
+    ln: Optional[RowNorm] = None,
+):
     """``a``: shifted int8 activation codes ``[M, K]``; returns float ``[M, N]``, shifted int8 codes (``requant``)
-    or the raw int32 accumulator (``raw``)."""
+    or the raw int32 accumulator (``raw``). ``ln``: also the codes of ``ln`` applied to the fp32 output rows (the
+    LayerNorm tail, ``kernels/epilogue.py``), returned as ``(out, codes)``."""
     if a.dtype != torch.int8 or a.dim() != 2 or a.shape[1] != w.k:
         raise ValueError(f"qgemm expects int8 activations [M, {w.k}], got {a.dtype} {list(a.shape)}")
     m, n, k = a.shape[0], w.n, w.k
     check_extent("qgemm", activations=m * k, output=m * n)
+    if ln is not None:
+        _check_ln(ln, n, raw, requant, out_dtype, a.device)
     a = a.contiguous()
     mode = 0 if raw else (2 if requant is not None else 1)
     dtype = torch.int32 if raw else (torch.int8 if requant is not None else out_dtype)
@@ -428,6 +367,20 @@ def qgemm(
         out,
     )
     res_stride = residual.stride(0) if residual is not None else 0
+    codes = torch.empty(m, n, dtype=torch.int8, device=a.device) if ln is not None else None
+    ln_ptrs = (
+        (ln.weight, ln.bias, codes, counters(a.device, triton.cdiv(m, cfg.block_m), "ln-tail"))
+        if ln is not None
+        else (dummy, dummy, out, w.colsum)
+    )
+    ln_scalars = (float(ln.eps), ln.inv_scale, float(ln.zero_point)) if ln is not None else (0.0, 1.0, 0.0)
+    codes_stride = codes.stride(0) if codes is not None else 0
+    epi.update(
+        HAS_LN=ln is not None,
+        LN_QMAX=float((1 << ln.bits) - 1) if ln is not None else 255.0,
+        LN_BLOCK_D=ln_block_d(n) if ln is not None else 16,
+        LN_ROWS=ln_rows(cfg.block_m, n) if ln is not None else 1,
+    )
     direct = w.direct is not None
     nib = w.interleaved is not None
     planes = not (direct or nib)
@@ -454,52 +407,33 @@ def qgemm(
         a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
         programs = min(tiles, _num_programs(a.device) * cfg.occupancy)
         launch(
-            _qgemm_tma_kernel,
-            (programs,),
-            a_desc,
-            w_desc0,
-            w_desc1,
-            *ptrs,
-            m,
-            n,
-            k,
-            res_stride,
-            out.stride(0),
-            float(a_scale),
-            int(128 - a_zp),
-            **consts,
-            num_programs=programs,
-        )
-        return out
+            _qgemm_tma_kernel, (programs,), a_desc, w_desc0, w_desc1, *ptrs, *ln_ptrs, m, n, k, res_stride,
+            out.stride(0), codes_stride, float(a_scale), int(128 - a_zp), *ln_scalars, **consts, num_programs=programs,
+        )  # fmt: skip
+        return out if ln is None else (out, codes)
     wp0 = w.direct if direct else (w.interleaved if nib else w.planes[0])
     wp1 = w.planes[1] if w1 and not nib else wp0
     if cfg.split_k > 1 and cfg.split_k * m * n >= 2**31:  # the slots' int32 offsets (a large M never splits)
         cfg = replace(cfg, split_k=1)
     ws, cnt = workspace(a.device, cfg.split_k * m * n, tiles) if cfg.split_k > 1 else (out, out)
     launch(
-        _qgemm_kernel,
-        (tiles * cfg.split_k,),
-        a,
-        wp0,
-        wp1,
-        *ptrs,
-        ws,
-        cnt,
-        m,
-        n,
-        k,
-        k_per_split(k, cfg.block_k, cfg.split_k),
-        wp0.shape[1],
-        wp1.shape[1],
-        a.stride(0),
-        res_stride,
-        out.stride(0),
-        float(a_scale),
-        int(128 - a_zp),
-        **consts,
-        SPLIT_K=cfg.split_k,
-    )
-    return out
+        _qgemm_kernel, (tiles * cfg.split_k,), a, wp0, wp1, *ptrs, ws, cnt, *ln_ptrs, m, n, k,
+        k_per_split(k, cfg.block_k, cfg.split_k), wp0.shape[1], wp1.shape[1], a.stride(0), res_stride, out.stride(0),
+        codes_stride, float(a_scale), int(128 - a_zp), *ln_scalars, **consts, SPLIT_K=cfg.split_k,
+    )  # fmt: skip
+    return out if ln is None else (out, codes)
+
+
+def _check_ln(ln: RowNorm, n: int, raw: bool, requant, out_dtype, device) -> None:
+    """The LayerNorm tail reads back the fp32 output rows: float32 output only, rows no wider than LN_MAX_D."""
+    if raw or requant is not None or out_dtype != torch.float32:
+        raise ValueError("qgemm's LayerNorm tail needs the float32 output (not raw, not requant)")
+    if n > LN_MAX_D:
+        raise ValueError(f"qgemm's LayerNorm tail takes rows up to {LN_MAX_D} wide, got {n}")
+    for name in ("weight", "bias"):
+        t = getattr(ln, name)
+        if t.shape != (n,) or t.dtype != torch.float32 or t.device != device:
+            raise ValueError(f"LayerNorm {name} must be float32 [{n}] on {device}, got {t.dtype} {list(t.shape)}")
 
 
 #: Resolved configurations per call signature: the launch path of a tuned shape is one dict lookup (the tuner's

@@ -8,19 +8,17 @@ very accumulator one program would have computed, and the epilogue (run once, by
 sees the same integer. No second kernel, no float reduction, so parity with the CPU engine is untouched.
 
 The reduction (second design, 2026-12-03): each program stores its partial tile with plain stores into its own
-slot of an int32 workspace ``[SPLIT_K, M, N]``, then arrives at the tile's counter (a CTA barrier, then one
-``acq_rel`` atomic: the release publishes the slot); the last to arrive loads the other slots (``.cg``: from L2,
-past the SM's L1) and adds them. The first design added every element atomically and read the sum back with a
+slot of an int32 workspace ``[SPLIT_K, M, N]``, then arrives at the tile's counter (``kernels/arrival.py``: a CTA
+barrier, then one ``acq_rel`` atomic that publishes the slot); the last to arrive loads the other slots (``.cg``:
+from L2, past the SM's L1) and adds them. The first design added every element atomically and read the sum back with a
 per-element ``acq_rel`` exchange (an ordered L2 round trip per element): measured 1.6-7.4x *slower* than one
 program per tile (benchmarks/results/gpu_2026-12-02e/split_k_bench.json; c_proj at M = 50: 5.8 us unsplit, 9.4 us
 at best split; in_proj at split 2: 20.9 us against 3.6), the loss growing with the tile's elements.
 
-The slots are fully written before they are read, so only the counters must be zero between calls: the last
-program resets its own with an exchange. Slots and counters are allocated once per (device, size class), by the
-eager warm-up before any graph capture, and never freed, so a graph that captured their addresses stays valid.
-Reuse relies on stream order: split-K GEMMs of one device must not run concurrently on two streams (the engine
-replays one graph at a time, under its replay lock). Candidates are tuned only under ``P4Q_SPLIT_K=1``
-(``tuning.SPLIT_K_CANDIDATES``) until measured at every batch.
+The slots are fully written before they are read, so only the counters must be zero between calls (the last
+arrival resets its own). Slots, like counters, are allocated once per (device, size class) by the eager warm-up and
+never freed, so a captured graph's pointers stay valid; reuse relies on stream order (one graph replays at a time).
+Candidates are tuned only under ``P4Q_SPLIT_K=1`` (``tuning.SPLIT_K_CANDIDATES``) until measured at every batch.
 """
 
 from __future__ import annotations
@@ -31,29 +29,24 @@ import torch
 import triton
 import triton.language as tl
 
-#: workspaces per (device, stream, int32 elements, counters): kept for the process's life (graphs hold pointers)
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+from .arrival import arrive, counters, size_class
+
+#: slot buffers per (device, size class): kept for the process's life (graphs hold pointers)
+_SLOTS: dict[tuple, torch.Tensor] = {}
 _lock = threading.Lock()
 #: K steps each split needs at least (one: a batch-1 GEMM has parallelism to gain from every step it spreads)
 MIN_STEPS_PER_SPLIT = 1
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An int32 workspace of at least ``elements`` (the slots: any contents) and ``tiles`` zeroed counters on
+    """An int32 slot buffer of at least ``elements`` (any contents) and ``tiles`` zeroed arrival counters on
     ``device``, shared by every split-K launch there (each leaves the counters zero)."""
-    key = (str(device), _pow2(max(elements, 1 << 12)), _pow2(max(tiles, 64)))
+    key = (str(device), size_class(elements, 1 << 12))
     with _lock:
-        found = _WORKSPACES.get(key)
-        if found is None:
-            found = _WORKSPACES[key] = (
-                torch.zeros(key[1], dtype=torch.int32, device=device),
-                torch.zeros(key[2], dtype=torch.int32, device=device),
-            )
-    return found
+        slots = _SLOTS.get(key)
+        if slots is None:
+            slots = _SLOTS[key] = torch.empty(key[1], dtype=torch.int32, device=device)
+    return slots, counters(device, tiles, "split-k")
 
 
 def k_per_split(k: int, step: int, split: int) -> int:
@@ -91,12 +84,9 @@ def split_k_reduce(acc, ws_ptr, cnt_ptr, pid, offs_m, offs_n, M, N, SPLIT_K: tl.
     ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
     plane = M * N
     tl.store(ptrs + split * plane, acc, mask=mask)
-    tl.debug_barrier()  # every thread's stores happen before the counter's release
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    last = arrived == SPLIT_K - 1
+    last = arrive(cnt_ptr, tile, SPLIT_K)
     total = acc
     if last:
-        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
         for s in tl.static_range(SPLIT_K):
             total += tl.load(ptrs + s * plane, mask=mask & (s != split), other=0, cache_modifier=".cg")
     return total, last

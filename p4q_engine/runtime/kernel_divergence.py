@@ -3,7 +3,9 @@
 The CPU engine is the reference. Its activation sites are recorded with the divergence tracer of
 :mod:`p4q_engine.runtime.divergence` (pre-rounding values ``x / scale``); the kernel engine's are the int8 codes its
 kernels return (``quantize_rows``, ``layernorm_quant``, the requantizing ``qgemm`` epilogues, ``qattention``),
-recorded by wrapping those names in :mod:`p4q_engine.runtime.kernel_engine`. For the fully fused image tower (every
+recorded by wrapping those names in :mod:`p4q_engine.runtime.kernel_engine` (a residual ``qgemm`` with a LayerNorm
+tail returns the next site's codes too: recorded where ``layernorm_quant``'s would be, so the order is the same).
+For the fully fused image tower (every
 block Linear and attention quantized: the full scope) the two sequences pair up as::
 
     patches | per block: ln_1 -> in_proj input, in_proj -> q|k|v, qattention -> out_proj input,
@@ -43,8 +45,9 @@ def _record_kernel_codes() -> Iterator[list[torch.Tensor]]:
     def wrap(fn):
         def recorded(*args, **kwargs):
             out = fn(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.dtype == torch.int8:
-                calls.append(out.detach().cpu())
+            for t in out if isinstance(out, tuple) else (out,):  # a GEMM with a LayerNorm tail: (rows, codes)
+                if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
+                    calls.append(t.detach().cpu())
             return out
 
         return recorded

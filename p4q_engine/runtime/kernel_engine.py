@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from p4q_engine.artifact.format import Artifact, ArtifactError
 from p4q_engine.errors import ConfigError
-from p4q_engine.kernels.layernorm import layernorm_quant, quantize_rows
+from p4q_engine.kernels.epilogue import LN_MAX_D, ln_tail_enabled
+from p4q_engine.kernels.layernorm import RowNorm, layernorm_quant, quantize_rows
 from p4q_engine.kernels.qattention import AttnSites, qattention
 from p4q_engine.kernels.qgemm import PackedWeight, Requant, qgemm
 from p4q_engine.kernels.tuning import batch_invariant
@@ -77,6 +78,7 @@ class KernelEngine(Engine):
         self.use_graphs = self.device.type == "cuda"
         self._graph_pool: Optional[tuple] = None
         self._replay_lock = threading.Lock()
+        self.fuse_ln = ln_tail_enabled()  # read once, at load: a captured graph keeps the choice it was built with
 
     # ---------------------------------------------------------------- build
     def _linear(self, art: Artifact, prefix: str) -> KLinear:
@@ -163,10 +165,12 @@ class KernelEngine(Engine):
         act: str = "none",
         residual=None,
         requant: Optional[Requant] = None,
+        codes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """One Linear: fused kernels when both sides are quantized, torch otherwise."""
+        """One Linear: fused kernels when both sides are quantized, torch otherwise. ``codes``: the input's codes
+        where the previous GEMM's LayerNorm tail already computed them (``ln`` applied to ``x``)."""
         if lin.quantized:
-            codes = self._codes(x, lin.site, ln)
+            codes = self._codes(x, lin.site, ln) if codes is None else codes
             s, z = _site_tuple(lin.site)
             return qgemm(
                 codes.reshape(-1, codes.shape[-1]), s, z, lin.w, lin.bias, act=act, residual=residual, requant=requant
@@ -207,7 +211,33 @@ class KernelEngine(Engine):
         zp = torch.cat([torch.full((n,), int(s.qp.zero_point), dtype=torch.int32) for s, n in zip(sites, widths)])
         return Requant(scale, zp, sites[0].qp.spec.bits)
 
-    def _attention_block(self, x: torch.Tensor, blk: dict, b: int, n: int) -> torch.Tensor:
+    def _row_norm(self, blk: Optional[dict], which: str) -> Optional[RowNorm]:
+        """What a residual GEMM's LayerNorm tail computes for the next Linear (``which``: ``ln_1`` before in_proj,
+        ``ln_2`` before c_fc), or None where nothing is fused (tail off, no next block, a float Linear)."""
+        if blk is None or not self.fuse_ln:
+            return None
+        lin = blk["in_proj"] if which == "ln_1" else blk["c_fc"]
+        if not lin.quantized or _out_features(blk["out_proj"]) > LN_MAX_D:
+            return None
+        key = f"_norm_{which}"
+        if key not in blk:  # built on the first (warm-up) call, never inside graph capture
+            s, z = _site_tuple(lin.site)
+            w, bias = blk[which]
+            blk[key] = RowNorm(w.float().contiguous(), bias.float().contiguous(), self.eps, s, z, lin.site.qp.spec.bits)
+        return blk[key]
+
+    def _residual_gemm(self, h, lin: KLinear, x, ls, norm: Optional[RowNorm]):
+        """``x + ls * lin(h)`` from codes ``h``, and the next Linear's input codes where a LayerNorm tail is fused
+        (no layer scale: the tail normalises the rows the GEMM's own residual epilogue wrote)."""
+        s, z = _site_tuple(lin.site)
+        if ls is not None:
+            return x + ls * qgemm(h, s, z, lin.w, lin.bias), None
+        if norm is not None:
+            return qgemm(h, s, z, lin.w, lin.bias, residual=x, ln=norm)
+        return qgemm(h, s, z, lin.w, lin.bias, residual=x), None
+
+    def _attention_block(self, x: torch.Tensor, blk: dict, b: int, n: int, codes=None):
+        """``(x, codes of ln_2(x) for c_fc or None)``; ``codes``: ln_1(x)'s, where the previous block fused them."""
         d = x.shape[-1]
         st = blk["sites"]
         inp, outp = blk["in_proj"], blk["out_proj"]
@@ -217,7 +247,7 @@ class KernelEngine(Engine):
                 rq = self._requant(st["q"], st["k"], st["v"], widths=(d, d, d))
                 blk["_rq"] = Requant(rq.scale.to(x.device), rq.zero_point.to(x.device), rq.bits)
             rq = blk["_rq"]
-            qkv = self._apply(inp, x, ln=blk["ln_1"], requant=rq)
+            qkv = self._apply(inp, x, ln=blk["ln_1"], requant=rq, codes=codes)
             ao = qattention(
                 qkv.view(b, n, 3 * d),
                 self.heads,
@@ -231,17 +261,14 @@ class KernelEngine(Engine):
                     outp.site.qp.spec.bits,
                 ),
             )
-            s, z = _site_tuple(outp.site)
-            if blk["ls_1"] is None:
-                return qgemm(ao.view(b * n, d), s, z, outp.w, outp.bias, residual=x)
-            return x + blk["ls_1"] * qgemm(ao.view(b * n, d), s, z, outp.w, outp.bias)
-        qkv = self._apply(inp, x, ln=blk["ln_1"]).view(b, n, 3, self.heads, d // self.heads)
+            return self._residual_gemm(ao.view(b * n, d), outp, x, blk["ls_1"], self._row_norm(blk, "ln_2"))
+        qkv = self._apply(inp, x, ln=blk["ln_1"], codes=codes).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = (qkv[:, :, i].transpose(1, 2).float() for i in range(3))
         q, k, v = (self._fq(t, st[s]) for t, s in ((q, "q"), (k, "k"), (v, "v")))
         probs = self._fq(torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads), dim=-1), st["p"])
         ao = (probs @ v).transpose(1, 2).reshape(b * n, d)
         out = self._apply(outp, ao)
-        return x + (out if blk["ls_1"] is None else blk["ls_1"] * out)
+        return x + (out if blk["ls_1"] is None else blk["ls_1"] * out), None
 
     def _fq(self, t: torch.Tensor, site: Optional[Site]) -> torch.Tensor:
         """Fake-quantize through a site (float fallback paths), with device-resident qparams."""
@@ -258,7 +285,8 @@ class KernelEngine(Engine):
             cache[id(site)] = (site, site.qp.to(self.device))
         return cache[id(site)][1]
 
-    def _mlp_block(self, x: torch.Tensor, blk: dict) -> torch.Tensor:
+    def _mlp_block(self, x: torch.Tensor, blk: dict, codes=None, nxt: Optional[dict] = None):
+        """``(x, codes of the next block's ln_1(x) or None)``; ``codes``: ln_2(x)'s, where out_proj fused them."""
         fc, pr = blk["c_fc"], blk["c_proj"]
         act = _ACT[self.cfg["act"]]
         if fc.quantized and pr.quantized:
@@ -270,13 +298,11 @@ class KernelEngine(Engine):
                     pr.site.qp.spec.bits,
                 )
             rq = blk["_rq_mlp"]
-            h = self._apply(fc, x, ln=blk["ln_2"], act=act, requant=rq)
-            if blk["ls_2"] is None:
-                return qgemm(h, s, z, pr.w, pr.bias, residual=x)
-            return x + blk["ls_2"] * qgemm(h, s, z, pr.w, pr.bias)
-        h = self._apply(fc, x, ln=blk["ln_2"], act=act)
+            h = self._apply(fc, x, ln=blk["ln_2"], act=act, requant=rq, codes=codes)
+            return self._residual_gemm(h, pr, x, blk["ls_2"], self._row_norm(nxt, "ln_1"))
+        h = self._apply(fc, x, ln=blk["ln_2"], act=act, codes=codes)
         out = self._apply(pr, h)
-        return x + (out if blk["ls_2"] is None else blk["ls_2"] * out)
+        return x + (out if blk["ls_2"] is None else blk["ls_2"] * out), None
 
     # ---------------------------------------------------------------- forward
     def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -289,9 +315,11 @@ class KernelEngine(Engine):
             x = self._ln(x, self.ln_pre)
         n, d = x.shape[1], x.shape[2]
         x = x.reshape(b * n, d).contiguous()
-        for blk in self.k_blocks:
-            x = self._attention_block(x, blk, b, n)
-            x = self._mlp_block(x, blk)
+        codes = None  # the next Linear's input codes, where the previous GEMM's LayerNorm tail computed them
+        for i, blk in enumerate(self.k_blocks):
+            nxt = self.k_blocks[i + 1] if i + 1 < len(self.k_blocks) else None
+            x, codes = self._attention_block(x, blk, b, n, codes)
+            x, codes = self._mlp_block(x, blk, codes, nxt)
         x = x.view(b, n, d)
         if self.cfg["final_ln_after_pool"]:
             x = self._ln(self._pool(x), self.ln_post)

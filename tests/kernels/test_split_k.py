@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from p4q_engine.kernels import arrival, split_k
 from p4q_engine.kernels import qgemm as qgemm_mod
-from p4q_engine.kernels import split_k
 from p4q_engine.kernels.qgemm import effective_config, qgemm, qgemm_reference
 from p4q_engine.kernels.tuning import SPLIT_K_CANDIDATES, TileConfig, _fits, config_entries, config_json
 
@@ -30,7 +30,7 @@ BASE = TileConfig(32, 32, 32, 4, 4, 1)
 
 def _workspaces_zero() -> bool:
     """Every arrival counter is back at zero (the slots need not be)."""
-    return all(int(c.abs().sum()) == 0 for _, c in split_k._WORKSPACES.values())
+    return all(int(c.abs().sum()) == 0 for c in arrival.all_counters())
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))

@@ -132,6 +132,31 @@ def test_kernel_engine_matches_cpu_engine(artifacts, kernel_calls, bits, scope):
     assert_engines_agree(engine, Engine(load(path)), images, fused=scope == "full")
 
 
+@pytest.mark.parametrize("bits,scope", CONFIGS, ids=[f"{b}-{s}" for b, s in CONFIGS])
+def test_layernorm_tails_match_cpu_engine(artifacts, kernel_calls, monkeypatch, bits, scope):
+    """``P4Q_FUSE_LN=1``: every LayerNorm after a residual GEMM runs as that GEMM's tail (only the first block's
+    ln_1 stays a kernel of its own), and the codes still equal the CPU engine's at every site or first differ at a
+    traced tie. The float-attention (release) tower fuses ln_2 nowhere (its out_proj adds the residual in torch)
+    but still every c_proj -> ln_1."""
+    monkeypatch.setenv("P4Q_FUSE_LN", "1")
+    path = artifacts[(bits, scope)]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    engine = KernelEngine(load(path), DEVICE)
+    engine.use_graphs = False
+    kernel_calls.update(dict.fromkeys(kernel_calls, 0))
+    assert engine.logits(images).shape == (4, len(CLASSES))
+    layers = TINY_CFG["vision_cfg"]["layers"]
+    assert kernel_calls["layernorm_quant"] == (1 if scope == "full" else 1 + layers)
+    assert_engines_agree(engine, Engine(load(path)), images, fused=scope == "full")
+
+
+def test_layernorm_tail_switch_is_checked(artifacts, monkeypatch):
+    """A ``P4Q_FUSE_LN`` other than 0 / 1 is a clear error at load, not a silent default."""
+    monkeypatch.setenv("P4Q_FUSE_LN", "yes")
+    with pytest.raises(ConfigError, match="P4Q_FUSE_LN"):
+        KernelEngine(load(artifacts[("8-8-8", "release")]), DEVICE)
+
+
 def test_kernel_engine_on_cpu_needs_the_interpreter(artifacts, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
