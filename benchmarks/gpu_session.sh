@@ -221,7 +221,7 @@ case $call in
     P4Q_PDL=1 P4Q_SPLIT_K=0 speed ViT-B-32 8-8-8 35 _b32_nosplit 8,1 --no-peers
     P4Q_PDL=1 speed ViT-B-32 8-8-8 35 _b32_split 8,1 --no-peers
     ;;
-  s25a)  # 2026-12-03 (sixth session), call 1: the split-K slot reduction (plain stores, one release per program)
+  s25a)  # 2026-12-02 (sixth session), call 1: the split-K slot reduction (plain stores, one release per program)
     # on the GPU - its tests, then every (site, M) against the shipped tile with a wider sweep of splits; the kernel
     # engine's GPU tests with PDL on (never run); PDL off/on at batches 128-1024 (never timed), same table
     echo "== split_k" >>"$R/pytest_gpu.log"

@@ -7,7 +7,7 @@ summing one contiguous K range. The partial sums are integers, so their sum is e
 very accumulator one program would have computed, and the epilogue (run once, by the tile's last program to arrive)
 sees the same integer. No second kernel, no float reduction, so parity with the CPU engine is untouched.
 
-The reduction (second design, 2026-12-03): each program stores its partial tile with plain stores into its own
+The reduction (second design, 2026-12-02f): each program stores its partial tile with plain stores into its own
 slot of an int32 workspace ``[SPLIT_K, M, N]``, then arrives at the tile's counter (``kernels/arrival.py``: a CTA
 barrier, then one ``acq_rel`` atomic that publishes the slot); the last to arrive loads the other slots (``.cg``:
 from L2, past the SM's L1) and adds them. The first design added every element atomically and read the sum back with a
