@@ -403,7 +403,9 @@ def qgemm(
         **pdl.options(a.device),
     )
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if cfg.kernel == "tma" and tma_eligible(a, w, cfg):
+    # the LayerNorm tail runs on the pointer kernel only: inside the TMA kernel's flattened persistent loop, Triton
+    # 3.6's TritonGPUFuseNestedLoops pass fails to compile it (H200, benchmarks/results/gpu_2026-12-02f)
+    if cfg.kernel == "tma" and ln is None and tma_eligible(a, w, cfg):
         a_desc, w_desc0, w_desc1 = _descriptors(a, w, cfg)
         programs = min(tiles, _num_programs(a.device) * cfg.occupancy)
         launch(

@@ -29,7 +29,7 @@ EPS = 1e-5
 #: (M, N, K): several row blocks and column tiles, partial ones, N not a power of two
 SHAPES = ((37, 100, 64), (1, 48, 96), (70, 40, 128))
 BASE = TileConfig(32, 32, 32, 4, 4, 1)
-#: the pointer kernel plain, swapped and split over K, and the persistent TMA kernel (several tiles per program)
+#: the pointer kernel plain, swapped and split over K, and a TMA tile (which a tail runs on the pointer kernel)
 CONFIGS = {
     "ptr": BASE,
     "swap": replace(BASE, swap=True),
