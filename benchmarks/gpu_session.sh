@@ -18,7 +18,7 @@
 # for each call's tuning.json (the packed entries have keys of their own and stay opt-in).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d|s25a|s25b}
+call=${1:?usage: gpu_session.sh call1|call2|call3|quick|s23a|s23b|s23c|s23d|s23e|tune_serve|s24a|s24b|s24c|s24d|s25a|s25b|s25c}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 P4Q_TUNE_CACHE=$OUT/r/tuning.json
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "build_ext failed"
@@ -254,6 +254,13 @@ case $call in
     P4Q_PDL=0 P4Q_FUSE_LN=0 speed ViT-B-32 8-8-8 60 _b32_big_nofuse 1024,256 --no-peers
     P4Q_PDL=0 P4Q_FUSE_LN=1 speed ViT-B-32 8-8-8 60 _b32_big_fuse 1024,256 --no-peers
     wait $P
+    ;;
+  s25c)  # call 3: the LayerNorm tail's GPU tests again after 9441da0 (a GEMM with a tail takes the pointer kernel)
+    echo "== epilogue + kernel engine (P4Q_FUSE_LN=1)" >>"$R/pytest_gpu.log"
+    P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 120 python3 -m pytest -m gpu tests/kernels/test_epilogue.py -q \
+      -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
+    P4Q_FUSE_LN=1 P4Q_AUTOTUNE=0 taskset -c 0-7 timeout 150 python3 -m pytest tests/runtime/test_kernel_engine.py -q \
+      -k "tails or matches_cpu or tma" -p no:cacheprovider >>"$R/pytest_gpu.log" 2>&1
     ;;
 esac
 pack
